@@ -1,0 +1,457 @@
+// Package inventory records units, their certificates and a hash-chained audit log in SQLite.
+//
+// The database is the source of truth. Every commit is synced to stable storage (WAL, synchronous=FULL) before Update returns,
+// so a caller may report success once Update has returned nil.
+package inventory
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"os"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+//go:embed migrations/*.sql
+var migrations embed.FS
+
+// Unit states, stored as these strings (CONTRACTS.md).
+const (
+	StateNew       = "new"
+	StateKeyed     = "keyed"
+	StateCertified = "certified"
+	StateImaged    = "imaged"
+	StateVerified  = "verified"
+	StateShippable = "shippable"
+	StateFailed    = "failed"
+)
+
+// Certificate statuses.
+const (
+	CertActive     = "active"
+	CertSuperseded = "superseded"
+	CertRevoked    = "revoked"
+)
+
+var (
+	// ErrNotFound: no such unit or certificate, or no inventory file.
+	ErrNotFound = errors.New("not found")
+	// ErrLocked: another process holds the inventory longer than the busy timeout.
+	ErrLocked = errors.New("inventory is locked by another process")
+	// ErrDamaged: the file is not a usable inventory (not SQLite, corrupt, or from a newer provision).
+	ErrDamaged = errors.New("inventory is damaged or not an inventory")
+	// ErrDuplicate: a uniqueness constraint refused the write (for example a second active certificate).
+	ErrDuplicate = errors.New("duplicate record")
+	// ErrAudit: the audit chain or its head does not verify.
+	ErrAudit = errors.New("audit log does not verify")
+)
+
+// Unit is one device as recorded.
+type Unit struct {
+	Serial       string
+	State        string
+	FailedStep   string // the step that failed, when State is failed
+	Error        string // the failure in words, when State is failed
+	KeyKind      string // "tpm" or "soft"
+	PublicSHA256 string // SHA-256 of the device public key's PKIX DER
+	EKCertSHA256 string // SHA-256 of the TPM's EK certificate, when it has one
+	Operator     string
+	Station      string
+	Created      time.Time
+	Updated      time.Time
+}
+
+// Certificate is one certificate issued to a unit.
+type Certificate struct {
+	Serial    string // certificate serial number, lowercase hex
+	Unit      string
+	SHA256    string
+	NotBefore time.Time
+	NotAfter  time.Time
+	Status    string
+	Issued    time.Time
+}
+
+// Event is one audit log entry. It never carries key material.
+type Event struct {
+	Seq        int64
+	Time       time.Time
+	Serial     string
+	Step       string
+	Outcome    string // "ok", "failed", "started", ...
+	Detail     string
+	MS         int64
+	Operator   string
+	Station    string
+	CertSHA256 string
+	PrevHash   string
+	Hash       string
+}
+
+// DB is an open inventory.
+type DB struct {
+	db       *sql.DB
+	path     string
+	headPath string
+}
+
+type options struct {
+	create   bool
+	headPath string
+}
+
+// Option configures Open.
+type Option func(*options)
+
+// Create lets Open create the inventory when it does not exist yet (station init). Without it a missing file is ErrNotFound.
+func Create() Option { return func(o *options) { o.create = true } }
+
+// WithAuditHead keeps the audit head (entry count and last hash) in this file too, so a removed tail is detected.
+func WithAuditHead(path string) Option { return func(o *options) { o.headPath = path } }
+
+// Open opens the inventory at path and applies any pending migrations.
+func Open(ctx context.Context, path string, opts ...Option) (*DB, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if !o.create {
+		if _, err := os.Stat(path); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil, fmt.Errorf("inventory: open %s: %w", path, ErrNotFound)
+			}
+			return nil, fmt.Errorf("inventory: open %s: %w", path, err)
+		}
+	}
+	q := url.Values{}
+	q.Set("_txlock", "immediate")
+	q.Add("_pragma", "busy_timeout(5000)")
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "synchronous(FULL)")
+	q.Add("_pragma", "foreign_keys(1)")
+	mode := "rw"
+	if o.create {
+		mode = "rwc"
+	}
+	q.Set("mode", mode)
+	dsn := (&url.URL{Scheme: "file", OmitHost: true, Path: path, RawQuery: q.Encode()}).String()
+	sdb, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
+	}
+	db := &DB{db: sdb, path: path, headPath: o.headPath}
+	if err := db.migrate(ctx); err != nil {
+		sdb.Close()
+		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
+	}
+	if err := db.refreshHead(ctx); err != nil {
+		sdb.Close()
+		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
+	}
+	return db, nil
+}
+
+// Path is the database file.
+func (db *DB) Path() string { return db.path }
+
+// Close closes the database.
+func (db *DB) Close() error { return db.db.Close() }
+
+func (db *DB) migrate(ctx context.Context) error {
+	var version int
+	if err := db.db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&version); err != nil {
+		return classify(err)
+	}
+	entries, err := fs.ReadDir(migrations, "migrations")
+	if err != nil {
+		return err
+	}
+	sort.Slice(entries, func(i, j int) bool { return entries[i].Name() < entries[j].Name() })
+	latest := 0
+	for _, e := range entries {
+		n, err := migrationNumber(e.Name())
+		if err != nil {
+			return err
+		}
+		latest = n
+		if n <= version {
+			continue
+		}
+		body, err := migrations.ReadFile(path.Join("migrations", e.Name()))
+		if err != nil {
+			return err
+		}
+		err = db.tx(ctx, func(tx *sql.Tx) error {
+			if _, err := tx.ExecContext(ctx, string(body)); err != nil {
+				return fmt.Errorf("migration %s: %w", e.Name(), err)
+			}
+			_, err := tx.ExecContext(ctx, "PRAGMA user_version = "+strconv.Itoa(n))
+			return err
+		})
+		if err != nil {
+			return classify(err)
+		}
+	}
+	if version > latest {
+		return fmt.Errorf("schema version %d is newer than this provision knows (%d): upgrade provision: %w", version, latest, ErrDamaged)
+	}
+	return nil
+}
+
+func migrationNumber(name string) (int, error) {
+	num, _, ok := strings.Cut(name, "_")
+	n, err := strconv.Atoi(num)
+	if !ok || err != nil || n <= 0 {
+		return 0, fmt.Errorf("bad migration file name %q", name)
+	}
+	return n, nil
+}
+
+func (db *DB) tx(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := db.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// classify maps SQLite result codes to this package's sentinels.
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	var se *sqlite.Error
+	if errors.As(err, &se) {
+		switch se.Code() & 0xff {
+		case sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED:
+			return fmt.Errorf("%w: %v", ErrLocked, err)
+		case sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT:
+			return fmt.Errorf("%w: %v", ErrDamaged, err)
+		case sqlite3.SQLITE_CANTOPEN:
+			return fmt.Errorf("%w: %v", ErrNotFound, err)
+		case sqlite3.SQLITE_CONSTRAINT:
+			if se.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || se.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY {
+				return fmt.Errorf("%w: %v", ErrDuplicate, err)
+			}
+		}
+	}
+	return err
+}
+
+// Tx is a write transaction; see Update.
+type Tx struct {
+	ctx      context.Context
+	tx       *sql.Tx
+	appended bool
+}
+
+// Update runs fn in one immediate write transaction and commits it, synced, when fn returns nil.
+// When fn appended audit events, the audit head file is rewritten after the commit.
+func (db *DB) Update(ctx context.Context, fn func(*Tx) error) error {
+	sqltx, err := db.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("inventory: begin: %w", classify(err))
+	}
+	tx := &Tx{ctx: ctx, tx: sqltx}
+	if err := fn(tx); err != nil {
+		sqltx.Rollback()
+		return classify(err)
+	}
+	if err := sqltx.Commit(); err != nil {
+		return fmt.Errorf("inventory: commit: %w", classify(err))
+	}
+	if tx.appended {
+		if err := db.refreshHead(ctx); err != nil {
+			return fmt.Errorf("inventory: %w", err)
+		}
+	}
+	return nil
+}
+
+const timeFormat = time.RFC3339Nano
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(timeFormat)
+}
+
+func parseTime(s string) time.Time {
+	if s == "" {
+		return time.Time{}
+	}
+	t, _ := time.Parse(timeFormat, s)
+	return t
+}
+
+type queryer interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+const unitColumns = "serial, state, failed_step, error, key_kind, public_sha256, ek_cert_sha256, operator, station, created_at, updated_at"
+
+func scanUnit(row interface{ Scan(...any) error }) (Unit, error) {
+	var u Unit
+	var created, updated string
+	err := row.Scan(&u.Serial, &u.State, &u.FailedStep, &u.Error, &u.KeyKind, &u.PublicSHA256, &u.EKCertSHA256,
+		&u.Operator, &u.Station, &created, &updated)
+	u.Created, u.Updated = parseTime(created), parseTime(updated)
+	return u, err
+}
+
+func getUnit(ctx context.Context, q queryer, serial string) (Unit, error) {
+	u, err := scanUnit(q.QueryRowContext(ctx, "SELECT "+unitColumns+" FROM units WHERE serial = ?", serial))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Unit{}, fmt.Errorf("inventory: unit %q: %w", serial, ErrNotFound)
+	}
+	if err != nil {
+		return Unit{}, fmt.Errorf("inventory: unit %q: %w", serial, classify(err))
+	}
+	return u, nil
+}
+
+// Unit returns the unit with this serial, or ErrNotFound.
+func (db *DB) Unit(ctx context.Context, serial string) (Unit, error) { return getUnit(ctx, db.db, serial) }
+
+// Unit returns the unit with this serial inside the transaction, or ErrNotFound.
+func (tx *Tx) Unit(serial string) (Unit, error) { return getUnit(tx.ctx, tx.tx, serial) }
+
+// Units lists units ordered by serial; state filters when not empty.
+func (db *DB) Units(ctx context.Context, state string) ([]Unit, error) {
+	query := "SELECT " + unitColumns + " FROM units"
+	var args []any
+	if state != "" {
+		query += " WHERE state = ?"
+		args = append(args, state)
+	}
+	rows, err := db.db.QueryContext(ctx, query+" ORDER BY serial", args...)
+	if err != nil {
+		return nil, fmt.Errorf("inventory: list units: %w", classify(err))
+	}
+	defer rows.Close()
+	var out []Unit
+	for rows.Next() {
+		u, err := scanUnit(rows)
+		if err != nil {
+			return nil, fmt.Errorf("inventory: list units: %w", classify(err))
+		}
+		out = append(out, u)
+	}
+	return out, rows.Err()
+}
+
+// UnitCount is the number of units recorded.
+func (db *DB) UnitCount(ctx context.Context) (int, error) {
+	var n int
+	if err := db.db.QueryRowContext(ctx, "SELECT count(*) FROM units").Scan(&n); err != nil {
+		return 0, fmt.Errorf("inventory: count units: %w", classify(err))
+	}
+	return n, nil
+}
+
+// PutUnit inserts or replaces the unit's record. Created is kept from the first insert; Updated is set to now.
+func (tx *Tx) PutUnit(u Unit) error {
+	now := fmtTime(time.Now())
+	_, err := tx.tx.ExecContext(tx.ctx, `INSERT INTO units (`+unitColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+		ON CONFLICT(serial) DO UPDATE SET state=excluded.state, failed_step=excluded.failed_step, error=excluded.error,
+		key_kind=excluded.key_kind, public_sha256=excluded.public_sha256, ek_cert_sha256=excluded.ek_cert_sha256,
+		operator=excluded.operator, station=excluded.station, updated_at=excluded.updated_at`,
+		u.Serial, u.State, u.FailedStep, u.Error, u.KeyKind, u.PublicSHA256, u.EKCertSHA256, u.Operator, u.Station, now, now)
+	if err != nil {
+		return fmt.Errorf("inventory: put unit %q: %w", u.Serial, classify(err))
+	}
+	return nil
+}
+
+const certColumns = "serial, unit, sha256, not_before, not_after, status, issued_at"
+
+func scanCert(row interface{ Scan(...any) error }) (Certificate, error) {
+	var c Certificate
+	var nb, na, issued string
+	err := row.Scan(&c.Serial, &c.Unit, &c.SHA256, &nb, &na, &c.Status, &issued)
+	c.NotBefore, c.NotAfter, c.Issued = parseTime(nb), parseTime(na), parseTime(issued)
+	return c, err
+}
+
+func activeCert(ctx context.Context, q queryer, serial string) (Certificate, error) {
+	c, err := scanCert(q.QueryRowContext(ctx, "SELECT "+certColumns+" FROM certificates WHERE unit = ? AND status = 'active'", serial))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Certificate{}, fmt.Errorf("inventory: active certificate of %q: %w", serial, ErrNotFound)
+	}
+	if err != nil {
+		return Certificate{}, fmt.Errorf("inventory: active certificate of %q: %w", serial, classify(err))
+	}
+	return c, nil
+}
+
+// ActiveCertificate returns the unit's active certificate, or ErrNotFound.
+func (db *DB) ActiveCertificate(ctx context.Context, serial string) (Certificate, error) {
+	return activeCert(ctx, db.db, serial)
+}
+
+// ActiveCertificate returns the unit's active certificate inside the transaction, or ErrNotFound.
+func (tx *Tx) ActiveCertificate(serial string) (Certificate, error) { return activeCert(tx.ctx, tx.tx, serial) }
+
+// Certificates lists every certificate issued to the unit, oldest first.
+func (db *DB) Certificates(ctx context.Context, serial string) ([]Certificate, error) {
+	rows, err := db.db.QueryContext(ctx, "SELECT "+certColumns+" FROM certificates WHERE unit = ? ORDER BY issued_at, rowid", serial)
+	if err != nil {
+		return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, classify(err))
+	}
+	defer rows.Close()
+	var out []Certificate
+	for rows.Next() {
+		c, err := scanCert(rows)
+		if err != nil {
+			return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, classify(err))
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// AddCertificate records a newly issued certificate as the unit's active one; any other active certificate of the unit is
+// marked superseded in the same transaction.
+func (tx *Tx) AddCertificate(c Certificate) error {
+	if _, err := tx.tx.ExecContext(tx.ctx, "UPDATE certificates SET status = 'superseded' WHERE unit = ? AND status = 'active'", c.Unit); err != nil {
+		return fmt.Errorf("inventory: supersede certificates of %q: %w", c.Unit, classify(err))
+	}
+	if c.Issued.IsZero() {
+		c.Issued = time.Now()
+	}
+	_, err := tx.tx.ExecContext(tx.ctx, "INSERT INTO certificates ("+certColumns+") VALUES (?,?,?,?,?,?,?)",
+		c.Serial, c.Unit, c.SHA256, fmtTime(c.NotBefore), fmtTime(c.NotAfter), CertActive, fmtTime(c.Issued))
+	if err != nil {
+		return fmt.Errorf("inventory: add certificate %s of %q: %w", c.Serial, c.Unit, classify(err))
+	}
+	return nil
+}
+
+// SetCertificateStatus changes the status of the certificate with this serial number.
+func (tx *Tx) SetCertificateStatus(certSerial, status string) error {
+	res, err := tx.tx.ExecContext(tx.ctx, "UPDATE certificates SET status = ? WHERE serial = ?", status, certSerial)
+	if err != nil {
+		return fmt.Errorf("inventory: set certificate %s %s: %w", certSerial, status, classify(err))
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("inventory: certificate %s: %w", certSerial, ErrNotFound)
+	}
+	return nil
+}

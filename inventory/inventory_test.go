@@ -1,0 +1,281 @@
+package inventory
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func openTest(tb testing.TB) (*DB, string) {
+	tb.Helper()
+	dir := tb.TempDir()
+	db, err := Open(context.Background(), filepath.Join(dir, "inventory.db"), Create(), WithAuditHead(filepath.Join(dir, "audit.head")))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { db.Close() })
+	return db, dir
+}
+
+func TestOpenMissingWithoutCreate(t *testing.T) {
+	_, err := Open(context.Background(), filepath.Join(t.TempDir(), "nope.db"))
+	if !errors.Is(err, ErrNotFound) {
+		t.Fatalf("got %v, want ErrNotFound", err)
+	}
+}
+
+func TestOpenDamaged(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "inventory.db")
+	junk := make([]byte, 8192)
+	for i := range junk {
+		junk[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(p, junk, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Open(context.Background(), p)
+	if !errors.Is(err, ErrDamaged) {
+		t.Fatalf("got %v, want ErrDamaged", err)
+	}
+}
+
+func TestReopenKeepsData(t *testing.T) {
+	ctx := context.Background()
+	db, dir := openTest(t)
+	if err := db.Update(ctx, func(tx *Tx) error { return tx.PutUnit(Unit{Serial: "A1", State: StateKeyed}) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	db2, err := Open(ctx, filepath.Join(dir, "inventory.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db2.Close()
+	u, err := db2.Unit(ctx, "A1")
+	if err != nil || u.State != StateKeyed {
+		t.Fatalf("got %+v, %v", u, err)
+	}
+}
+
+func TestUnitStateConstraint(t *testing.T) {
+	db, _ := openTest(t)
+	err := db.Update(context.Background(), func(tx *Tx) error { return tx.PutUnit(Unit{Serial: "A1", State: "bogus"}) })
+	if err == nil {
+		t.Fatal("a state outside the contract was stored")
+	}
+}
+
+func TestCertificatesOneActive(t *testing.T) {
+	ctx := context.Background()
+	db, _ := openTest(t)
+	add := func(serial, sha string) error {
+		return db.Update(ctx, func(tx *Tx) error {
+			if err := tx.PutUnit(Unit{Serial: "U1", State: StateCertified}); err != nil {
+				return err
+			}
+			return tx.AddCertificate(Certificate{Serial: serial, Unit: "U1", SHA256: sha, NotAfter: time.Now().Add(time.Hour)})
+		})
+	}
+	for i, c := range []struct{ serial, sha string }{{"01", "aa"}, {"02", "bb"}, {"03", "cc"}} {
+		if err := add(c.serial, c.sha); err != nil {
+			t.Fatalf("add %d: %v", i, err)
+		}
+	}
+	certs, err := db.Certificates(ctx, "U1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{CertSuperseded, CertSuperseded, CertActive}
+	for i, c := range certs {
+		if c.Status != want[i] {
+			t.Errorf("certificate %s: status %s, want %s", c.Serial, c.Status, want[i])
+		}
+	}
+	act, err := db.ActiveCertificate(ctx, "U1")
+	if err != nil || act.Serial != "03" {
+		t.Fatalf("active = %+v, %v", act, err)
+	}
+	if err := add("03", "dd"); !errors.Is(err, ErrDuplicate) {
+		t.Fatalf("duplicate certificate serial: got %v, want ErrDuplicate", err)
+	}
+	// The database itself refuses a second active certificate.
+	_, err = db.db.ExecContext(ctx, "UPDATE certificates SET status = 'active' WHERE serial = '01'")
+	if err == nil {
+		t.Fatal("a second active certificate was accepted by the schema")
+	}
+}
+
+func appendN(tb testing.TB, db *DB, n int) {
+	tb.Helper()
+	for i := 0; i < n; i++ {
+		err := db.Update(context.Background(), func(tx *Tx) error {
+			return tx.Append(Event{Serial: "U1", Step: "key", Outcome: "ok", Detail: "created", MS: int64(i), Station: "st1"})
+		})
+		if err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
+
+func TestAuditVerifies(t *testing.T) {
+	db, dir := openTest(t)
+	appendN(t, db, 5)
+	rep, err := db.VerifyAudit(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Entries != 5 || rep.Head.Count != 5 {
+		t.Fatalf("report %+v", rep)
+	}
+	b, _ := os.ReadFile(filepath.Join(dir, "audit.head"))
+	if h, err := ParseHead(b); err != nil || h.Count != 5 {
+		t.Fatalf("head %q: %v", b, err)
+	}
+}
+
+func TestAuditDetectsTampering(t *testing.T) {
+	tests := []struct {
+		name   string
+		tamper func(tb testing.TB, db *sql.DB, dir string)
+	}{
+		{"edited detail", func(tb testing.TB, db *sql.DB, dir string) {
+			mustExec(tb, db, "UPDATE events SET detail = 'forged' WHERE seq = 2")
+		}},
+		{"edited and rehashed entry", func(tb testing.TB, db *sql.DB, dir string) {
+			mustExec(tb, db, "UPDATE events SET outcome = 'failed' WHERE seq = 3")
+			var e Event
+			var tm string
+			db.QueryRow("SELECT "+eventColumns+" FROM events WHERE seq = 3").Scan(&e.Seq, &tm, &e.Serial, &e.Step, &e.Outcome,
+				&e.Detail, &e.MS, &e.Operator, &e.Station, &e.CertSHA256, &e.PrevHash, &e.Hash)
+			e.Time = parseTime(tm)
+			mustExec(tb, db, "UPDATE events SET hash = ? WHERE seq = 3", chainHash(e))
+		}},
+		{"removed middle", func(tb testing.TB, db *sql.DB, dir string) {
+			mustExec(tb, db, "DELETE FROM events WHERE seq = 2")
+		}},
+		{"removed tail", func(tb testing.TB, db *sql.DB, dir string) {
+			mustExec(tb, db, "DELETE FROM events WHERE seq >= 4")
+		}},
+		{"reordered", func(tb testing.TB, db *sql.DB, dir string) {
+			mustExec(tb, db, "UPDATE events SET seq = 100 WHERE seq = 2")
+			mustExec(tb, db, "UPDATE events SET seq = 2 WHERE seq = 3")
+			mustExec(tb, db, "UPDATE events SET seq = 3 WHERE seq = 100")
+		}},
+		{"head rewritten shorter", func(tb testing.TB, db *sql.DB, dir string) {
+			mustExec(tb, db, "DELETE FROM events WHERE seq = 5")
+			os.WriteFile(filepath.Join(dir, "audit.head"), []byte(Head{Count: 5, Hash: genesis}.String()), 0o644)
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			db, dir := openTest(t)
+			appendN(t, db, 5)
+			tt.tamper(t, db.db, dir)
+			if _, err := db.VerifyAudit(context.Background()); !errors.Is(err, ErrAudit) {
+				t.Fatalf("got %v, want ErrAudit", err)
+			}
+		})
+	}
+}
+
+func TestAuditHeadBehindIsRepaired(t *testing.T) {
+	ctx := context.Background()
+	db, dir := openTest(t)
+	appendN(t, db, 3)
+	// A crash between the commit and the head write leaves the head behind: not tampering.
+	if err := os.WriteFile(filepath.Join(dir, "audit.head"), []byte("provision-audit-head v1 2 "+mustEventHash(t, db, 2)+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.VerifyAudit(ctx); err != nil {
+		t.Fatalf("head behind by one: %v", err)
+	}
+	db.Close()
+	db2, err := Open(ctx, filepath.Join(dir, "inventory.db"), WithAuditHead(filepath.Join(dir, "audit.head")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db2.Close()
+	b, _ := os.ReadFile(filepath.Join(dir, "audit.head"))
+	if h, _ := ParseHead(b); h.Count != 3 {
+		t.Fatalf("head not moved forward on open: %q", b)
+	}
+}
+
+func TestLockedInventory(t *testing.T) {
+	ctx := context.Background()
+	db, dir := openTest(t)
+	// Hold a write lock from a second connection longer than the busy timeout would allow is slow; instead take the lock
+	// and use a short-timeout connection.
+	other, err := sql.Open("sqlite", "file:"+filepath.Join(dir, "inventory.db")+"?_pragma=busy_timeout(50)&_txlock=immediate")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	tx, err := db.db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, "INSERT INTO units (serial, state, created_at, updated_at) VALUES ('L', 'new', '', '')"); err != nil {
+		t.Fatal(err)
+	}
+	otx, err := other.BeginTx(ctx, nil)
+	if err == nil {
+		otx.Rollback()
+	}
+	if !errors.Is(classify(err), ErrLocked) {
+		t.Fatalf("got %v, want ErrLocked", classify(err))
+	}
+}
+
+func FuzzParseHead(f *testing.F) {
+	f.Add([]byte(Head{Count: 3, Hash: genesis}.String()))
+	f.Add([]byte("provision-audit-head v1 -1 00"))
+	f.Add([]byte(""))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := ParseHead(b)
+		if err != nil {
+			return
+		}
+		h2, err := ParseHead([]byte(h.String()))
+		if err != nil || h2 != h {
+			t.Fatalf("round trip: %+v -> %+v, %v", h, h2, err)
+		}
+	})
+}
+
+func mustExec(tb testing.TB, db *sql.DB, q string, args ...any) {
+	tb.Helper()
+	if _, err := db.Exec(q, args...); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func mustEventHash(tb testing.TB, db *DB, seq int64) string {
+	tb.Helper()
+	var h string
+	if err := db.db.QueryRow("SELECT hash FROM events WHERE seq = ?", seq).Scan(&h); err != nil {
+		tb.Fatal(err)
+	}
+	return h
+}
+
+func BenchmarkUpdate(b *testing.B) {
+	db, _ := openTest(b)
+	ctx := context.Background()
+	for i := 0; b.Loop(); i++ {
+		err := db.Update(ctx, func(tx *Tx) error {
+			if err := tx.PutUnit(Unit{Serial: "B", State: StateCertified}); err != nil {
+				return err
+			}
+			return tx.Append(Event{Serial: "B", Step: "sign", Outcome: "ok"})
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+}
