@@ -328,7 +328,9 @@ func getUnit(ctx context.Context, q queryer, serial string) (Unit, error) {
 }
 
 // Unit returns the unit with this serial, or ErrNotFound.
-func (db *DB) Unit(ctx context.Context, serial string) (Unit, error) { return getUnit(ctx, db.db, serial) }
+func (db *DB) Unit(ctx context.Context, serial string) (Unit, error) {
+	return getUnit(ctx, db.db, serial)
+}
 
 // Unit returns the unit with this serial inside the transaction, or ErrNotFound.
 func (tx *Tx) Unit(serial string) (Unit, error) { return getUnit(tx.ctx, tx.tx, serial) }
@@ -407,7 +409,9 @@ func (db *DB) ActiveCertificate(ctx context.Context, serial string) (Certificate
 }
 
 // ActiveCertificate returns the unit's active certificate inside the transaction, or ErrNotFound.
-func (tx *Tx) ActiveCertificate(serial string) (Certificate, error) { return activeCert(tx.ctx, tx.tx, serial) }
+func (tx *Tx) ActiveCertificate(serial string) (Certificate, error) {
+	return activeCert(tx.ctx, tx.tx, serial)
+}
 
 // Certificates lists every certificate issued to the unit, oldest first.
 func (db *DB) Certificates(ctx context.Context, serial string) ([]Certificate, error) {
