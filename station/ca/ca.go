@@ -1,0 +1,240 @@
+// Package ca is the station's certificate authority: it turns a device's CSR into a client certificate under a fixed policy.
+//
+// Policy of every issued certificate (Sign):
+//   - the CSR's signature must verify, and its public key must equal Request.PublicKey when that is set;
+//   - subject from Request.Subject (the CSR's own subject is ignored), SAN URIs from Request.URIs;
+//   - KeyUsage digitalSignature, ExtKeyUsage clientAuth, BasicConstraints CA:false (critical);
+//   - SubjectKeyId = SHA-1 of the public key's subjectPublicKey bits (RFC 5280 §4.2.1.2 method 1), AuthorityKeyId = the
+//     issuing CA's SubjectKeyId;
+//   - a random positive 128-bit serial number;
+//   - NotBefore 5 minutes before now (clock skew on devices), NotAfter now + Validity, clipped to the issuing CA's NotAfter so
+//     that no certificate outlives its issuer;
+//   - signed by the issuing key: ECDSA with SHA-256 for P-256 issuers, SHA-384 for P-384, SHA-256 for RSA.
+package ca
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha1"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net/url"
+	"time"
+)
+
+// Backdate is how far NotBefore lies before the signing time.
+const Backdate = 5 * time.Minute
+
+var (
+	// ErrBadCSR: the CSR does not parse or its signature does not verify.
+	ErrBadCSR = errors.New("bad certificate request")
+	// ErrKeyMismatch: the CSR's public key is not the key the station just created.
+	ErrKeyMismatch = errors.New("certificate request public key does not match the device key")
+	// ErrBadCA: the CA material is inconsistent (key does not match, issuing does not chain to root, not a CA).
+	ErrBadCA = errors.New("unusable CA")
+	// ErrExpired: the issuing CA is not valid now.
+	ErrExpired = errors.New("issuing CA is not valid now")
+)
+
+// CA is an issuing CA and the root above it.
+type CA struct {
+	Root    *x509.Certificate
+	Issuing *x509.Certificate
+	Signer  crypto.Signer // the issuing CA's private key
+}
+
+// New checks that signer is issuing's key, that issuing is a CA allowed to sign certificates and that it chains to root.
+func New(root, issuing *x509.Certificate, signer crypto.Signer) (*CA, error) {
+	if !publicKeysEqual(issuing.PublicKey, signer.Public()) {
+		return nil, fmt.Errorf("ca: issuing key does not belong to the issuing certificate %q: %w", issuing.Subject, ErrBadCA)
+	}
+	if !issuing.IsCA || issuing.KeyUsage&x509.KeyUsageCertSign == 0 {
+		return nil, fmt.Errorf("ca: %q is not a CA certificate allowed to sign certificates: %w", issuing.Subject, ErrBadCA)
+	}
+	if !root.IsCA {
+		return nil, fmt.Errorf("ca: root %q is not a CA certificate: %w", root.Subject, ErrBadCA)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(root)
+	_, err := issuing.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: issuing.NotBefore.Add(time.Second), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return nil, fmt.Errorf("ca: issuing CA %q does not chain to root %q: %v: %w", issuing.Subject, root.Subject, err, ErrBadCA)
+	}
+	return &CA{Root: root, Issuing: issuing, Signer: signer}, nil
+}
+
+// Request is what the station asks the CA to certify.
+type Request struct {
+	CSR       *x509.CertificateRequest
+	Subject   pkix.Name
+	URIs      []*url.URL
+	Validity  time.Duration
+	PublicKey crypto.PublicKey // when set, the CSR's key must equal it
+	Now       time.Time        // zero: time.Now()
+}
+
+// Sign checks the CSR and issues a client certificate under the package policy.
+func (ca *CA) Sign(req Request) (*x509.Certificate, error) {
+	if req.CSR == nil {
+		return nil, fmt.Errorf("ca: sign: no certificate request: %w", ErrBadCSR)
+	}
+	if err := req.CSR.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("ca: sign: %v: %w", err, ErrBadCSR)
+	}
+	if req.PublicKey != nil && !publicKeysEqual(req.PublicKey, req.CSR.PublicKey) {
+		return nil, fmt.Errorf("ca: sign: %w", ErrKeyMismatch)
+	}
+	if req.Validity <= 0 {
+		return nil, fmt.Errorf("ca: sign: validity must be positive, got %s", req.Validity)
+	}
+	now := req.Now
+	if now.IsZero() {
+		now = time.Now()
+	}
+	now = now.UTC().Truncate(time.Second)
+	if now.Before(ca.Issuing.NotBefore) || !now.Before(ca.Issuing.NotAfter) {
+		return nil, fmt.Errorf("ca: sign: %q valid %s to %s: %w", ca.Issuing.Subject, ca.Issuing.NotBefore.Format(time.DateOnly),
+			ca.Issuing.NotAfter.Format(time.DateOnly), ErrExpired)
+	}
+	notAfter := now.Add(req.Validity)
+	if notAfter.After(ca.Issuing.NotAfter) {
+		notAfter = ca.Issuing.NotAfter
+	}
+	ski, err := SubjectKeyID(req.CSR.PublicKey)
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign: %w", err)
+	}
+	serial, err := RandomSerial()
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               req.Subject,
+		URIs:                  req.URIs,
+		NotBefore:             now.Add(-Backdate),
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  false,
+		SubjectKeyId:          ski,
+		AuthorityKeyId:        ca.Issuing.SubjectKeyId,
+		SignatureAlgorithm:    signatureAlgorithm(ca.Signer.Public()),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Issuing, req.CSR.PublicKey, ca.Signer)
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign: %w", err)
+	}
+	return cert, nil
+}
+
+// Chain is the issuing certificate then the root.
+func (ca *CA) Chain() []*x509.Certificate { return []*x509.Certificate{ca.Issuing, ca.Root} }
+
+// Verify checks that cert chains to the root through the issuing CA for client authentication, at time t (zero: now).
+func (ca *CA) Verify(cert *x509.Certificate, t time.Time) error {
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	roots.AddCert(ca.Root)
+	inter.AddCert(ca.Issuing)
+	_, err := cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: t,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	return err
+}
+
+// RandomSerial is a random positive 128-bit certificate serial number.
+func RandomSerial() (*big.Int, error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return nil, fmt.Errorf("serial number: %w", err)
+	}
+	b[0] &= 0x7f // positive, and DER-encodes in at most 16 bytes
+	b[0] |= 0x40 // never shorter than 127 bits: stable length
+	return new(big.Int).SetBytes(b), nil
+}
+
+// SubjectKeyID is RFC 5280 method 1: SHA-1 of the subjectPublicKey BIT STRING.
+func SubjectKeyID(pub crypto.PublicKey) ([]byte, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("subject key id: %w", err)
+	}
+	var spki struct {
+		Algorithm pkix.AlgorithmIdentifier
+		PublicKey asn1.BitString
+	}
+	if _, err := asn1.Unmarshal(der, &spki); err != nil {
+		return nil, fmt.Errorf("subject key id: %w", err)
+	}
+	sum := sha1.Sum(spki.PublicKey.Bytes)
+	return sum[:], nil
+}
+
+func signatureAlgorithm(pub crypto.PublicKey) x509.SignatureAlgorithm {
+	if k, ok := pub.(*ecdsa.PublicKey); ok {
+		switch k.Curve {
+		case elliptic.P384():
+			return x509.ECDSAWithSHA384
+		case elliptic.P521():
+			return x509.ECDSAWithSHA512
+		}
+		return x509.ECDSAWithSHA256
+	}
+	if _, ok := pub.(*rsa.PublicKey); ok {
+		return x509.SHA256WithRSA
+	}
+	return x509.UnknownSignatureAlgorithm
+}
+
+func publicKeysEqual(a, b crypto.PublicKey) bool {
+	da, errA := x509.MarshalPKIXPublicKey(a)
+	db, errB := x509.MarshalPKIXPublicKey(b)
+	return errA == nil && errB == nil && bytes.Equal(da, db)
+}
+
+// EncodeCerts PEM-encodes certificates in order.
+func EncodeCerts(certs ...*x509.Certificate) []byte {
+	var buf bytes.Buffer
+	for _, c := range certs {
+		pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+	return buf.Bytes()
+}
+
+// ParseCerts reads every CERTIFICATE block of a PEM file. Other block types are an error, so a key pasted by mistake
+// into a certificate file is noticed.
+func ParseCerts(b []byte) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("unexpected PEM block %q where a certificate belongs", blk.Type)
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no PEM certificate found")
+	}
+	return out, nil
+}
