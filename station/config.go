@@ -1,0 +1,228 @@
+package station
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"text/template"
+
+	"github.com/go-playground/validator/v10"
+	"github.com/goccy/go-yaml"
+	"github.com/goccy/go-yaml/parser"
+)
+
+// ErrConfig: station.yaml is malformed or invalid.
+var ErrConfig = errors.New("invalid station configuration")
+
+// Config is station.yaml.
+type Config struct {
+	StationID   string            `yaml:"station_id" validate:"required,max=64,stationid"`
+	TPM         string            `yaml:"tpm" validate:"required,tpmuri"`
+	Serial      SerialConfig      `yaml:"serial"`
+	Subject     string            `yaml:"subject" validate:"required,subject"`
+	Key         KeyConfig         `yaml:"key"`
+	Certificate CertificateConfig `yaml:"certificate"`
+
+	serialRule *SerialRule
+	subject    *SubjectTemplate
+}
+
+// SerialConfig says which serials the station accepts.
+type SerialConfig struct {
+	Pattern string `yaml:"pattern" validate:"required,serialpattern"`
+}
+
+// KeyConfig chooses the device key.
+type KeyConfig struct {
+	Algorithm string `yaml:"algorithm" validate:"required,oneof=ecc-p256 rsa-2048"`
+}
+
+// CertificateConfig shapes issued certificates.
+type CertificateConfig struct {
+	ValidityDays int `yaml:"validity_days" validate:"required,min=1,max=9125"`
+}
+
+// SerialRule is the compiled serial pattern.
+func (c *Config) SerialRule() *SerialRule { return c.serialRule }
+
+// SubjectTemplate is the compiled subject template.
+func (c *Config) SubjectTemplate() *SubjectTemplate { return c.subject }
+
+// DefaultConfig is the configuration `provision init` writes.
+func DefaultConfig(stationID string) Config {
+	return Config{
+		StationID:   stationID,
+		TPM:         "/dev/tpmrm0",
+		Serial:      SerialConfig{Pattern: DefaultSerialPattern},
+		Subject:     DefaultSubject,
+		Key:         KeyConfig{Algorithm: "ecc-p256"},
+		Certificate: CertificateConfig{ValidityDays: 825},
+	}
+}
+
+var configTemplate = template.Must(template.New("station.yaml").Funcs(template.FuncMap{"q": strconv.Quote}).Parse(
+	`# provision station configuration. Checked every time it is loaded; an error names the line and the field.
+
+# Names this station in the inventory and the audit log (letters, digits, '.', '_', '-').
+station_id: {{q .StationID}}
+
+# The unit's TPM as this station reaches it (overridden by --tpm):
+#   /dev/tpmrm0         a TPM through the kernel resource manager (the unit booted on the fixture)
+#   mssim://HOST:PORT   a TPM speaking the TCP simulator protocol (swtpm, a forwarded TPM); control port PORT+1
+#   sim                 the in-process simulator: tests and demos only, its keys die with the process
+#   soft                no TPM: a software key, written only to the unit's bundle or image
+tpm: {{q .TPM}}
+
+serial:
+  # A regular expression every serial must match in full. Whatever it allows, a serial never contains '/', white space
+  # or control characters and is at most 128 bytes: it names files.
+  pattern: {{q .Serial.Pattern}}
+
+# The certificate subject. Attributes: CN (required), O, OU, C, L, ST, STREET, POSTALCODE, SERIALNUMBER.
+# Placeholders: {serial}, and in batch mode any CSV column as {name}. A literal comma is written "\,".
+subject: {{q .Subject}}
+
+key:
+  # ecc-p256 (default; fast, works with every TLS stack) or rsa-2048.
+  algorithm: {{q .Key.Algorithm}}
+
+certificate:
+  # Validity of device certificates in days (clipped to the issuing CA's own expiry).
+  validity_days: {{.Certificate.ValidityDays}}
+`))
+
+// Marshal renders the configuration as a commented station.yaml.
+func (c Config) Marshal() []byte {
+	var buf bytes.Buffer
+	if err := configTemplate.Execute(&buf, c); err != nil {
+		panic(err) // the template is fixed and the values are plain strings and ints
+	}
+	return buf.Bytes()
+}
+
+// ParseConfig reads and validates station.yaml. name is used in error messages ("station.yaml:7: ...").
+func ParseConfig(name string, data []byte) (*Config, error) {
+	var c Config
+	if err := yaml.UnmarshalWithOptions(data, &c, yaml.DisallowUnknownField()); err != nil {
+		var ye yaml.Error
+		if errors.As(err, &ye) && ye.GetToken() != nil {
+			p := ye.GetToken().Position
+			return nil, fmt.Errorf("%s:%d:%d: %s: %w", name, p.Line, p.Column, ye.GetMessage(), ErrConfig)
+		}
+		return nil, fmt.Errorf("%s: %v: %w", name, err, ErrConfig)
+	}
+	if err := configValidator.Struct(&c); err != nil {
+		var ve validator.ValidationErrors
+		if errors.As(err, &ve) && len(ve) > 0 {
+			fe := ve[0]
+			field := strings.TrimPrefix(fe.Namespace(), "Config.")
+			return nil, fmt.Errorf("%s:%d: %s: %s: %w", name, lineOf(data, field), field, explain(fe), ErrConfig)
+		}
+		return nil, fmt.Errorf("%s: %v: %w", name, err, ErrConfig)
+	}
+	c.serialRule, _ = NewSerialRule(c.Serial.Pattern)
+	c.subject, _ = ParseSubjectTemplate(c.Subject)
+	return &c, nil
+}
+
+// lineOf finds the line of a dotted YAML field path; 0 when it is absent from the file.
+func lineOf(data []byte, field string) int {
+	f, err := parser.ParseBytes(data, 0)
+	if err != nil {
+		return 0
+	}
+	for p := field; p != ""; {
+		path, err := yaml.PathString("$." + p)
+		if err == nil {
+			if n, err := path.FilterFile(f); err == nil && n != nil && n.GetToken() != nil {
+				return n.GetToken().Position.Line
+			}
+		}
+		i := strings.LastIndex(p, ".")
+		if i < 0 {
+			break
+		}
+		p = p[:i]
+	}
+	return 0
+}
+
+// explain says in words what a field allows.
+func explain(fe validator.FieldError) string {
+	got := fmt.Sprintf("%v", fe.Value())
+	switch fe.Tag() {
+	case "required":
+		return "is required"
+	case "oneof":
+		return fmt.Sprintf("%q is not allowed; use one of: %s", got, strings.ReplaceAll(fe.Param(), " ", ", "))
+	case "min":
+		return fmt.Sprintf("%s is below the minimum %s", got, fe.Param())
+	case "max":
+		if fe.Kind() == reflect.String {
+			return fmt.Sprintf("longer than %s characters", fe.Param())
+		}
+		return fmt.Sprintf("%s is above the maximum %s", got, fe.Param())
+	case "stationid":
+		return fmt.Sprintf("%q may hold only letters, digits, '.', '_' and '-'", got)
+	case "tpmuri":
+		return fmt.Sprintf("%q is not a TPM URI; use /dev/tpmrm0 (a device path), mssim://HOST:PORT, sim or soft", got)
+	case "serialpattern":
+		_, err := NewSerialRule(got)
+		return fmt.Sprintf("not a valid regular expression: %v", errors.Unwrap(err))
+	case "subject":
+		_, err := ParseSubjectTemplate(got)
+		return err.Error()
+	}
+	return fmt.Sprintf("%q fails %s", got, fe.Tag())
+}
+
+var configValidator = newValidator()
+
+func newValidator() *validator.Validate {
+	v := validator.New(validator.WithRequiredStructEnabled())
+	v.RegisterTagNameFunc(func(f reflect.StructField) string {
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "-" {
+			return ""
+		}
+		return name
+	})
+	must := func(tag string, fn validator.Func) {
+		if err := v.RegisterValidation(tag, fn); err != nil {
+			panic(err)
+		}
+	}
+	must("stationid", func(fl validator.FieldLevel) bool {
+		s := fl.Field().String()
+		return s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == ""
+	})
+	must("tpmuri", func(fl validator.FieldLevel) bool { return ValidTPMURI(fl.Field().String()) })
+	must("serialpattern", func(fl validator.FieldLevel) bool {
+		_, err := NewSerialRule(fl.Field().String())
+		return err == nil
+	})
+	must("subject", func(fl validator.FieldLevel) bool {
+		_, err := ParseSubjectTemplate(fl.Field().String())
+		return err == nil
+	})
+	return v
+}
+
+// ValidTPMURI reports whether s is one of the TPM URI forms in CONTRACTS.md.
+func ValidTPMURI(s string) bool {
+	switch {
+	case s == "sim" || s == "soft":
+		return true
+	case strings.HasPrefix(s, "mssim://"):
+		host, port, err := net.SplitHostPort(strings.TrimPrefix(s, "mssim://"))
+		n, perr := strconv.Atoi(port)
+		return err == nil && host != "" && perr == nil && n > 0 && n < 65535
+	default:
+		return filepath.IsAbs(s) && filepath.Clean(s) == s
+	}
+}
