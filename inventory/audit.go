@@ -10,10 +10,11 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"provision/internal/fsutil"
 )
 
 // genesis is the previous hash of the first audit entry.
@@ -150,41 +151,10 @@ func (db *DB) refreshHead(ctx context.Context) error {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("audit head: %w", err)
 	}
-	if err := writeFileSync(db.headPath, []byte(cur.String()), 0o644); err != nil {
+	if err := fsutil.WriteFileSync(db.headPath, []byte(cur.String()), 0o644); err != nil {
 		return fmt.Errorf("audit head: %w", err)
 	}
 	return nil
-}
-
-// writeFileSync replaces path atomically and durably: temp file, fsync, rename, fsync of the directory.
-func writeFileSync(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err == nil {
-		err = f.Chmod(mode)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // AuditProblem is one finding of VerifyAudit.
