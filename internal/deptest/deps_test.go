@@ -1,0 +1,76 @@
+// Package deptest enforces the layering: leaf packages (tpm, image, inventory, station/ca, station/handshake) import
+// the standard library, their own third-party dependencies and internal utilities only — never each other, never
+// station, never cmd. station never imports cmd.
+package deptest
+
+import (
+	"encoding/json"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+const module = "provision"
+
+var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake"}
+
+type pkg struct {
+	ImportPath string
+	Deps       []string
+}
+
+func listDeps(t *testing.T, pattern string) []pkg {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-e", "-json=ImportPath,Deps", pattern).Output()
+	if err != nil {
+		t.Fatalf("go list %s: %v", pattern, err)
+	}
+	var pkgs []pkg
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	for dec.More() {
+		var p pkg
+		if err := dec.Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		pkgs = append(pkgs, p)
+	}
+	return pkgs
+}
+
+func owner(importPath string) string {
+	rel := strings.TrimPrefix(importPath, module+"/")
+	for _, l := range leaves {
+		if rel == l || strings.HasPrefix(rel, l+"/") {
+			return l
+		}
+	}
+	return rel
+}
+
+func TestLeavesStayLeaves(t *testing.T) {
+	for _, leaf := range leaves {
+		for _, p := range listDeps(t, "../../"+leaf+"/...") {
+			if !strings.HasPrefix(p.ImportPath, module+"/") {
+				continue // the pattern matched nothing yet
+			}
+			for _, d := range p.Deps {
+				if !strings.HasPrefix(d, module+"/") || strings.HasPrefix(d, module+"/internal/") {
+					continue
+				}
+				if owner(d) != leaf {
+					t.Errorf("%s imports %s: leaf packages must not import other project packages", p.ImportPath, d)
+				}
+			}
+		}
+	}
+}
+
+func TestStationDoesNotImportCmd(t *testing.T) {
+	for _, p := range listDeps(t, "../../station/...") {
+		for _, d := range p.Deps {
+			if strings.HasPrefix(d, module+"/cmd/") {
+				t.Errorf("%s imports %s", p.ImportPath, d)
+			}
+		}
+	}
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages provision's build, tests and demo need, if any is missing.
+# Needs root (or sudo). A machine that has them all is left untouched.
+set -euo pipefail
+pkgs=(libext2fs-dev pkg-config fdisk dosfstools mtools e2fsprogs swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd
+  libtss2-tcti-tabrmd0 dbus mosquitto mosquitto-clients tmux openssl libssl-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing: ${missing[*]}" >&2
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q
+$sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
