@@ -151,7 +151,9 @@ func (db *DB) refreshHead(ctx context.Context) error {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("audit head: %w", err)
 	}
-	if err := fsutil.WriteFileSync(db.headPath, []byte(cur.String()), 0o644); err != nil {
+	// Not synced: a head that lags the log after a power loss is moved forward on the next open; only a head ahead of
+	// the log means entries were removed.
+	if err := fsutil.WriteFileAtomic(db.headPath, []byte(cur.String()), 0o644); err != nil {
 		return fmt.Errorf("audit head: %w", err)
 	}
 	return nil

@@ -10,6 +10,16 @@ import (
 // rename, fsync of the directory. A crash leaves either the old file or the new one, never a mix; the temp file is
 // removed on every error path.
 func WriteFileSync(path string, data []byte, mode os.FileMode) error {
+	return writeFile(path, data, mode, true)
+}
+
+// WriteFileAtomic replaces path atomically (temp file and rename) without waiting for stable storage: after a power
+// loss the old or the new content is there, never a mix.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
+	return writeFile(path, data, mode, false)
+}
+
+func writeFile(path string, data []byte, mode os.FileMode, durable bool) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -20,7 +30,8 @@ func WriteFileSync(path string, data []byte, mode os.FileMode) error {
 		f.Close()
 		return err
 	}
-	if _, err := f.Write(data); err == nil {
+	_, err = f.Write(data)
+	if err == nil && durable {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -31,6 +42,9 @@ func WriteFileSync(path string, data []byte, mode os.FileMode) error {
 	}
 	if err := os.Rename(f.Name(), path); err != nil {
 		return err
+	}
+	if !durable {
+		return nil
 	}
 	return SyncDir(dir)
 }
