@@ -27,6 +27,15 @@ type Config struct {
 	Subject     string            `yaml:"subject" validate:"required,subject"`
 	Key         KeyConfig         `yaml:"key"`
 	Certificate CertificateConfig `yaml:"certificate"`
+	// ServerCA is the CA devices use to verify the fleet's servers (PEM file, relative to the station directory);
+	// default: the station root.
+	ServerCA string `yaml:"server_ca"`
+	// Profile is the default image profile (built-in: mender, mqtt, edge).
+	Profile string `yaml:"profile" validate:"required"`
+	// Profiles are the station's own profiles (CONTRACTS.md shape), optionally starting from a built-in with base:.
+	Profiles map[string]Profile `yaml:"profiles"`
+	// Endpoints are the handshake test's targets (tls://, mqtts://, https://); empty: the built-in test server.
+	Endpoints []string `yaml:"endpoints" validate:"dive,endpoint"`
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
@@ -62,6 +71,8 @@ func DefaultConfig(stationID string) Config {
 		Subject:     DefaultSubject,
 		Key:         KeyConfig{Algorithm: "ecc-p256"},
 		Certificate: CertificateConfig{ValidityDays: 825},
+		ServerCA:    "ca/root.crt",
+		Profile:     "mender",
 	}
 }
 
@@ -94,6 +105,32 @@ key:
 certificate:
   # Validity of device certificates in days (clipped to the issuing CA's own expiry).
   validity_days: {{.Certificate.ValidityDays}}
+
+# The CA devices use to verify the fleet's servers (broker, Mender server), written into images as from: server_ca.
+# A PEM file, relative to this directory. Default: the station root.
+server_ca: {{q .ServerCA}}
+
+# The default image profile: mender, mqtt, edge (built in), or one of yours below. --profile overrides.
+profile: {{q .Profile}}
+
+# The live mTLS test after imaging: empty for the built-in loopback server, or real endpoints (--endpoint overrides):
+#   tls://host:port   mqtts://host:port (MQTT 5 CONNECT, CONNACK 0)   https://host[:port]/path (2xx)
+# endpoints: ["mqtts://broker.factory.example:8883"]
+
+# Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
+#   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
+#         | template:<file> (Go text/template, relative to this directory) | builtin:<name>
+#   when: tpm | soft | tpm-provider | tpm-engine      mode: octal (keys must not be group/other readable)
+#   owner: "uid:gid" (default 0:0)                    json_merge: keys set into an existing JSON file
+# profiles:
+#   mender-emmc:
+#     base: mender
+#     partitions:
+#       data: {select: "label=data", mount: /data}
+#     tpm_openssl: engine          # OpenSSL 1.1 clients: HttpsClient.SSLEngine = tpm2tss
+#   broker:
+#     base: mqtt
+#     vars: {broker_host: mqtt.factory.example, broker_port: "8883"}
 `))
 
 // Marshal renders the configuration as a commented station.yaml.
@@ -124,6 +161,16 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 			return nil, fmt.Errorf("%s:%d: %s: %s: %w", name, lineOf(data, field), field, explain(fe), ErrConfig)
 		}
 		return nil, fmt.Errorf("%s: %v: %w", name, err, ErrConfig)
+	}
+	if c.Profile != "" {
+		if _, err := c.ResolveProfile(c.Profile); err != nil {
+			return nil, fmt.Errorf("%s:%d: profile: %v: %w", name, lineOf(data, "profile"), err, ErrConfig)
+		}
+	}
+	for pname := range c.Profiles {
+		if _, err := c.ResolveProfile(pname); err != nil {
+			return nil, fmt.Errorf("%s:%d: profiles.%s: %v: %w", name, lineOf(data, "profiles."+pname), pname, err, ErrConfig)
+		}
 	}
 	c.serialRule, _ = NewSerialRule(c.Serial.Pattern)
 	c.subject, _ = ParseSubjectTemplate(c.Subject)
@@ -171,6 +218,8 @@ func explain(fe validator.FieldError) string {
 		return fmt.Sprintf("%q may hold only letters, digits, '.', '_' and '-'", got)
 	case "tpmuri":
 		return fmt.Sprintf("%q is not a TPM URI; use /dev/tpmrm0 (a device path), mssim://HOST:PORT, sim or soft", got)
+	case "endpoint":
+		return fmt.Sprintf("%q: use tls://host:port, mqtts://host:port or https://host[:port]/path", got)
 	case "serialpattern":
 		_, err := NewSerialRule(got)
 		return fmt.Sprintf("not a valid regular expression: %v", errors.Unwrap(err))
@@ -202,6 +251,10 @@ func newValidator() *validator.Validate {
 		return s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == ""
 	})
 	must("tpmuri", func(fl validator.FieldLevel) bool { return ValidTPMURI(fl.Field().String()) })
+	must("endpoint", func(fl validator.FieldLevel) bool {
+		s := fl.Field().String()
+		return strings.HasPrefix(s, "tls://") || strings.HasPrefix(s, "mqtts://") || strings.HasPrefix(s, "https://")
+	})
 	must("serialpattern", func(fl validator.FieldLevel) bool {
 		_, err := NewSerialRule(fl.Field().String())
 		return err == nil

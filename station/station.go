@@ -47,6 +47,8 @@ type Station struct {
 	Inv    *inventory.DB
 	CA     *ca.CA // nil until LoadCA
 	Log    *slog.Logger
+
+	wipState
 }
 
 // Open reads station.yaml and opens the inventory. The CA is loaded separately (LoadCA), since only some commands sign.
@@ -73,8 +75,11 @@ func Open(ctx context.Context, dir string, log *slog.Logger) (*Station, error) {
 	return &Station{Layout: l, Config: cfg, Inv: inv, Log: log}, nil
 }
 
-// Close closes the inventory.
-func (s *Station) Close() error { return s.Inv.Close() }
+// Close stops the built-in handshake server and closes the inventory.
+func (s *Station) Close() error {
+	s.closeExtras()
+	return s.Inv.Close()
+}
 
 // LoadCA reads ca/root.crt, ca/issuing.crt and ca/issuing.key. The key must not be readable by group or others.
 func (s *Station) LoadCA(passphrase []byte) error {

@@ -1,0 +1,215 @@
+package station
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/csv"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// ErrSerialFile: the serial list has bad lines (each is listed in the error).
+var ErrSerialFile = errors.New("bad serial file")
+
+// LineError is one bad line of a serial list.
+type LineError struct {
+	Line   int
+	Reason string
+}
+
+// SerialFileError lists every bad line of a serial list.
+type SerialFileError struct {
+	Name  string
+	Lines []LineError
+}
+
+func (e *SerialFileError) Error() string {
+	parts := make([]string, 0, len(e.Lines))
+	for i, l := range e.Lines {
+		if i == 10 {
+			parts = append(parts, fmt.Sprintf("and %d more", len(e.Lines)-10))
+			break
+		}
+		parts = append(parts, fmt.Sprintf("line %d: %s", l.Line, l.Reason))
+	}
+	return fmt.Sprintf("%s: %d bad line(s): %s", e.Name, len(e.Lines), strings.Join(parts, "; "))
+}
+
+func (e *SerialFileError) Unwrap() error { return ErrSerialFile }
+
+// MaxSerialFile bounds a serial list (a million units at 64 bytes a line).
+const MaxSerialFile = 64 << 20
+
+// ParseSerialList reads a list of units: either one serial per line (blank lines and lines starting with '#' are
+// skipped), or CSV whose header has a "serial" column; the other columns become unit fields for templates (names are
+// lowercased; they must be letters, digits and '_'). Every line is checked against rule, duplicates included, and all
+// problems are reported together, before anything is done.
+func ParseSerialList(name string, r io.Reader, rule *SerialRule) ([]UnitRequest, error) {
+	data, err := io.ReadAll(io.LimitReader(r, MaxSerialFile+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if len(data) > MaxSerialFile {
+		return nil, &SerialFileError{Name: name, Lines: []LineError{{0, fmt.Sprintf("file larger than %d MiB", MaxSerialFile>>20)}}}
+	}
+	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf")) // a BOM from spreadsheet exports
+	var units []UnitRequest
+	var bad []LineError
+	if header, ok := csvHeader(data); ok {
+		units, bad = parseCSV(data, header)
+	} else {
+		units, bad = parseLines(data)
+	}
+	seen := make(map[string]int, len(units))
+	lines := make([]int, len(units))
+	for i := range units {
+		lines[i] = units[i].line
+	}
+	for i, u := range units {
+		if err := rule.Check(u.Serial); err != nil {
+			bad = append(bad, LineError{lines[i], strings.TrimSuffix(err.Error(), ": "+ErrBadSerial.Error())})
+			continue
+		}
+		if first, dup := seen[u.Serial]; dup {
+			bad = append(bad, LineError{lines[i], fmt.Sprintf("serial %q repeats line %d", u.Serial, first)})
+			continue
+		}
+		seen[u.Serial] = lines[i]
+	}
+	if len(bad) > 0 {
+		sortLineErrors(bad)
+		return nil, &SerialFileError{Name: name, Lines: bad}
+	}
+	if len(units) == 0 {
+		return nil, &SerialFileError{Name: name, Lines: []LineError{{0, "no serials"}}}
+	}
+	for i := range units {
+		units[i].line = 0
+	}
+	return units, nil
+}
+
+func sortLineErrors(l []LineError) {
+	for i := 1; i < len(l); i++ {
+		for j := i; j > 0 && l[j].Line < l[j-1].Line; j-- {
+			l[j], l[j-1] = l[j-1], l[j]
+		}
+	}
+}
+
+// csvHeader reports whether the first non-comment line is a CSV header with a "serial" column.
+func csvHeader(data []byte) ([]string, bool) {
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(nil, MaxSerialFile)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !strings.Contains(line, ",") {
+			return nil, false
+		}
+		rec, err := csv.NewReader(strings.NewReader(line)).Read()
+		if err != nil {
+			return nil, false
+		}
+		for _, f := range rec {
+			if strings.EqualFold(strings.TrimSpace(f), "serial") {
+				return rec, true
+			}
+		}
+		return nil, false
+	}
+	return nil, false
+}
+
+func parseLines(data []byte) ([]UnitRequest, []LineError) {
+	var units []UnitRequest
+	var bad []LineError
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(nil, MaxSerialFile)
+	n := 0
+	for sc.Scan() {
+		n++
+		line := strings.TrimSpace(strings.TrimSuffix(sc.Text(), "\r"))
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		units = append(units, UnitRequest{Serial: line, line: n})
+	}
+	if err := sc.Err(); err != nil {
+		bad = append(bad, LineError{n + 1, err.Error()})
+	}
+	return units, bad
+}
+
+func parseCSV(data []byte, _ []string) ([]UnitRequest, []LineError) {
+	r := csv.NewReader(bytes.NewReader(data))
+	r.Comment = '#'
+	r.FieldsPerRecord = -1
+	var units []UnitRequest
+	var bad []LineError
+	var cols []string
+	serialCol := -1
+	for {
+		rec, err := r.Read()
+		if err == io.EOF {
+			break
+		}
+		line := 0
+		if err == nil {
+			line, _ = r.FieldPos(0)
+		} else {
+			var pe *csv.ParseError
+			if errors.As(err, &pe) {
+				line = pe.Line
+			}
+			reason := err
+			if pe != nil {
+				reason = pe.Err
+			}
+			bad = append(bad, LineError{line, "not valid CSV: " + reason.Error()})
+			if pe == nil || pe.Err == csv.ErrQuote || pe.Err == csv.ErrBareQuote {
+				break // the reader cannot resynchronise after a broken quote
+			}
+			continue
+		}
+		if cols == nil {
+			seenCol := map[string]bool{}
+			for i, c := range rec {
+				c = strings.ToLower(strings.TrimSpace(c))
+				if c == "serial" {
+					serialCol = i
+				} else if !fieldNameRE.MatchString(c) {
+					bad = append(bad, LineError{line, fmt.Sprintf("column %q: names are lowercase letters, digits and '_'", c)})
+				}
+				if seenCol[c] {
+					bad = append(bad, LineError{line, fmt.Sprintf("column %q appears twice", c)})
+				}
+				seenCol[c] = true
+				cols = append(cols, c)
+			}
+			continue
+		}
+		if len(rec) == 1 && strings.TrimSpace(rec[0]) == "" {
+			continue
+		}
+		if len(rec) != len(cols) {
+			bad = append(bad, LineError{line, fmt.Sprintf("%d fields, the header has %d", len(rec), len(cols))})
+			continue
+		}
+		u := UnitRequest{Serial: strings.TrimSpace(rec[serialCol]), line: line}
+		for i, c := range cols {
+			if i != serialCol {
+				if u.Fields == nil {
+					u.Fields = map[string]string{}
+				}
+				u.Fields[c] = strings.TrimSpace(rec[i])
+			}
+		}
+		units = append(units, u)
+	}
+	return units, bad
+}

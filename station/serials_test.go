@@ -1,0 +1,94 @@
+package station
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestParseSerialList(t *testing.T) {
+	rule, _ := NewSerialRule(DefaultSerialPattern)
+	tests := []struct {
+		name      string
+		in        string
+		want      []string
+		wantField map[string]string // fields of the first unit
+		badLines  []int
+	}{
+		{name: "plain", in: "SN-001\n\n# comment\nSN-002\r\n", want: []string{"SN-001", "SN-002"}},
+		{name: "csv", in: "serial,hostname\nSN-001,gw-1\nSN-002,gw-2\n", want: []string{"SN-001", "SN-002"},
+			wantField: map[string]string{"hostname": "gw-1"}},
+		{name: "csv with BOM and spaces", in: "\xef\xbb\xbfHostname , Serial\n gw-1 , SN-001\n", want: []string{"SN-001"},
+			wantField: map[string]string{"hostname": "gw-1"}},
+		{name: "bad serials listed by line", in: "SN-001\nx\nSN-003\nbad/serial\n", badLines: []int{2, 4}},
+		{name: "duplicate", in: "SN-001\nSN-002\nSN-001\n", badLines: []int{3}},
+		{name: "csv short row", in: "serial,mac\nSN-001\n", badLines: []int{2}},
+		{name: "csv bad column name", in: "serial,MAC address\nSN-001,aa\n", badLines: []int{1}},
+		{name: "empty", in: "# nothing\n", badLines: []int{0}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			units, err := ParseSerialList("serials.txt", strings.NewReader(tt.in), rule)
+			if tt.badLines != nil {
+				var sfe *SerialFileError
+				if !errors.As(err, &sfe) || !errors.Is(err, ErrSerialFile) {
+					t.Fatalf("got %v, want SerialFileError", err)
+				}
+				var got []int
+				for _, l := range sfe.Lines {
+					got = append(got, l.Line)
+				}
+				if len(got) != len(tt.badLines) {
+					t.Fatalf("bad lines %v, want %v (%v)", got, tt.badLines, err)
+				}
+				for i := range got {
+					if got[i] != tt.badLines[i] {
+						t.Fatalf("bad lines %v, want %v (%v)", got, tt.badLines, err)
+					}
+				}
+				if strings.Contains(err.Error(), "\n") {
+					t.Errorf("error is not one line: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, u := range units {
+				got = append(got, u.Serial)
+			}
+			if strings.Join(got, ",") != strings.Join(tt.want, ",") {
+				t.Fatalf("serials %v, want %v", got, tt.want)
+			}
+			for k, v := range tt.wantField {
+				if units[0].Fields[k] != v {
+					t.Errorf("field %s = %q, want %q", k, units[0].Fields[k], v)
+				}
+			}
+		})
+	}
+}
+
+func FuzzParseSerialList(f *testing.F) {
+	for _, s := range []string{"SN-001\nSN-002\n", "serial,host\nSN-001,h\n", "a\"b,serial\n\"x", "#\n\n", "serial\nSN-1\nSN-1"} {
+		f.Add(s)
+	}
+	rule, _ := NewSerialRule(DefaultSerialPattern)
+	f.Fuzz(func(t *testing.T, in string) {
+		units, err := ParseSerialList("f", strings.NewReader(in), rule)
+		if err != nil {
+			if !errors.Is(err, ErrSerialFile) {
+				t.Fatalf("error %v is not ErrSerialFile", err)
+			}
+			return
+		}
+		seen := map[string]bool{}
+		for _, u := range units {
+			if rule.Check(u.Serial) != nil || seen[u.Serial] {
+				t.Fatalf("accepted bad or repeated serial %q", u.Serial)
+			}
+			seen[u.Serial] = true
+		}
+	})
+}
