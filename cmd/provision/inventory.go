@@ -1,0 +1,276 @@
+package main
+
+import (
+	"encoding/csv"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"provision/inventory"
+)
+
+type certStatusJSON struct {
+	Serial   string `json:"serial"`
+	SHA256   string `json:"sha256"`
+	NotAfter string `json:"not_after"`
+	Status   string `json:"status"`
+}
+
+type eventJSON struct {
+	Time    string `json:"time"`
+	Step    string `json:"step"`
+	Outcome string `json:"outcome"`
+	Detail  string `json:"detail"`
+}
+
+type unitJSON struct {
+	Serial       string           `json:"serial"`
+	State        string           `json:"state"`
+	FailedStep   string           `json:"failed_step,omitempty"`
+	Error        string           `json:"error,omitempty"`
+	Operator     string           `json:"operator"`
+	Station      string           `json:"station"`
+	KeyKind      string           `json:"key_kind,omitempty"`
+	PublicSHA256 string           `json:"public_sha256,omitempty"`
+	EKCertSHA256 string           `json:"ek_certificate_sha256,omitempty"`
+	Updated      string           `json:"updated"`
+	Certificates []certStatusJSON `json:"certificates"`
+	Events       []eventJSON      `json:"events,omitempty"`
+}
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+func newInventoryCmd(g *globals) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "inventory",
+		Short: "List, show and export the units the station has provisioned",
+		Args:  noArgs,
+	}
+	c.AddCommand(newInventoryListCmd(g), newInventoryShowCmd(g), newInventoryExportCmd(g))
+	return c
+}
+
+func validState(s string) bool {
+	switch s {
+	case "", inventory.StateNew, inventory.StateKeyed, inventory.StateCertified, inventory.StateImaged, inventory.StateVerified,
+		inventory.StateShippable, inventory.StateFailed:
+		return true
+	}
+	return false
+}
+
+func newInventoryListCmd(g *globals) *cobra.Command {
+	var state string
+	c := &cobra.Command{
+		Use:   "list [--state S]",
+		Short: "One line per unit: serial, state, failed step, operator, last change",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !validState(state) {
+				return usagef("inventory list: --state %q: use new, keyed, certified, imaged, verified, shippable or failed", state)
+			}
+			st, err := g.openStation(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			units, err := st.Inv.Units(cmd.Context(), state)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SERIAL\tSTATE\tFAILED STEP\tOPERATOR\tUPDATED")
+			for _, u := range units {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", u.Serial, u.State, u.FailedStep, u.Operator, fmtTime(u.Updated))
+			}
+			return tw.Flush()
+		},
+	}
+	c.Flags().StringVar(&state, "state", "", "only units in this state")
+	return c
+}
+
+func unitRecord(g *globals, cmd *cobra.Command, inv *inventory.DB, u inventory.Unit, withEvents bool) (unitJSON, error) {
+	ctx := cmd.Context()
+	out := unitJSON{Serial: u.Serial, State: u.State, FailedStep: u.FailedStep, Error: u.Error, Operator: u.Operator,
+		Station: u.Station, KeyKind: u.KeyKind, PublicSHA256: u.PublicSHA256, EKCertSHA256: u.EKCertSHA256,
+		Updated: fmtTime(u.Updated), Certificates: []certStatusJSON{}}
+	certs, err := inv.Certificates(ctx, u.Serial)
+	if err != nil {
+		return out, err
+	}
+	for _, c := range certs {
+		out.Certificates = append(out.Certificates, certStatusJSON{c.Serial, c.SHA256, fmtTime(c.NotAfter), c.Status})
+	}
+	if withEvents {
+		events, err := inv.Events(ctx, u.Serial)
+		if err != nil {
+			return out, err
+		}
+		out.Events = []eventJSON{}
+		for _, e := range events {
+			out.Events = append(out.Events, eventJSON{fmtTime(e.Time), e.Step, e.Outcome, e.Detail})
+		}
+	}
+	return out, nil
+}
+
+func newInventoryShowCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "show SERIAL [--json]",
+		Short: "A unit's record: state, certificates (active, superseded, revoked) and its event history",
+		Args: func(c *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return usagef("inventory show: give one serial")
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := g.openStation(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			u, err := st.Inv.Unit(cmd.Context(), args[0])
+			if errors.Is(err, inventory.ErrNotFound) {
+				return &exitError{code: exitFailed, err: fmt.Errorf("inventory show: no unit %q in %s", args[0], st.Inv.Path())}
+			}
+			if err != nil {
+				return err
+			}
+			rec, err := unitRecord(g, cmd, st.Inv, u, true)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(g.stdout).Encode(rec)
+			}
+			w := g.stdout
+			fmt.Fprintf(w, "unit      %s\nstate     %s", rec.Serial, rec.State)
+			if rec.FailedStep != "" {
+				fmt.Fprintf(w, " (at %s: %s)", rec.FailedStep, rec.Error)
+			}
+			fmt.Fprintf(w, "\noperator  %s\nstation   %s\nkey       %s %s\n", rec.Operator, rec.Station, rec.KeyKind, rec.PublicSHA256)
+			if rec.EKCertSHA256 != "" {
+				fmt.Fprintf(w, "EK cert   %s\n", rec.EKCertSHA256)
+			}
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "\nCERTIFICATE\tSTATUS\tNOT AFTER\tSHA-256")
+			for _, c := range rec.Certificates {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Serial, c.Status, c.NotAfter, c.SHA256)
+			}
+			fmt.Fprintln(tw, "\nTIME\tSTEP\tOUTCOME\tDETAIL")
+			for _, e := range rec.Events {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.Time, e.Step, e.Outcome, e.Detail)
+			}
+			return tw.Flush()
+		},
+	}
+	c.Flags().BoolVar(&asJSON, "json", false, "print the record as JSON")
+	return c
+}
+
+func newInventoryExportCmd(g *globals) *cobra.Command {
+	var format, state string
+	c := &cobra.Command{
+		Use:   "export --format csv|json",
+		Short: "Every unit with its certificates, for ERP/MES import or an auditor",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if format != "csv" && format != "json" {
+				return usagef("inventory export: --format %q: use csv or json", format)
+			}
+			if !validState(state) {
+				return usagef("inventory export: --state %q is not a unit state", state)
+			}
+			st, err := g.openStation(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			units, err := st.Inv.Units(cmd.Context(), state)
+			if err != nil {
+				return err
+			}
+			recs := make([]unitJSON, 0, len(units))
+			for _, u := range units {
+				rec, err := unitRecord(g, cmd, st.Inv, u, false)
+				if err != nil {
+					return err
+				}
+				recs = append(recs, rec)
+			}
+			if format == "json" {
+				enc := json.NewEncoder(g.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(map[string]any{"units": recs})
+			}
+			w := csv.NewWriter(g.stdout)
+			w.Write([]string{"serial", "state", "failed_step", "operator", "station", "key_kind", "public_sha256",
+				"ek_certificate_sha256", "certificate_serial", "certificate_sha256", "not_after", "updated"})
+			for _, r := range recs {
+				var active certStatusJSON
+				for _, c := range r.Certificates {
+					if c.Status == inventory.CertActive {
+						active = c
+					}
+				}
+				w.Write([]string{r.Serial, r.State, r.FailedStep, r.Operator, r.Station, r.KeyKind, r.PublicSHA256,
+					r.EKCertSHA256, active.Serial, active.SHA256, active.NotAfter, r.Updated})
+			}
+			w.Flush()
+			return w.Error()
+		},
+	}
+	c.Flags().StringVar(&format, "format", "csv", "csv (one row per unit, its active certificate) or json (every certificate)")
+	c.Flags().StringVar(&state, "state", "", "only units in this state")
+	return c
+}
+
+func newAuditCmd(g *globals) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "audit",
+		Short: "Check the hash-chained audit log",
+		Args:  noArgs,
+	}
+	verify := &cobra.Command{
+		Use:   "verify",
+		Short: "Recompute the audit chain and compare it with audit.head: exit 1 on an edited, removed or reordered entry",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := g.openStation(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			rep, err := st.Inv.VerifyAudit(cmd.Context())
+			for _, p := range rep.Problems {
+				if p.Seq > 0 {
+					fmt.Fprintf(g.stdout, "✗ entry %d: %s\n", p.Seq, p.Reason)
+				} else {
+					fmt.Fprintf(g.stdout, "✗ %s\n", p.Reason)
+				}
+			}
+			if errors.Is(err, inventory.ErrAudit) {
+				return &exitError{code: exitFailed, err: fmt.Errorf("audit verify: %s: %w", st.Inv.Path(), err)}
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "✓ audit log verifies: %d entries, head %d %s\n", rep.Entries, rep.Head.Count, rep.Head.Hash)
+			return nil
+		},
+	}
+	c.AddCommand(verify)
+	return c
+}
