@@ -44,7 +44,6 @@ type mssim struct {
 
 const mssimSendCommand = 8 // TPM_SEND_COMMAND
 
-
 func (m *mssim) Send(cmd []byte) ([]byte, error) {
 	m.conn.SetDeadline(time.Now().Add(m.timeout))
 	hdr := make([]byte, 9, 9+len(cmd))
