@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	keyfile "github.com/foxboron/go-tpm-keyfiles"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
@@ -176,15 +177,16 @@ func (d *Device) Close() error {
 	return d.t.Close()
 }
 
-// ensureSRK creates the standard ECC P-256 storage root key under the owner hierarchy, once per Device.
-// Callers hold d.mu.
+// ensureSRK creates the ECC P-256 storage root key under the owner hierarchy, once per Device: the TCG "H-2" template
+// (empty unique field) that the TSS2 key file format names as parent 0x40000001, so OpenSSL's tpm2 provider and
+// tpm2-tss derive the same SRK and load our key files. Callers hold d.mu.
 func (d *Device) ensureSRK() error {
 	if d.srkUp {
 		return nil
 	}
 	rsp, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHOwner,
-		InPublic:      tpm2.New2B(tpm2.ECCSRKTemplate),
+		InPublic:      tpm2.New2B(keyfile.ECCSRK_H2_Template),
 	}.Execute(d.t)
 	if err != nil {
 		return mapErr("create storage root key", err)
