@@ -82,7 +82,7 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // the process ends here: see Station.Exit
 			var units []station.UnitRequest
 			if serial != "" {
 				if err := st.Config.SerialRule().Check(serial); err != nil {
