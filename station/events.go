@@ -1,0 +1,68 @@
+package station
+
+import (
+	"crypto/x509"
+	"time"
+)
+
+// Event is one step's progress, reported as it happens. It is a plain value: front ends render it.
+type Event struct {
+	Serial   string
+	Step     string
+	Status   string // "started", "ok", "failed", "skipped"
+	Detail   string
+	Err      error
+	Duration time.Duration
+}
+
+// Step statuses.
+const (
+	StatusStarted = "started"
+	StatusOK      = "ok"
+	StatusFailed  = "failed"
+	StatusSkipped = "skipped"
+)
+
+// Steps is the pipeline in order.
+var Steps = []string{StepValidate, StepKey, StepCSR, StepSign, StepImage, StepVerify, StepHandshake}
+
+// ProvisionRequest is one unit to provision.
+type ProvisionRequest struct {
+	Serial      string
+	Fields      map[string]string
+	Image       string   // raw image file or block device
+	Profile     string   // default: station.yaml profile
+	Endpoints   []string // tls://, mqtts://, https:// URLs; empty: the built-in test server
+	EndpointCA  *x509.CertPool
+	Reprovision bool
+	Operator    string
+}
+
+// StepResult is one step of a finished run.
+type StepResult struct {
+	Name     string
+	Status   string
+	Duration time.Duration
+	Err      error
+}
+
+// Result is a unit's run.
+type Result struct {
+	Serial      string
+	State       string
+	Steps       []StepResult
+	Certificate *x509.Certificate
+	CertSHA256  string
+	KeyKind     string
+	Handshakes  []HandshakeResult
+}
+
+
+// HandshakeResult is one live mTLS test of a unit.
+type HandshakeResult struct {
+	Endpoint   string
+	Protocol   string // "tls", "mqtt", "https"
+	TLSVersion string
+	Duration   time.Duration
+	Detail     string
+}
