@@ -57,7 +57,6 @@ type Result struct {
 	Handshakes  []HandshakeResult
 }
 
-
 // HandshakeResult is one live mTLS test of a unit.
 type HandshakeResult struct {
 	Endpoint   string
