@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -68,7 +69,7 @@ func TestOpenSSLTPM2Interop(t *testing.T) {
 	port := freePort(t)
 	srv := command(env, "openssl", "s_server", "-accept", fmt.Sprint(port), "-cert", srvCert, "-key", srvKey, "-CAfile", trust,
 		"-Verify", "1", "-verify_return_error", "-tls1_3", "-www")
-	var srvOut bytes.Buffer
+	var srvOut lockedBuffer
 	srv.Stdout, srv.Stderr = &srvOut, &srvOut
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
@@ -94,6 +95,24 @@ func TestOpenSSLTPM2Interop(t *testing.T) {
 	if !strings.Contains(srvOut.String(), "CN = device-IOP-0001\nverify return:1") {
 		t.Errorf("server did not verify the unit's certificate:\n%s", srvOut.String())
 	}
+}
+
+// lockedBuffer collects a running process's output for reading while it runs.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func command(env []string, name string, args ...string) *exec.Cmd {
