@@ -1,0 +1,205 @@
+//go:build wip
+
+package main
+
+import (
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"provision/station"
+	"provision/station/ca"
+)
+
+type stepJSON struct {
+	Name   string `json:"name"`
+	Status string `json:"status"`
+	MS     int64  `json:"ms"`
+	Error  string `json:"error,omitempty"`
+}
+
+type handshakeJSON struct {
+	Endpoint   string `json:"endpoint"`
+	Protocol   string `json:"protocol"`
+	TLSVersion string `json:"tls_version"`
+	MS         int64  `json:"ms"`
+}
+
+type unitResultJSON struct {
+	Serial      string         `json:"serial"`
+	State       string         `json:"state"`
+	Steps       []stepJSON     `json:"steps"`
+	Certificate *certJSON      `json:"certificate,omitempty"`
+	Handshake   *handshakeJSON `json:"handshake,omitempty"`
+	Error       string         `json:"error,omitempty"`
+}
+
+func toUnitJSON(res station.Result, err error) unitResultJSON {
+	out := unitResultJSON{Serial: res.Serial, State: res.State, Steps: []stepJSON{}}
+	seen := map[string]bool{}
+	for _, s := range res.Steps {
+		sj := stepJSON{Name: s.Name, Status: s.Status, MS: s.Duration.Milliseconds()}
+		if s.Err != nil {
+			sj.Error = s.Err.Error()
+		}
+		out.Steps = append(out.Steps, sj)
+		seen[s.Name] = true
+	}
+	for _, name := range station.Steps {
+		if !seen[name] {
+			out.Steps = append(out.Steps, stepJSON{Name: name, Status: station.StatusSkipped})
+		}
+	}
+	if c := res.Certificate; c != nil {
+		out.Certificate = &certJSON{Serial: station.CertSerial(c), SHA256: res.CertSHA256, NotAfter: c.NotAfter.UTC().Format(rfc3339)}
+	}
+	if len(res.Handshakes) > 0 {
+		h := res.Handshakes[0]
+		out.Handshake = &handshakeJSON{Endpoint: h.Endpoint, Protocol: h.Protocol, TLSVersion: h.TLSVersion, MS: h.Duration.Milliseconds()}
+	}
+	if err != nil {
+		out.Error = err.Error()
+	}
+	return out
+}
+
+// stepPrinter renders pipeline events as the operator's step lines.
+func stepPrinter(w io.Writer) func(station.Event) {
+	return func(e station.Event) {
+		switch e.Status {
+		case station.StatusOK:
+			fmt.Fprintf(w, "  ✓ %-10s %6d ms  %s\n", e.Step, e.Duration.Milliseconds(), e.Detail)
+		case station.StatusFailed:
+			fmt.Fprintf(w, "  ✗ %-10s %6d ms  %v\n", e.Step, e.Duration.Milliseconds(), e.Err)
+		case station.StatusSkipped:
+			fmt.Fprintf(w, "  - %-10s %9s  %s\n", e.Step, "", e.Detail)
+		}
+	}
+}
+
+// loadEndpointCA reads --endpoint-ca: an unreadable or invalid file is a usage error (exit 2).
+func loadEndpointCA(path string) (*x509.CertPool, error) {
+	if path == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, usagef("--endpoint-ca: %v", err)
+	}
+	certs, err := ca.ParseCerts(b)
+	if err != nil {
+		return nil, usagef("--endpoint-ca %s: %v", path, err)
+	}
+	pool := x509.NewCertPool()
+	for _, c := range certs {
+		pool.AddCert(c)
+	}
+	return pool, nil
+}
+
+func newUnitCmd(g *globals) *cobra.Command {
+	var (
+		serial, img, tpmURI, profile, endpointCA, operator string
+		endpoints                                          []string
+		asJSON, reprovision                                bool
+	)
+	c := &cobra.Command{
+		Use:   "unit --serial S --image IMG [--tpm URI] [--profile P] [--endpoint URL --endpoint-ca FILE]",
+		Short: "Provision one unit end to end: key, certificate, image, read-back, live mTLS handshake",
+		Long: `unit runs the station's job for one unit: validate the serial, create the key in the unit's TPM, CSR, sign,
+write the image, verify it by reading back, and a live mTLS handshake with the issued certificate and the TPM-resident
+key. Each step prints with its time; the inventory records each as it happens, and the unit is shippable only when all
+passed (exit 0). A failed step is exit 1 and names the step; a shippable unit is refused (exit 3) unless --reprovision.
+
+The handshake goes to a built-in loopback mTLS server (TLS 1.3, client certificate required and checked to be exactly
+the issued one) unless --endpoint is given (repeatable): tls://host:port, mqtts://host:port (MQTT 5 CONNECT, CONNACK 0),
+https://host[:port]/path (2xx). The server is always verified, against --endpoint-ca (default: the station root) and
+its host name.
+
+An interrupted or failed unit is run again with the same command: it resumes (a unit whose image holds its key and
+certificate is re-verified and re-tested; earlier interruptions start over with a new key, the old certificate is
+superseded).`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if serial == "" || img == "" {
+				return usagef("unit: --serial and --image are required")
+			}
+			for _, e := range endpoints {
+				if !strings.HasPrefix(e, "tls://") && !strings.HasPrefix(e, "mqtts://") && !strings.HasPrefix(e, "https://") {
+					return usagef("unit: --endpoint %q: use tls://host:port, mqtts://host:port or https://host[:port]/path", e)
+				}
+			}
+			pool, err := loadEndpointCA(endpointCA)
+			if err != nil {
+				return err
+			}
+			st, err := g.openStation(ctx)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			if err := st.Config.SerialRule().Check(serial); err != nil {
+				return fmt.Errorf("unit: %w", err)
+			}
+			if tpmURI == "" {
+				tpmURI = st.Config.TPM
+			} else if !station.ValidTPMURI(tpmURI) {
+				return usagef("unit: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", tpmURI)
+			}
+			if len(endpoints) == 0 {
+				endpoints = st.Config.Endpoints
+			}
+			if err := st.LoadCA(passphrase()); err != nil {
+				return fmt.Errorf("unit: %w", err)
+			}
+			dev, err := openTPM(ctx, tpmURI)
+			if err != nil {
+				return fmt.Errorf("unit: %w", err)
+			}
+			defer dev.Close()
+			var report func(station.Event)
+			if asJSON {
+				report = func(station.Event) {}
+			} else {
+				fmt.Fprintf(g.stdout, "unit %s  (tpm %s, image %s)\n", serial, tpmURI, img)
+				report = stepPrinter(g.stdout)
+			}
+			start := time.Now()
+			res, perr := st.Provision(ctx, dev, station.ProvisionRequest{Serial: serial, Image: img, Profile: profile,
+				Endpoints: endpoints, EndpointCA: pool, Reprovision: reprovision, Operator: operatorName(operator)}, report)
+			if asJSON {
+				if err := json.NewEncoder(g.stdout).Encode(toUnitJSON(res, perr)); err != nil {
+					return err
+				}
+			} else if perr == nil {
+				fmt.Fprintf(g.stdout, "SHIPPABLE  %s  certificate %s  in %s\n", serial, station.CertSerial(res.Certificate),
+					time.Since(start).Round(time.Millisecond))
+			} else if !errors.Is(perr, station.ErrRefused) {
+				fmt.Fprintf(g.stdout, "FAILED  %s\n", serial)
+			}
+			if perr != nil {
+				return fmt.Errorf("unit: %w", perr)
+			}
+			return nil
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&serial, "serial", "", "the unit's serial")
+	f.StringVar(&img, "image", "", "the unit's disk image or block device")
+	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM: /dev/tpmrm0, mssim://HOST:PORT, sim or soft (default: station.yaml)")
+	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
+	f.StringArrayVar(&endpoints, "endpoint", nil, "handshake endpoint (repeatable): tls://, mqtts://, https:// (default: station.yaml, else built-in)")
+	f.StringVar(&endpointCA, "endpoint-ca", "", "CA file the endpoints' server certificates must chain to (default: the station root)")
+	f.StringVar(&operator, "operator", "", "operator recorded with the unit (default $PROVISION_OPERATOR, else the user name)")
+	f.BoolVar(&reprovision, "reprovision", false, "provision a shippable unit again (new key and certificate)")
+	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	return c
+}
