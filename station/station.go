@@ -134,7 +134,7 @@ func loadCA(l Layout, passphrase []byte) (*ca.CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrCA, l.IssuingKey(), err)
 	}
-	c, err := ca.New(root, iss, key)
+	c, err := ca.Load(root, iss, key)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCA, err)
 	}

@@ -37,7 +37,7 @@ compared, and the image is synced before inject reports success.`,
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			if err := st.LoadCA(passphrase()); err != nil {
 				return fmt.Errorf("inject: %w", err)
 			}
@@ -92,7 +92,7 @@ func readBundle(st *station.Station, dir string) (station.Material, error) {
 	if err != nil {
 		return station.Material{}, usagef("inject: %s: %v", filepath.Join(dir, station.BundleCert), err)
 	}
-	if err := st.CA.Verify(certs[0], certs[0].NotBefore.Add(ca.Backdate)); err != nil {
+	if err := certs[0].CheckSignatureFrom(st.CA.Issuing); err != nil {
 		return station.Material{}, usagef("inject: %s was not issued by this station's CA: %v", filepath.Join(dir, station.BundleCert), err)
 	}
 	kind, key := "tpm", []byte(nil)
@@ -134,7 +134,7 @@ Exit 1 when any check fails. The image is opened read-only (an interrupted edit 
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			if err := st.Config.SerialRule().Check(serial); err != nil {
 				return fmt.Errorf("verify: %w", err)
 			}

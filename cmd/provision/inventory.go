@@ -82,7 +82,7 @@ func newInventoryListCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			units, err := st.Inv.Units(cmd.Context(), state)
 			if err != nil {
 				return err
@@ -140,7 +140,7 @@ func newInventoryShowCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			u, err := st.Inv.Unit(cmd.Context(), args[0])
 			if errors.Is(err, inventory.ErrNotFound) {
 				return &exitError{code: exitFailed, err: fmt.Errorf("inventory show: no unit %q in %s", args[0], st.Inv.Path())}
@@ -197,7 +197,7 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			units, err := st.Inv.Units(cmd.Context(), state)
 			if err != nil {
 				return err
@@ -252,7 +252,7 @@ func newAuditCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			rep, err := st.Inv.VerifyAudit(cmd.Context())
 			for _, p := range rep.Problems {
 				if p.Seq > 0 {

@@ -145,7 +145,7 @@ superseded).`,
 			if err != nil {
 				return err
 			}
-			defer st.Close()
+			defer st.Exit() // one-shot command: see Station.Exit
 			if err := st.Config.SerialRule().Check(serial); err != nil {
 				return fmt.Errorf("unit: %w", err)
 			}

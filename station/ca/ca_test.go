@@ -269,3 +269,16 @@ func BenchmarkSign(b *testing.B) {
 		}
 	}
 }
+
+func TestLoadChecks(t *testing.T) {
+	a, b := newCA(t), newCA(t)
+	if _, err := Load(a.CA.Root, a.CA.Issuing, a.CA.Signer); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(a.CA.Root, a.CA.Issuing, b.CA.Signer); !errors.Is(err, ErrBadCA) {
+		t.Fatalf("foreign key: %v", err)
+	}
+	if _, err := Load(b.CA.Root, a.CA.Issuing, a.CA.Signer); !errors.Is(err, ErrBadCA) {
+		t.Fatalf("foreign root: %v", err)
+	}
+}
