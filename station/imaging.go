@@ -66,8 +66,8 @@ func resolvePartitions(im *image.Image, plan *Plan) (map[string]resolvedPart, er
 // Inject writes a plan into the image at imagePath: every target is checked before the first byte is written (the image
 // package refuses damaged tables, unsupported or unclean file systems and missing space in any target), files are read
 // back and compared, and the image is synced before Inject returns.
-func Inject(ctx context.Context, imagePath string, plan *Plan) error {
-	im, err := image.Open(ctx, imagePath)
+func Inject(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) error {
+	im, err := image.Open(ctx, imagePath, opts...)
 	if err != nil {
 		return fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
 	}
@@ -179,7 +179,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	if name == "" {
 		name = s.Config.Profile
 	}
-	im, err := image.Open(ctx, imagePath, image.ReadOnly())
+	im, err := image.Open(ctx, imagePath, append(s.ImageOptions(imagePath), image.ReadOnly())...)
 	if err != nil {
 		return nil, fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
 	}
@@ -266,6 +266,18 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 		return v.checks, fmt.Errorf("%w %s: %d check(s) failed, first: %s", ErrImage, imagePath, len(failed), failed[0])
 	}
 	return v.checks, nil
+}
+
+// ImageOptions are the options to open an image with: a block device (a unit's flash on the fixture) keeps its undo
+// journal in the station's undo/ directory, since /dev is not persistent.
+func (s *Station) ImageOptions(imagePath string) []image.OpenOption {
+	st, err := os.Stat(imagePath)
+	if err != nil || st.Mode()&os.ModeDevice == 0 {
+		return nil
+	}
+	dir := filepath.Join(s.Layout.Dir, "undo")
+	os.MkdirAll(dir, 0o700)
+	return []image.OpenOption{image.WithJournalDir(dir)}
 }
 
 // ServerCA is the PEM the profiles write as from: server_ca.

@@ -58,7 +58,7 @@ compared, and the image is synced before inject reports success.`,
 			if err != nil {
 				return usageError{err}
 			}
-			if err := station.Inject(ctx, img, plan); err != nil {
+			if err := station.Inject(ctx, img, plan, st.ImageOptions(img)...); err != nil {
 				return &exitError{code: exitFailed, err: fmt.Errorf("inject: %w", err)}
 			}
 			for _, f := range plan.Files {
