@@ -1,0 +1,321 @@
+// Package handshake proves a unit's identity works: a live mTLS handshake with the issued certificate and the unit's
+// key (TPM-resident in production), against a built-in loopback server or a real endpoint (tls://, mqtts://,
+// https://). The server is always verified, against the given roots and the endpoint's host name. Failures come back
+// in an operator's words with their cause.
+package handshake
+
+import (
+	"bufio"
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+)
+
+// Why a handshake failed; every error from Test wraps exactly one of these.
+var (
+	ErrServerUntrusted       = errors.New("the server's certificate is not trusted")
+	ErrHostnameMismatch      = errors.New("the server's certificate is not valid for this host name")
+	ErrClientRejected        = errors.New("the server rejected our certificate")
+	ErrUnreachable           = errors.New("endpoint unreachable")
+	ErrTimeout               = errors.New("timed out")
+	ErrNoClientCertRequested = errors.New("the server never asked for a client certificate")
+	ErrProtocol              = errors.New("protocol step failed")
+	ErrBadEndpoint           = errors.New("bad endpoint")
+)
+
+var advice = map[error]string{
+	ErrServerUntrusted:       "check the endpoint CA (--endpoint-ca): it must be the CA that signed the server's certificate",
+	ErrHostnameMismatch:      "check the endpoint address: use the name the server's certificate was issued for",
+	ErrClientRejected:        "does the server trust the station CA? (e.g. the broker's cafile must hold the station chain)",
+	ErrUnreachable:           "is the server running and the address and port right? check cabling and firewall",
+	ErrTimeout:               "the endpoint did not answer in time: unreachable, overloaded, or not speaking TLS",
+	ErrNoClientCertRequested: "the server is not doing mutual TLS: enable client certificates (e.g. require_certificate true)",
+	ErrProtocol:              "TLS worked; the application protocol refused us",
+	ErrBadEndpoint:           "use tls://host:port, mqtts://host:port or https://host[:port]/path",
+}
+
+// Error is a failed handshake test.
+type Error struct {
+	Endpoint string
+	Reason   error // one of the Err* values
+	Detail   string
+	Cause    error
+}
+
+func (e *Error) Error() string {
+	s := fmt.Sprintf("handshake with %s: %v", e.Endpoint, e.Reason)
+	if e.Detail != "" {
+		s += ": " + e.Detail
+	}
+	if a := advice[e.Reason]; a != "" {
+		s += " (" + a + ")"
+	}
+	return s
+}
+
+func (e *Error) Unwrap() []error {
+	if e.Cause != nil {
+		return []error{e.Reason, e.Cause}
+	}
+	return []error{e.Reason}
+}
+
+// Client is what the unit presents.
+type Client struct {
+	Certificate *x509.Certificate   // the issued leaf
+	Chain       []*x509.Certificate // intermediates sent after the leaf (the issuing CA)
+	Key         crypto.Signer       // the unit's key
+	ClientID    string              // MQTT client id; default the certificate's CN
+}
+
+// Result is a passed handshake test.
+type Result struct {
+	Endpoint   string
+	Protocol   string // "tls", "mqtt", "https"
+	TLSVersion string
+	Duration   time.Duration
+	Detail     string
+}
+
+type options struct {
+	timeout  time.Duration
+	minTLS12 bool
+}
+
+// Option configures Test.
+type Option func(*options)
+
+// WithTimeout bounds the whole test (default 10 s).
+func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
+
+// WithMinTLS12 accepts TLS 1.2 (for older brokers); TLS 1.3 is required otherwise.
+func WithMinTLS12() Option { return func(o *options) { o.minTLS12 = true } }
+
+// Test connects to endpoint presenting the client, verifying the server against roots and the endpoint's host name.
+func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, opts ...Option) (Result, error) {
+	o := options{timeout: 10 * time.Second}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	fail := func(reason error, detail string, cause error) (Result, error) {
+		return Result{}, &Error{Endpoint: endpoint, Reason: reason, Detail: detail, Cause: cause}
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Host == "" {
+		return fail(ErrBadEndpoint, fmt.Sprintf("%q", endpoint), err)
+	}
+	if c.Certificate == nil || c.Key == nil {
+		return fail(ErrBadEndpoint, "no client certificate or key", nil)
+	}
+	if roots == nil {
+		return fail(ErrBadEndpoint, "no CA to verify the server with", nil)
+	}
+	host, port := u.Hostname(), u.Port()
+	switch u.Scheme {
+	case "tls", "mqtts":
+		if port == "" {
+			return fail(ErrBadEndpoint, "no port in "+endpoint, nil)
+		}
+	case "https":
+		if port == "" {
+			port = "443"
+		}
+	default:
+		return fail(ErrBadEndpoint, "scheme "+u.Scheme, nil)
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	defer cancel()
+	start := time.Now()
+	requested := false
+	chain := [][]byte{c.Certificate.Raw}
+	for _, ic := range c.Chain {
+		chain = append(chain, ic.Raw)
+	}
+	cfg := &tls.Config{
+		RootCAs:    roots,
+		ServerName: host,
+		MinVersion: tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			requested = true
+			return &tls.Certificate{Certificate: chain, PrivateKey: c.Key, Leaf: c.Certificate}, nil
+		},
+	}
+	if o.minTLS12 {
+		cfg.MinVersion = tls.VersionTLS12
+	}
+	addr := net.JoinHostPort(host, port)
+	res := Result{Endpoint: endpoint}
+	if u.Scheme == "https" {
+		return testHTTPS(ctx, u, cfg, &requested, res, start)
+	}
+	var d net.Dialer
+	raw, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return fail(classify(ctx, err, false))
+	}
+	defer raw.Close()
+	conn := tls.Client(raw, cfg)
+	if err := conn.HandshakeContext(ctx); err != nil {
+		return fail(classify(ctx, err, requested))
+	}
+	if !requested {
+		return fail(ErrNoClientCertRequested, "", nil)
+	}
+	res.TLSVersion = tls.VersionName(conn.ConnectionState().Version)
+	if u.Scheme == "mqtts" {
+		return testMQTT(ctx, conn, c, res, start)
+	}
+	// TLS 1.3 finishes the client's handshake before the server has judged our certificate: its verdict (an alert, or
+	// the built-in server's "OK"/"REJECTED" line) arrives with the first read. Silence means it is waiting for us.
+	deadline := time.Now().Add(750 * time.Millisecond)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
+	conn.SetReadDeadline(deadline)
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	switch {
+	case strings.HasPrefix(line, "REJECTED"):
+		return fail(ErrClientRejected, strings.TrimSpace(strings.TrimPrefix(line, "REJECTED")), nil)
+	case strings.HasPrefix(line, "OK"):
+		res.Detail = "accepted"
+	case err != nil && isTimeout(err):
+		res.Detail = "no alert from the server"
+	case err != nil && line == "":
+		return fail(classify(ctx, err, true))
+	}
+	res.Protocol, res.Duration = "tls", time.Since(start)
+	return res, nil
+}
+
+func testMQTT(ctx context.Context, conn *tls.Conn, c Client, res Result, start time.Time) (Result, error) {
+	id := c.ClientID
+	if id == "" {
+		id = c.Certificate.Subject.CommonName
+	}
+	cli := paho.NewClient(paho.ClientConfig{Conn: conn})
+	ca, err := cli.Connect(ctx, &paho.Connect{ClientID: id, CleanStart: true, KeepAlive: 30})
+	if err != nil {
+		if ca != nil && ca.ReasonCode != 0 {
+			return mqttRefused(res.Endpoint, ca.ReasonCode, ca.Properties)
+		}
+		reason, detail, cause := classify(ctx, err, true)
+		if reason == ErrProtocol || errors.Is(err, io.EOF) {
+			reason, detail = ErrClientRejected, "the broker closed the connection during CONNECT: "+err.Error()
+		}
+		return Result{}, &Error{Endpoint: res.Endpoint, Reason: reason, Detail: detail, Cause: cause}
+	}
+	if ca.ReasonCode != 0 {
+		return mqttRefused(res.Endpoint, ca.ReasonCode, ca.Properties)
+	}
+	cli.Disconnect(&paho.Disconnect{ReasonCode: 0})
+	res.Protocol, res.Detail, res.Duration = "mqtt", "CONNACK 0", time.Since(start)
+	return res, nil
+}
+
+func mqttRefused(endpoint string, code byte, props *paho.ConnackProperties) (Result, error) {
+	detail := fmt.Sprintf("CONNACK reason %#x", code)
+	if props != nil && props.ReasonString != "" {
+		detail += " " + props.ReasonString
+	}
+	reason := ErrProtocol
+	if code == 0x86 || code == 0x87 || code == 0x8a { // bad user name or password, not authorized, banned
+		reason = ErrClientRejected
+	}
+	return Result{}, &Error{Endpoint: endpoint, Reason: reason, Detail: detail}
+}
+
+func testHTTPS(ctx context.Context, u *url.URL, cfg *tls.Config, requested *bool, res Result, start time.Time) (Result, error) {
+	tr := &http.Transport{TLSClientConfig: cfg, DisableKeepAlives: true, ForceAttemptHTTP2: false}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return Result{}, &Error{Endpoint: res.Endpoint, Reason: ErrBadEndpoint, Cause: err}
+	}
+	resp, err := (&http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}).Do(req)
+	if err != nil {
+		reason, detail, cause := classify(ctx, err, *requested)
+		return Result{}, &Error{Endpoint: res.Endpoint, Reason: reason, Detail: detail, Cause: cause}
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+	if !*requested {
+		return Result{}, &Error{Endpoint: res.Endpoint, Reason: ErrNoClientCertRequested}
+	}
+	switch {
+	case resp.StatusCode == 401 || resp.StatusCode == 403:
+		return Result{}, &Error{Endpoint: res.Endpoint, Reason: ErrClientRejected, Detail: resp.Status}
+	case resp.StatusCode < 200 || resp.StatusCode > 299:
+		return Result{}, &Error{Endpoint: res.Endpoint, Reason: ErrProtocol, Detail: resp.Status}
+	}
+	res.Protocol, res.Detail, res.Duration = "https", "HTTP "+resp.Status, time.Since(start)
+	if resp.TLS != nil {
+		res.TLSVersion = tls.VersionName(resp.TLS.Version)
+	}
+	return res, nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// classify names the cause of a connection or handshake error. sentCert says our certificate already went out.
+func classify(ctx context.Context, err error, sentCert bool) (reason error, detail string, cause error) {
+	var hostErr x509.HostnameError
+	var authErr x509.UnknownAuthorityError
+	var invErr x509.CertificateInvalidError
+	var verErr *tls.CertificateVerificationError
+	var alert tls.AlertError
+	var dnsErr *net.DNSError
+	var opErr *net.OpError
+	switch {
+	case errors.As(err, &hostErr):
+		return ErrHostnameMismatch, hostErr.Error(), err
+	case errors.As(err, &authErr):
+		return ErrServerUntrusted, "signed by an unknown authority", err
+	case errors.As(err, &invErr):
+		return ErrServerUntrusted, invErr.Error(), err
+	case errors.As(err, &verErr):
+		return ErrServerUntrusted, verErr.Err.Error(), err
+	case errors.As(err, &alert):
+		switch alert {
+		case 42, 43, 44, 45, 46, 48, 49, 116: // bad/unsupported/revoked/expired/unknown certificate, unknown CA, access denied, certificate required
+			return ErrClientRejected, "TLS alert: " + alert.Error(), err
+		}
+		return ErrProtocol, "TLS alert: " + alert.Error(), err
+	case errors.As(err, &opErr) && opErr.Op == "remote error":
+		// An alert the server sent (Go reports received alerts with an unexported type).
+		msg := opErr.Err.Error()
+		for _, a := range []string{"bad certificate", "unsupported certificate", "revoked certificate", "expired certificate",
+			"unknown certificate", "access denied", "certificate required"} {
+			if strings.Contains(msg, a) {
+				return ErrClientRejected, "TLS alert from the server: " + strings.TrimPrefix(msg, "tls: "), err
+			}
+		}
+		return ErrProtocol, "TLS alert from the server: " + strings.TrimPrefix(msg, "tls: "), err
+	case errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil || isTimeout(err):
+		return ErrTimeout, "", err
+	case errors.As(err, &dnsErr):
+		return ErrUnreachable, dnsErr.Error(), err
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return ErrUnreachable, err.Error(), err
+	case sentCert && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.ErrUnexpectedEOF)):
+		return ErrClientRejected, "the server closed the connection after receiving our certificate", err
+	case strings.Contains(err.Error(), "tls:"):
+		return ErrProtocol, err.Error(), err
+	}
+	return ErrUnreachable, err.Error(), err
+}
