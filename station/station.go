@@ -11,11 +11,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"provision/internal/fsutil"
 	"provision/inventory"
 	"provision/station/ca"
+	"provision/station/handshake"
 )
 
 var (
@@ -48,7 +50,9 @@ type Station struct {
 	CA     *ca.CA // nil until LoadCA
 	Log    *slog.Logger
 
-	wipState
+	srvOnce sync.Once // the built-in handshake server, started on first use
+	srv     *handshake.Server
+	srvErr  error
 }
 
 // Open reads station.yaml and opens the inventory. The CA is loaded separately (LoadCA), since only some commands sign.
@@ -80,12 +84,12 @@ func Open(ctx context.Context, dir string, log *slog.Logger) (*Station, error) {
 // whole enroll), while every commit is already durable in the WAL (synchronous=FULL) and the next open replays it,
 // SQLite's ordinary recovery. Long-running front ends (TUI, batch) and tests use Close.
 func (s *Station) Exit() {
-	s.closeExtras()
+	s.closeServer()
 }
 
 // Close stops the built-in handshake server and closes the inventory.
 func (s *Station) Close() error {
-	s.closeExtras()
+	s.closeServer()
 	return s.Inv.Close()
 }
 
@@ -302,4 +306,11 @@ func sanitizeID(s string) string {
 		out = out[:64]
 	}
 	return string(out)
+}
+
+func (s *Station) closeServer() {
+	if s.srv != nil {
+		s.srv.Close()
+		s.srv = nil
+	}
 }

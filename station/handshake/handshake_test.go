@@ -23,6 +23,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"provision/simulator"
 )
 
 // testCA is a root and an issuing CA, as a station has.
@@ -299,38 +301,13 @@ func waitListen(t *testing.T, port int) {
 // mosquittoBroker starts mosquitto with mTLS on a free loopback port, trusting trustCA's chain.
 func mosquittoBroker(t *testing.T, serverCA *testCA, trustCA *testCA) (port int, logFile string) {
 	t.Helper()
-	requireTool(t, "mosquitto")
 	dir := t.TempDir()
 	sk := ecKey()
 	writePEM(t, filepath.Join(dir, "server.crt"), serverCA.issue(t, sk.Public(), "broker", true, "127.0.0.1", "localhost"), serverCA.issuing)
 	writePEM(t, filepath.Join(dir, "server.key"), sk)
 	writePEM(t, filepath.Join(dir, "ca.crt"), trustCA.root, trustCA.issuing)
-	port = freePort(t)
-	logFile = filepath.Join(dir, "mosquitto.log")
-	conf := fmt.Sprintf(`per_listener_settings true
-listener %d 127.0.0.1
-cafile %s/ca.crt
-certfile %s/server.crt
-keyfile %s/server.key
-require_certificate true
-use_identity_as_username true
-allow_anonymous false
-tls_version tlsv1.3
-log_dest file %s
-log_type all
-connection_messages true
-`, port, dir, dir, dir, logFile)
-	if os.Geteuid() == 0 {
-		conf = "user root\n" + conf
-	}
-	os.WriteFile(filepath.Join(dir, "mosquitto.conf"), []byte(conf), 0o600)
-	cmd := exec.Command("mosquitto", "-c", filepath.Join(dir, "mosquitto.conf"))
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	waitListen(t, port)
-	return port, logFile
+	m := simulator.StartMosquitto(t, filepath.Join(dir, "server.crt"), filepath.Join(dir, "server.key"), filepath.Join(dir, "ca.crt"))
+	return m.Port, m.Log
 }
 
 func TestMosquitto(t *testing.T) {
