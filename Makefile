@@ -13,9 +13,9 @@ deps:
 build: deps
 	$(GO) build -trimpath -o $(BIN) ./cmd/provision
 
-# A throw-away station, a sample unit on the in-process TPM simulator, and the checks an engineer would run by hand.
+# A throw-away station, sample golden images, three units provisioned end to end on the in-process TPM simulator.
 demo: build
-	@bash scripts/demo.sh $(BIN)
+	@$(BIN) demo
 
 # Everything CI runs: vet, then all tests with the race detector, integration tests included (swtpm, OpenSSL's tpm2
 # provider, mosquitto, tmux). Under CI=true a missing tool fails instead of skipping.
@@ -34,6 +34,7 @@ fuzz: deps
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	bash bench/enroll.sh
+	bash bench/inject.sh
 
 vet:
 	$(GO) vet ./...

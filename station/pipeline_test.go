@@ -1,0 +1,57 @@
+package station
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"provision/image/golden"
+	"provision/simulator"
+	"provision/tpm"
+)
+
+// BenchmarkProvision runs whole units (key, CSR, sign, image, verify, built-in handshake) and reports the time of each
+// step, the TPM commands per unit and the time outside the TPM's own commands (soft keys run no TPM command).
+func BenchmarkProvision(b *testing.B) {
+	for _, uri := range []string{"soft", "sim"} {
+		b.Run(uri, func(b *testing.B) {
+			s := newStation(b)
+			img := filepath.Join(b.TempDir(), "unit.img")
+			if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
+				b.Skip("golden image tools missing: ", err)
+			}
+			var cmds atomic.Int64
+			d, err := tpm.Open(context.Background(), uri, tpm.WithSimulator(simulator.Open), tpm.WithCounter(&cmds))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer d.Close()
+			steps := map[string]time.Duration{}
+			report := func(e Event) {
+				if e.Status == StatusOK {
+					steps[e.Step] += e.Duration
+				}
+			}
+			// The first unit creates the SRK and starts the built-in server: keep it out of the per-unit figures.
+			if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "WARM-0000", Image: img}, nil); err != nil {
+				b.Fatal(err)
+			}
+			cmds.Store(0)
+			n := 0
+			b.ResetTimer()
+			for b.Loop() {
+				n++
+				if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: fmt.Sprintf("BEN-%05d", n), Image: img}, report); err != nil {
+					b.Fatal(err)
+				}
+			}
+			for _, st := range Steps {
+				b.ReportMetric(float64(steps[st].Microseconds())/float64(n)/1000, st+"-ms")
+			}
+			b.ReportMetric(float64(cmds.Load())/float64(n), "tpm-cmds/unit")
+		})
+	}
+}
