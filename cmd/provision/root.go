@@ -53,7 +53,7 @@ Exit codes: 0 success, 1 a unit failed, 2 bad command line/serial/station.yaml, 
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	root.PersistentFlags().StringVar(&g.stationDir, "station", defaultStationDir(), "station directory")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "debug log on stderr")
-	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g))
+	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g))
 	return root
 }
 
