@@ -24,6 +24,16 @@ import (
 // ErrImage: the image cannot be written or does not verify.
 var ErrImage = errors.New("image")
 
+// imageError marks an error as ErrImage without repeating what the image package already says (its messages name
+// the image).
+type imageError struct{ err error }
+
+func (e imageError) Error() string        { return e.err.Error() }
+func (e imageError) Unwrap() error        { return e.err }
+func (e imageError) Is(target error) bool { return target == ErrImage }
+
+func imageErr(err error) error { return imageError{err} }
+
 // resolvedPart is a logical partition of a profile resolved in one image.
 type resolvedPart struct {
 	spec  PartitionSpec
@@ -69,12 +79,12 @@ func resolvePartitions(im *image.Image, plan *Plan) (map[string]resolvedPart, er
 func Inject(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) error {
 	im, err := image.Open(ctx, imagePath, opts...)
 	if err != nil {
-		return fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return imageErr(err)
 	}
 	defer im.Close()
 	parts, err := resolvePartitions(im, plan)
 	if err != nil {
-		return fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return imageErr(err)
 	}
 	var writes []image.Write
 	for _, f := range plan.Files {
@@ -84,17 +94,17 @@ func Inject(ctx context.Context, imagePath string, plan *Plan, opts ...image.Ope
 	}
 	merged, err := plannedMerges(ctx, im, parts, plan)
 	if err != nil {
-		return fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return imageErr(err)
 	}
 	writes = append(writes, merged...)
 	if err := im.Apply(ctx, writes); err != nil {
-		return fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return imageErr(err)
 	}
 	if err := im.Sync(); err != nil {
-		return fmt.Errorf("%w %s: sync: %w", ErrImage, imagePath, err)
+		return imageErr(fmt.Errorf("image %s: sync: %w", imagePath, err))
 	}
 	if err := im.Close(); err != nil {
-		return fmt.Errorf("%w %s: close: %w", ErrImage, imagePath, err)
+		return imageErr(fmt.Errorf("image %s: close: %w", imagePath, err))
 	}
 	return nil
 }
@@ -181,7 +191,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	}
 	im, err := image.Open(ctx, imagePath, append(s.ImageOptions(imagePath), image.ReadOnly())...)
 	if err != nil {
-		return nil, fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return nil, imageErr(err)
 	}
 	defer im.Close()
 	v := &verifier{s: s, im: im, ctx: ctx, serial: serial, now: opt.Now}
@@ -193,7 +203,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	}
 	parts, err := resolvePartitions(im, probe)
 	if err != nil {
-		return nil, fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return nil, imageErr(err)
 	}
 	for _, f := range probe.Files {
 		if f.From == "key" {
@@ -213,7 +223,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 		return nil, err
 	}
 	if parts, err = resolvePartitions(im, plan); err != nil {
-		return nil, fmt.Errorf("%w %s: %w", ErrImage, imagePath, err)
+		return nil, imageErr(err)
 	}
 	var cert *x509.Certificate
 	var keyPEM []byte
@@ -263,7 +273,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 		}
 	}
 	if len(failed) > 0 {
-		return v.checks, fmt.Errorf("%w %s: %d check(s) failed, first: %s", ErrImage, imagePath, len(failed), failed[0])
+		return v.checks, imageErr(fmt.Errorf("image %s: %d check(s) failed, first: %s", imagePath, len(failed), failed[0]))
 	}
 	return v.checks, nil
 }

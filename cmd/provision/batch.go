@@ -125,7 +125,7 @@ certificate, image written and verified, handshake test) and recorded in the inv
                        regions only), personalised in place, verified; written as <serial>.img.partial, synced, and
                        renamed only when the unit is shippable. The golden image is never modified.
   DIR/report.json      {"units":[{serial,state,status,image,certificate,steps,ms,error}],"summary":{ok,failed,skipped,ms}}
-  DIR/report.csv       one row per unit
+  DIR/report.csv       one row per unit (with --targets, --out only says where the reports go; default: here)
 --serials FILE: one serial per line, or CSV with a "serial" column whose other columns fill {name} placeholders in the
 subject and templates. Every line is checked first: any bad line is exit 2, listing each, before anything is written.
 --targets FILE (CSV serial,image) personalises existing per-unit images or block devices in place instead of cloning.
@@ -176,6 +176,11 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 				}
 				if units, err = parseTargets(targets, data, st.Config.SerialRule()); err != nil {
 					return fmt.Errorf("batch: %w", err)
+				}
+				if out != "" {
+					if err := os.MkdirAll(out, 0o755); err != nil {
+						return fmt.Errorf("batch: --out: %w", err)
+					}
 				}
 			}
 			if tpmURI == "" {

@@ -156,7 +156,8 @@ func TestBatchTargetsAndBadInput(t *testing.T) {
 	}
 	targets := filepath.Join(dir, "targets.csv")
 	os.WriteFile(targets, []byte("serial,image\n"+strings.Join(rows, "\n")+"\n"), 0o644)
-	mustCLI(t, st, "batch", "--targets", targets, "--workers", "2")
+	reports := filepath.Join(dir, "reports")
+	mustCLI(t, st, "batch", "--targets", targets, "--workers", "2", "--out", reports)
 	mustCLI(t, st, "verify", "--image", filepath.Join(dir, "u2.img"), "--serial", "TG-0002")
 	// Bad serial files: every bad line listed, exit 2, nothing written.
 	bad := filepath.Join(dir, "bad.txt")
@@ -170,13 +171,13 @@ func TestBatchTargetsAndBadInput(t *testing.T) {
 	}
 	badTargets := filepath.Join(dir, "bad-targets.csv")
 	os.WriteFile(badTargets, []byte("TG-0009,"+filepath.Join(dir, "missing.img")+"\n"), 0o644)
-	if _, _, code := cli(t, st, "batch", "--targets", badTargets); code != 2 {
+	if _, _, code := cli(t, st, "batch", "--targets", badTargets, "--out", reports); code != 2 {
 		t.Fatalf("missing target image: exit %d", code)
 	}
 	// A unit whose image is unusable fails; the others still pass; exit 1.
 	os.WriteFile(filepath.Join(dir, "junk.img"), []byte("not an image"), 0o644)
 	os.WriteFile(targets, []byte(fmt.Sprintf("TG-0010,%s\nTG-0011,%s\n", filepath.Join(dir, "junk.img"), filepath.Join(dir, "u3.img"))), 0o644)
-	out, errs, code := cli(t, st, "batch", "--targets", targets)
+	out, errs, code := cli(t, st, "batch", "--targets", targets, "--out", reports)
 	if code != 1 || !strings.Contains(out, "1 ok, 1 failed") || !strings.Contains(out, "not a disk image") {
 		t.Fatalf("exit %d:\n%s%s", code, out, errs)
 	}

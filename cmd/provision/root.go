@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -46,6 +47,12 @@ Exit codes: 0 success, 1 a unit failed, 2 bad command line/serial/station.yaml, 
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		Args:          noArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			c.SetOut(g.stdout)
+			c.Help()
+			fmt.Fprintln(g.stdout, "\nOn the line, start the operator screen:  provision tui --image /dev/sda   (try: provision tui --demo)")
+			return nil
+		},
 	}
 	root.SetIn(stdin)
 	root.SetOut(stdout)
@@ -53,7 +60,7 @@ Exit codes: 0 success, 1 a unit failed, 2 bad command line/serial/station.yaml, 
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	root.PersistentFlags().StringVar(&g.stationDir, "station", defaultStationDir(), "station directory")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "debug log on stderr")
-	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g))
+	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g))
 	return root
 }
 
