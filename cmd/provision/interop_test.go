@@ -44,6 +44,10 @@ func TestOpenSSLTPM2Interop(t *testing.T) {
 	runCLI(t, "--station", st, "init", "--id", "interop")
 	runCLI(t, "--station", st, "enroll", "--serial", "IOP-0001", "--tpm", sw.URI, "--out", filepath.Join(dir, "out"))
 	bundle := filepath.Join(dir, "out", "IOP-0001")
+	if out, err := exec.Command("openssl", "verify", "-CAfile", filepath.Join(st, "ca", "root.crt"), "-untrusted",
+		filepath.Join(st, "ca", "issuing.crt"), filepath.Join(bundle, "device.crt")).CombinedOutput(); err != nil {
+		t.Fatalf("openssl verify of the swtpm unit's certificate: %v\n%s", err, out)
+	}
 	env := append(os.Environ(), sw.StartABRMD(t)...)
 	conf := filepath.Join(dir, "openssl-tpm2.cnf")
 	if err := os.WriteFile(conf, []byte(simulator.OpenSSLConf), 0o644); err != nil {
