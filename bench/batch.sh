@@ -18,7 +18,8 @@ unset PROVISION_CA_PASSPHRASE
 "$bin" init --id bench >/dev/null
 ca="$PROVISION_STATION/ca"
 printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$w/ext.cnf"
-"$bin" sample-image "$w/golden.img" --rootfs-mib 256 --data-mib 128 >/dev/null
+# A golden image with an operating system's worth of data: 2 x 200 MiB in the root file systems (0.7 GiB in all).
+"$bin" sample-image "$w/golden.img" --rootfs-mib 256 --data-mib 128 --fill-mib "${FILL_MIB:-200}" >/dev/null
 d4=$(sfdisk -J "$w/golden.img" | python3 -c "import json,sys; print(json.load(sys.stdin)['partitiontable']['partitions'][3]['start']*512)")
 seq -f 'BB-%04g' 1 "$N" >"$w/serials.txt"
 now() { date +%s%N; }

@@ -37,5 +37,6 @@ Needs sfdisk, mke2fs, mkfs.fat and mcopy (make deps installs them).`,
 	c.Flags().StringVar(&o.Table, "table", "mbr", "partition table: mbr or gpt")
 	c.Flags().IntVar(&o.RootfsMiB, "rootfs-mib", 0, "size of each root file system (default 64)")
 	c.Flags().IntVar(&o.DataMiB, "data-mib", 0, "size of the data partition (default 32)")
+	c.Flags().IntVar(&o.FillRootfs, "fill-mib", 0, "MiB of data in each root file system, as a real OS image has (grows them to fit)")
 	return c
 }

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,6 +29,7 @@ type Options struct {
 	BlockSize  int    // ext4 block size: 1024 or 4096; default mke2fs's choice
 	ManyFiles  int    // files in rootfs A's /etc/many (a large htree directory)
 	FillData   bool   // fill the data partition to the last few blocks
+	FillRootfs int    // MiB of incompressible data in each root file system (/usr/lib/payload.bin), as a real OS has
 	MenderConf string // rootfs /etc/mender/mender.conf; default a typical one
 }
 
@@ -54,6 +56,9 @@ func Build(ctx context.Context, path string, o Options) error {
 	}
 	if o.RootfsMiB == 0 {
 		o.RootfsMiB = 64
+	}
+	if min := o.FillRootfs + o.FillRootfs/8 + 24; o.RootfsMiB < min {
+		o.RootfsMiB = min
 	}
 	if o.DataMiB == 0 {
 		o.DataMiB = 32
@@ -171,6 +176,13 @@ func populate(dir, name string, o Options, first bool) error {
 		}
 		if err := os.MkdirAll(filepath.Join(dir, "etc/certs"), 0o755); err != nil {
 			return err
+		}
+		if o.FillRootfs > 0 {
+			payload := make([]byte, o.FillRootfs*mib)
+			rand.NewChaCha8([32]byte{byte(len(name))}).Read(payload)
+			if err := write("usr/lib/payload.bin", payload, 0o644); err != nil {
+				return err
+			}
 		}
 		if first && o.ManyFiles > 0 {
 			for i := 0; i < o.ManyFiles; i++ {
