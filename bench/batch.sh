@@ -5,24 +5,12 @@
 #   (b) bare cp --sparse=always of the golden image 20 times; then sync
 # Targets: >= 5x faster than (a); within 1.5x of (b); peak RSS under 200 MB.
 # Usage: bench/batch.sh [path/to/provision]   (N units, default 20)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bin="${1:-bin/provision}"
-[ -x "$bin" ] || { echo "bench: $bin missing: run make build" >&2; exit 2; }
-bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+source "$(dirname "$0")/lib.sh" "$@"
 N="${N:-20}"
-w="$(mktemp -d "${TMPDIR:-/tmp}/provision-bench.XXXXXX")"
-trap 'rm -rf "$w"' EXIT
-export PROVISION_STATION="$w/station" PROVISION_OPERATOR=bench
-unset PROVISION_CA_PASSPHRASE
-"$bin" init --id bench >/dev/null
-ca="$PROVISION_STATION/ca"
-printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$w/ext.cnf"
 # A golden image with an operating system's worth of data: 2 x 200 MiB in the root file systems (0.7 GiB in all).
 "$bin" sample-image "$w/golden.img" --rootfs-mib 256 --data-mib 128 --fill-mib "${FILL_MIB:-200}" >/dev/null
 d4=$(sfdisk -J "$w/golden.img" | python3 -c "import json,sys; print(json.load(sys.stdin)['partitiontable']['partitions'][3]['start']*512)")
 seq -f 'BB-%04g' 1 "$N" >"$w/serials.txt"
-now() { date +%s%N; }
 
 mkdir -p "$w/cp" "$w/man" "$w/out"
 t0=$(now); for i in $(seq 1 "$N"); do cp --sparse=always "$w/golden.img" "$w/cp/$i.img"; done; sync; t1=$(now); cp_ns=$((t1-t0))
@@ -34,7 +22,7 @@ for i in $(seq 1 "$N"); do
   openssl ecparam -name prime256v1 -genkey -noout -out "$d/key.pem" 2>/dev/null
   openssl req -new -key "$d/key.pem" -subj "/CN=device-$i" -out "$d/csr.pem"
   openssl x509 -req -in "$d/csr.pem" -CA "$ca/issuing.crt" -CAkey "$ca/issuing.key" -set_serial "0x$(openssl rand -hex 16)" \
-    -days 825 -sha256 -extfile "$w/ext.cnf" -out "$d/cert.pem" 2>/dev/null
+    -days 825 -sha256 -extfile "$ext" -out "$d/cert.pem" 2>/dev/null
   debugfs -w -R "write $d/cert.pem /mender/mender-cert.pem" "$img?offset=$d4" >/dev/null 2>&1
   debugfs -w -R "write $d/key.pem /mender/mender-cert-private.pem" "$img?offset=$d4" >/dev/null 2>&1
 done

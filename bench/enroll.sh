@@ -4,27 +4,15 @@
 #   (a) one `provision enroll --tpm soft` process per unit, N_A units (default 50)      target: >= 3x faster
 #   (b) `provision enroll --serials FILE --tpm soft`, N_B units in one process (default 500)  target: >= 20x faster per unit
 # Usage: bench/enroll.sh [path/to/provision]   (default: bin/provision, built by `make build`)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bin="${1:-bin/provision}"
-[ -x "$bin" ] || { echo "bench: $bin missing: run make build" >&2; exit 2; }
-bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+source "$(dirname "$0")/lib.sh" "$@"
 N_A="${N_A:-50}" N_B="${N_B:-500}"
-w="$(mktemp -d "${TMPDIR:-/tmp}/provision-bench.XXXXXX")"
-trap 'rm -rf "$w"' EXIT
-export PROVISION_STATION="$w/station" PROVISION_OPERATOR=bench
-unset PROVISION_CA_PASSPHRASE
-"$bin" init --id bench >/dev/null
-ca="$PROVISION_STATION/ca"
-printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n' >"$w/ext.cnf"
 
-now() { date +%s%N; }
 openssl_unit() { # what the guides' generate-certs.sh does for one device
   local s=$1 d=$2
   openssl ecparam -name prime256v1 -genkey -noout -out "$d/$s.key" 2>/dev/null
   openssl req -new -key "$d/$s.key" -subj "/CN=device-$s/O=Example Devices/OU=Manufacturing" -out "$d/$s.csr"
   openssl x509 -req -in "$d/$s.csr" -CA "$ca/issuing.crt" -CAkey "$ca/issuing.key" -set_serial "0x$(openssl rand -hex 16)" \
-    -days 825 -sha256 -extfile "$w/ext.cnf" -out "$d/$s.crt" 2>/dev/null
+    -days 825 -sha256 -extfile "$ext" -out "$d/$s.crt" 2>/dev/null
 }
 
 mkdir -p "$w/ossl_a" "$w/ossl_b"

@@ -6,24 +6,12 @@
 # and provision inject into a 0.7 GiB and a 4 GiB sparse image.
 # Targets: >= 10x faster than (a), >= 100x faster than (b), 4 GiB no more than 1.5x the 0.7 GiB cost.
 # Usage: bench/inject.sh [path/to/provision]  (N=units per measurement, default 10)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bin="${1:-bin/provision}"
-[ -x "$bin" ] || { echo "bench: $bin missing: run make build" >&2; exit 2; }
-bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+source "$(dirname "$0")/lib.sh" "$@"
 N="${N:-10}"
-w="$(mktemp -d "${TMPDIR:-/tmp}/provision-bench.XXXXXX")"
-trap 'rm -rf "$w"' EXIT
-export PROVISION_STATION="$w/station" PROVISION_OPERATOR=bench
-unset PROVISION_CA_PASSPHRASE
-"$bin" init --id bench >/dev/null
-ca="$PROVISION_STATION/ca"
-printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$w/ext.cnf"
 "$bin" sample-image "$w/small.img" --rootfs-mib 256 --data-mib 128 >/dev/null   # 0.7 GiB
 "$bin" sample-image "$w/big.img" --rootfs-mib 1800 --data-mib 512 >/dev/null    # 4 GiB
 off() { sfdisk -J "$1" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][$2-1]; print(p['start']*512, p['size']*512)"; }
 read -r r2 r2s < <(off "$w/small.img" 2); read -r r3 r3s < <(off "$w/small.img" 3); read -r d4 d4s < <(off "$w/small.img" 4)
-now() { date +%s%N; }
 cp --sparse=always "$w/small.img" "$w/a.img"; cp --sparse=always "$w/small.img" "$w/b.img"
 
 manual_unit() { # (a): what a hand-written station script does, in place
@@ -31,7 +19,7 @@ manual_unit() { # (a): what a hand-written station script does, in place
   openssl ecparam -name prime256v1 -genkey -noout -out "$d/key.pem" 2>/dev/null
   openssl req -new -key "$d/key.pem" -subj "/CN=device-$s" -out "$d/csr.pem"
   openssl x509 -req -in "$d/csr.pem" -CA "$ca/issuing.crt" -CAkey "$ca/issuing.key" -set_serial "0x$(openssl rand -hex 16)" \
-    -days 825 -sha256 -extfile "$w/ext.cnf" -out "$d/cert.pem" 2>/dev/null
+    -days 825 -sha256 -extfile "$ext" -out "$d/cert.pem" 2>/dev/null
   cat "$d/cert.pem" "$ca/issuing.crt" >"$d/chain.pem"
   debugfs -w -R "rm /mender/mender-cert.pem" "$img?offset=$d4" >/dev/null 2>&1 || true
   debugfs -w -R "write $d/chain.pem /mender/mender-cert.pem" "$img?offset=$d4" >/dev/null 2>&1

@@ -20,8 +20,12 @@ type timeT = time.Time
 
 // ovBackend lets go-diskfs read and write the image through the overlay.
 type ovBackend struct {
-	ov  *overlay
-	pos int64
+	readerAt
+	ov *overlay
+}
+
+func newBackend(ov *overlay) *ovBackend {
+	return &ovBackend{readerAt: readerAt{r: ov, n: ov.size}, ov: ov}
 }
 
 var _ backend.Storage = (*ovBackend)(nil)
@@ -76,7 +80,7 @@ func openFAT(ov *overlay, p Partition, rw bool, where string) (*fatFS, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fat %s: %v: %w", where, err, ErrUnsupportedFS)
 	}
-	b := &ovBackend{ov: ov}
+	b := newBackend(ov)
 	var impl fatImpl
 	if bpb.fat32 {
 		impl, err = fat32.Read(b, p.Size, p.Start, 512)

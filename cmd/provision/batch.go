@@ -183,10 +183,8 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 					}
 				}
 			}
-			if tpmURI == "" {
-				tpmURI = "soft"
-			} else if !station.ValidTPMURI(tpmURI) {
-				return usagef("batch: --tpm %q is not a TPM URI", tpmURI)
+			if tpmURI, err = tpmFlag("batch", tpmURI, "soft"); err != nil {
+				return err
 			}
 			if err := st.LoadCA(passphrase()); err != nil {
 				return fmt.Errorf("batch: %w", err)

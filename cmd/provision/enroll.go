@@ -100,10 +100,8 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 					return fmt.Errorf("enroll: %w", err)
 				}
 			}
-			if tpmURI == "" {
-				tpmURI = st.Config.TPM
-			} else if !station.ValidTPMURI(tpmURI) {
-				return usagef("enroll: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", tpmURI)
+			if tpmURI, err = tpmFlag("enroll", tpmURI, st.Config.TPM); err != nil {
+				return err
 			}
 			if err := st.LoadCA(passphrase()); err != nil {
 				return fmt.Errorf("enroll: %w", err)

@@ -110,6 +110,17 @@ func openTPM(ctx context.Context, uri string) (*tpm.Device, error) {
 	return tpm.Open(ctx, uri, tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(stale))
 }
 
+// tpmFlag resolves --tpm: empty means the default, anything else must be a TPM URI (exit 2 otherwise).
+func tpmFlag(cmd, flag, def string) (string, error) {
+	if flag == "" {
+		return def, nil
+	}
+	if !station.ValidTPMURI(flag) {
+		return "", usagef("%s: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", cmd, flag)
+	}
+	return flag, nil
+}
+
 func operatorName(flag string) string {
 	if flag != "" {
 		return flag

@@ -115,10 +115,8 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 			if err := st.LoadCA(passphrase()); err != nil {
 				return fmt.Errorf("tui: %w", err)
 			}
-			if tpmURI == "" {
-				tpmURI = st.Config.TPM
-			} else if !station.ValidTPMURI(tpmURI) {
-				return usagef("tui: --tpm %q is not a TPM URI", tpmURI)
+			if tpmURI, err = tpmFlag("tui", tpmURI, st.Config.TPM); err != nil {
+				return err
 			}
 			if profile == "" {
 				profile = st.Config.Profile

@@ -147,10 +147,8 @@ superseded).`,
 			if err := st.Config.SerialRule().Check(serial); err != nil {
 				return fmt.Errorf("unit: %w", err)
 			}
-			if tpmURI == "" {
-				tpmURI = st.Config.TPM
-			} else if !station.ValidTPMURI(tpmURI) {
-				return usagef("unit: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", tpmURI)
+			if tpmURI, err = tpmFlag("unit", tpmURI, st.Config.TPM); err != nil {
+				return err
 			}
 			if len(endpoints) == 0 {
 				endpoints = st.Config.Endpoints
