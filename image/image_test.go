@@ -17,23 +17,13 @@ import (
 	"testing"
 
 	"provision/image/golden"
-)
 
-func requireTools(tb testing.TB, names ...string) {
-	tb.Helper()
-	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			if os.Getenv("CI") != "" {
-				tb.Fatalf("%s is required under CI", n)
-			}
-			tb.Skipf("%s not installed", n)
-		}
-	}
-}
+	"provision/simulator"
+)
 
 func buildGolden(tb testing.TB, o golden.Options) string {
 	tb.Helper()
-	requireTools(tb, append(golden.Tools, "e2fsck", "fsck.vfat", "debugfs", "mtype")...)
+	simulator.RequireTool(tb, append(golden.Tools, "e2fsck", "fsck.vfat", "debugfs", "mtype")...)
 	p := filepath.Join(tb.TempDir(), "golden.img")
 	if err := golden.Build(context.Background(), p, o); err != nil {
 		tb.Fatal(err)
@@ -407,10 +397,11 @@ func crashChild() {
 
 func FuzzReadTable(f *testing.F) {
 	// Seeds: the first MiB of real MBR and GPT images, and corruptions of them.
+	simulator.RequireTool(f, golden.Tools...)
 	for _, tb := range []string{"mbr", "gpt"} {
 		p := filepath.Join(f.TempDir(), tb+".img")
 		if err := golden.Build(context.Background(), p, golden.Options{Table: tb, BootMiB: 33, RootfsMiB: 4, DataMiB: 4}); err != nil {
-			f.Skip("golden image tools missing: ", err)
+			f.Fatal(err)
 		}
 		b, _ := os.ReadFile(p)
 		f.Add(b[:64<<10])

@@ -19,9 +19,10 @@ func BenchmarkProvision(b *testing.B) {
 	for _, uri := range []string{"soft", "sim"} {
 		b.Run(uri, func(b *testing.B) {
 			s := newStation(b)
+			simulator.RequireTool(b, golden.Tools...)
 			img := filepath.Join(b.TempDir(), "unit.img")
 			if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
-				b.Skip("golden image tools missing: ", err)
+				b.Fatal(err)
 			}
 			var cmds atomic.Int64
 			d, err := tpm.Open(context.Background(), uri, tpm.WithSimulator(simulator.Open), tpm.WithCounter(&cmds))

@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"provision/simulator"
 )
 
 func newCA(tb testing.TB) *Generated {
@@ -223,7 +225,7 @@ func TestKeyRoundTrip(t *testing.T) {
 
 // OpenSSL reads the encrypted key and verifies an issued certificate against the chain.
 func TestOpenSSLInterop(t *testing.T) {
-	requireTool(t, "openssl")
+	simulator.RequireTool(t, "openssl")
 	g := newCA(t)
 	dir := t.TempDir()
 	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -246,16 +248,6 @@ func TestOpenSSLInterop(t *testing.T) {
 	}
 	if out, err := exec.Command("openssl", "pkey", "-in", keyFile, "-passin", "pass:pw", "-noout").CombinedOutput(); err != nil {
 		t.Fatalf("openssl pkey on the encrypted key: %v\n%s", err, out)
-	}
-}
-
-func requireTool(tb testing.TB, name string) {
-	tb.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") != "" {
-			tb.Fatalf("%s is required under CI: %v", name, err)
-		}
-		tb.Skipf("%s not installed", name)
 	}
 }
 

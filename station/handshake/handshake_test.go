@@ -249,18 +249,6 @@ func TestServerSideProblems(t *testing.T) {
 	}
 }
 
-func requireTool(t *testing.T, names ...string) {
-	t.Helper()
-	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			if os.Getenv("CI") != "" {
-				t.Fatalf("%s is required under CI", n)
-			}
-			t.Skipf("%s not installed", n)
-		}
-	}
-}
-
 func writePEM(t *testing.T, path string, blocks ...any) {
 	t.Helper()
 	var buf bytes.Buffer
@@ -348,7 +336,7 @@ func TestMosquitto(t *testing.T) {
 }
 
 func TestHTTPSWithOpenSSL(t *testing.T) {
-	requireTool(t, "openssl")
+	simulator.RequireTool(t, "openssl")
 	station := newTestCA(t, "station")
 	dir := t.TempDir()
 	sk := ecKey()
