@@ -2,8 +2,7 @@
 # Installs the Debian packages provision's build, tests and demo need, if any is missing.
 # Needs root (or sudo). A machine that has them all is left untouched.
 set -euo pipefail
-pkgs=(libext2fs-dev pkg-config fdisk dosfstools mtools e2fsprogs swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd
-  libtss2-tcti-tabrmd0 dbus mosquitto mosquitto-clients tmux openssl libssl-dev)
+read -r -a pkgs <<<"$(tr '\n' ' ' <"$(dirname "$0")/debian-packages")"
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
