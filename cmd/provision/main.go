@@ -111,6 +111,8 @@ func advice(err error) string {
 		return "another provision process is using this station; wait for it or stop it"
 	case errors.Is(err, inventory.ErrDamaged):
 		return "restore inventory.db from backup; do not delete it, it is the record of issued certificates"
+	case errors.Is(err, station.ErrImage):
+		return "check the unit's image or storage: present, the right layout for the profile, not in use; then run the unit again"
 	case errors.Is(err, station.ErrBadSerial):
 		return "rescan the unit's label; serial.pattern in station.yaml says what a serial looks like"
 	case errors.Is(err, station.ErrConfig):
