@@ -185,7 +185,13 @@ func (s *Station) enrollGroup(ctx context.Context, dev *tpm.Device, alg tpm.Algo
 		p.bundleMS = time.Since(start).Milliseconds()
 	}
 	if wrote {
-		if err := syncFS(opt.OutDir); err != nil {
+		var dirs []string
+		for _, p := range preps {
+			if p.res.Err == nil {
+				dirs = append(dirs, p.res.Bundle)
+			}
+		}
+		if err := syncBundles(opt.OutDir, dirs); err != nil {
 			for _, p := range preps {
 				if p.res.Err == nil {
 					p.fail(StepBundle, fmt.Errorf("sync %s: %w", opt.OutDir, err))
@@ -473,6 +479,38 @@ func removeStaleTemps(outDir string) {
 			os.RemoveAll(filepath.Join(outDir, e.Name()))
 		}
 	}
+}
+
+// syncBundles makes the given bundles durable: a single bundle by fsyncing its files and directories (cheaper than
+// flushing the whole file system, which may hold other programs' dirty data); many at once with one syncfs(2).
+func syncBundles(outDir string, dirs []string) error {
+	if len(dirs) > 4 {
+		return syncFS(outDir)
+	}
+	for _, d := range dirs {
+		entries, err := os.ReadDir(d)
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if err := fsyncPath(filepath.Join(d, e.Name())); err != nil {
+				return err
+			}
+		}
+		if err := fsyncPath(d); err != nil {
+			return err
+		}
+	}
+	return fsyncPath(outDir)
+}
+
+func fsyncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }
 
 // syncFS makes everything written under dir durable with one syncfs(2).
