@@ -70,6 +70,9 @@ func TestTUIInTmux(t *testing.T) {
 
 	scan("TX-0002") // no image for it
 	waitFor("FAILED  TX-0002")
+	if flag := strings.TrimSpace(tmux("display-message", "-p", "-t", "line", "#{window_bell_flag}")); flag != "1" {
+		t.Errorf("no terminal bell on failure (window_bell_flag %q)", flag)
+	}
 	scan("TX-0003")
 	waitFor("SHIPPABLE  TX-0003")
 	if s := showUnit(t, st, "TX-0002"); s.State != "failed" {

@@ -329,7 +329,14 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 	m.header.Failed++
 	m.lastFail = m.serial
 	m.history = append(m.history, historyLine{m.serial, "FAILED " + step, now})
-	return m, tea.Printf("\a") // the terminal bell
+	return m, bell
+}
+
+// bell rings the terminal. tea.Printf would be swallowed while the alternate screen is active; a BEL moves no cursor,
+// so it can go straight to the terminal.
+func bell() tea.Msg {
+	os.Stderr.Write([]byte{'\a'})
+	return nil
 }
 
 // explain turns an error into an operator's cause and what to do.
