@@ -30,29 +30,10 @@ func newBackend(ov *overlay) *ovBackend {
 
 var _ backend.Storage = (*ovBackend)(nil)
 
-func (b *ovBackend) Stat() (fs.FileInfo, error)               { return sizeInfo(b.ov.size), nil }
-func (b *ovBackend) ReadAt(p []byte, off int64) (int, error)  { return b.ov.ReadAt(p, off) }
 func (b *ovBackend) WriteAt(p []byte, off int64) (int, error) { return b.ov.WriteAt(p, off) }
-func (b *ovBackend) Close() error                             { return nil }
 func (b *ovBackend) Path() string                             { return "" }
 func (b *ovBackend) Sys() (*os.File, error)                   { return nil, backend.ErrNotSuitable }
 func (b *ovBackend) Writable() (backend.WritableFile, error)  { return b, nil }
-func (b *ovBackend) Read(p []byte) (int, error) {
-	n, err := b.ov.ReadAt(p, b.pos)
-	b.pos += int64(n)
-	return n, err
-}
-func (b *ovBackend) Seek(off int64, whence int) (int64, error) {
-	switch whence {
-	case io.SeekStart:
-		b.pos = off
-	case io.SeekCurrent:
-		b.pos += off
-	case io.SeekEnd:
-		b.pos = b.ov.size + off
-	}
-	return b.pos, nil
-}
 
 // fatImpl is what package image uses of go-diskfs' FAT file systems.
 type fatImpl interface {
