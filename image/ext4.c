@@ -126,12 +126,20 @@ int prov_state(ext2_filsys fs) {
 }
 
 void prov_info(ext2_filsys fs, unsigned long long *free_bytes, unsigned long long *free_inodes, unsigned int *block_size, char *label) {
-	*free_bytes = ext2fs_free_blocks_count(fs->super) * (unsigned long long)fs->blocksize;
-	*free_inodes = fs->super->s_free_inodes_count;
+	// The group descriptors are authoritative: the kernel updates the superblock's totals lazily.
+	unsigned long long blocks = 0, inodes = 0;
+	for (dgrp_t g = 0; g < fs->group_desc_count; g++) {
+		blocks += ext2fs_bg_free_blocks_count(fs, g);
+		inodes += ext2fs_bg_free_inodes_count(fs, g);
+	}
+	*free_bytes = blocks * (unsigned long long)fs->blocksize;
+	*free_inodes = inodes;
 	*block_size = fs->blocksize;
 	memcpy(label, fs->super->s_volume_name, 16);
 	label[16] = 0;
 }
+
+int prov_has_extents(ext2_filsys fs) { return ext2fs_has_feature_extents(fs->super) ? 1 : 0; }
 
 errcode_t prov_close(ext2_filsys fs, int discard) {
 	if (discard) {
@@ -229,6 +237,7 @@ static errcode_t mkdir_p(ext2_filsys fs, const char *dirpath, ext2_ino_t *out) {
 	for (part = strtok_r(copy, "/", &save); part; part = strtok_r(NULL, "/", &save)) {
 		err = lookup(fs, cur, part, &next);
 		if (err == EXT2_ET_FILE_NOT_FOUND) {
+			// ext2fs_mkdir: mode 0755 (umask 022), owner 0:0, parent's link count, expands a full directory.
 			err = ext2fs_mkdir(fs, cur, 0, part);
 			if (err == EXT2_ET_DIR_NO_SPACE) {
 				if ((err = ext2fs_expand_dir(fs, cur))) break;
@@ -270,6 +279,7 @@ errcode_t prov_write(ext2_filsys fs, const char *dirpath, const char *name, cons
 			if ((err = ext2fs_write_inode(fs, old, &oi))) return err;
 		}
 	}
+	if (uid < 0 || gid < 0) return EXT2_ET_INVALID_ARGUMENT;
 	if ((err = ext2fs_new_inode(fs, dino, LINUX_S_IFREG | mode, 0, &ino))) return err;
 	if ((err = link_entry(fs, dino, name, ino, EXT2_FT_REG_FILE))) return err;
 	ext2fs_inode_alloc_stats2(fs, ino, +1, 0);
@@ -284,13 +294,15 @@ errcode_t prov_write(ext2_filsys fs, const char *dirpath, const char *name, cons
 	inode.i_atime = inode.i_ctime = inode.i_mtime = fs->now ? fs->now : time(NULL);
 	if (EXT2_INODE_SIZE(fs->super) > EXT2_GOOD_OLD_INODE_SIZE)
 		inode.i_extra_isize = sizeof(struct ext2_inode_large) - EXT2_GOOD_OLD_INODE_SIZE;
-	if (ext2fs_has_feature_extents(fs->super)) inode.i_flags |= EXT4_EXTENTS_FL;
-	if ((err = ext2fs_write_new_inode(fs, ino, (struct ext2_inode *)&inode))) return err;
-	if (inode.i_flags & EXT4_EXTENTS_FL) {
+	if (ext2fs_has_feature_extents(fs->super)) {
+		// As misc/create_inode.c does: on an inode without the flag, opening the extent tree writes an empty
+		// extent header into i_block and sets the flag (in memory); the inode is then written with it. (Setting the
+		// flag on a zeroed i_block instead leaves an empty file with a corrupt extent header.)
 		ext2_extent_handle_t h;
 		if ((err = ext2fs_extent_open2(fs, ino, (struct ext2_inode *)&inode, &h))) return err;
 		ext2fs_extent_free(h);
 	}
+	if ((err = ext2fs_write_new_inode(fs, ino, (struct ext2_inode *)&inode))) return err;
 	if ((err = ext2fs_file_open(fs, ino, EXT2_FILE_WRITE, &f))) return err;
 	unsigned int done = 0;
 	while (done < len) {

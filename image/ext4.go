@@ -8,34 +8,41 @@ package image
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"path"
 	"runtime/cgo"
 	"strings"
 	"unsafe"
 )
 
-// ext4FS is an ext2/3/4 file system opened through libext2fs on the image overlay.
+// ext4FS is an ext2/3/4 file system opened through libext2fs on the image overlay (see ext4.c).
 type ext4FS struct {
-	fs     C.ext2_filsys
-	handle cgo.Handle
-	rw     bool
-	where  string
+	fs       C.ext2_filsys
+	handle   cgo.Handle
+	rw       bool
+	modified bool
+	where    string
 }
 
-func ext4Err(op, where string, err C.errcode_t) error {
-	msg := C.GoString(C.prov_error(err))
-	e := fmt.Errorf("ext4 %s: %s: %s", where, op, msg)
-	switch err {
+// ext4Err wraps a libext2fs error code with the operation and maps it to the package's sentinels.
+func ext4Err(op, where string, code C.errcode_t) error {
+	e := fmt.Errorf("%s: ext4: %s: %s", where, op, C.GoString(C.prov_error(code)))
+	switch code {
 	case C.EXT2_ET_FILE_NOT_FOUND:
 		return fmt.Errorf("%w: %w", e, fs.ErrNotExist)
-	case C.EXT2_ET_BLOCK_ALLOC_FAIL, C.EXT2_ET_INODE_ALLOC_FAIL, C.EXT2_ET_DIR_NO_SPACE_FOR_CSUM:
+	case C.EXT2_ET_BLOCK_ALLOC_FAIL, C.EXT2_ET_INODE_ALLOC_FAIL, C.EXT2_ET_RES_GDT_BLOCKS:
 		return fmt.Errorf("%w: %w", e, ErrNoSpace)
-	case C.EXT2_ET_BAD_MAGIC, C.EXT2_ET_UNSUPP_FEATURE, C.EXT2_ET_RO_UNSUPP_FEATURE:
+	case C.EXT2_ET_BAD_MAGIC, C.EXT2_ET_UNSUPP_FEATURE, C.EXT2_ET_RO_UNSUPP_FEATURE, C.EXT2_ET_UNIMPLEMENTED,
+		C.EXT2_ET_JOURNAL_UNSUPP_VERSION:
 		return fmt.Errorf("%w: %w", e, ErrUnsupportedFS)
 	case C.EXT2_ET_SB_CSUM_INVALID, C.EXT2_ET_BAD_DESC_SIZE, C.EXT2_ET_GDESC_BAD_BLOCK_MAP, C.EXT2_ET_GDESC_BAD_INODE_MAP,
-		C.EXT2_ET_GDESC_BAD_INODE_TABLE, C.EXT2_ET_CORRUPT_SUPERBLOCK:
+		C.EXT2_ET_GDESC_BAD_INODE_TABLE, C.EXT2_ET_CORRUPT_SUPERBLOCK, C.EXT2_ET_BAD_INODE_NUM, C.EXT2_ET_BAD_BLOCK_NUM,
+		C.EXT2_ET_INODE_CSUM_INVALID, C.EXT2_ET_INODE_BITMAP_CSUM_INVALID, C.EXT2_ET_BLOCK_BITMAP_CSUM_INVALID,
+		C.EXT2_ET_EXTENT_CSUM_INVALID, C.EXT2_ET_DIR_CSUM_INVALID, C.EXT2_ET_EXT_ATTR_CSUM_INVALID,
+		C.EXT2_ET_DIR_CORRUPTED, C.EXT2_ET_EXTENT_HEADER_BAD, C.EXT2_ET_DIR_NO_SPACE_FOR_CSUM:
 		return fmt.Errorf("%w: %w", e, ErrFSErrors)
 	}
 	return e
@@ -50,24 +57,24 @@ func openExt4(sec *section, rw bool, where string) (*ext4FS, error) {
 	if rw {
 		rwFlag = 1
 	}
-	if err := C.prov_open(name, rwFlag, &cfs); err != 0 {
+	if code := C.prov_open(name, rwFlag, &cfs); code != 0 {
 		h.Delete()
-		return nil, ext4Err("open", where, err)
+		return nil, ext4Err("open", where, code)
 	}
 	e := &ext4FS{fs: cfs, handle: h, rw: rw, where: where}
 	if st := C.prov_state(cfs); st != 0 {
 		var why []string
 		if st&C.PROV_NOT_CLEAN != 0 {
-			why = append(why, "not cleanly unmounted")
+			why = append(why, "was not cleanly unmounted")
 		}
 		if st&C.PROV_HAS_ERRORS != 0 {
 			why = append(why, "has recorded errors")
 		}
 		if st&C.PROV_NEEDS_RECOVERY != 0 {
-			why = append(why, "its journal needs recovery")
+			why = append(why, "has a journal that needs recovery")
 		}
 		e.discard()
-		return nil, fmt.Errorf("ext4 %s: file system %s (run e2fsck on it first): %w", where, strings.Join(why, ", "), ErrFSErrors)
+		return nil, fmt.Errorf("%s: ext4: the file system %s (check it with e2fsck): %w", where, strings.Join(why, " and "), ErrFSErrors)
 	}
 	return e, nil
 }
@@ -75,12 +82,19 @@ func openExt4(sec *section, rw bool, where string) (*ext4FS, error) {
 func (e *ext4FS) info() (freeBytes, freeInodes int64, blockSize int, label string) {
 	var fb, fi C.ulonglong
 	var bs C.uint
-	buf := (*C.char)(C.malloc(17))
-	defer C.free(unsafe.Pointer(buf))
-	C.prov_info(e.fs, &fb, &fi, &bs, buf)
-	return int64(fb), int64(fi), int(bs), C.GoString(buf)
+	var buf [17]C.char
+	C.prov_info(e.fs, &fb, &fi, &bs, &buf[0])
+	return int64(fb), int64(fi), int(bs), C.GoString(&buf[0])
 }
 
+func (e *ext4FS) closed(op, p string) error {
+	if e.fs == nil {
+		return fmt.Errorf("%s: ext4: %s %s: file system closed", e.where, op, p)
+	}
+	return nil
+}
+
+// discard releases the file system without writing anything.
 func (e *ext4FS) discard() {
 	if e.fs != nil {
 		C.prov_close(e.fs, 1)
@@ -89,73 +103,96 @@ func (e *ext4FS) discard() {
 	}
 }
 
-// Close writes the file system's metadata (superblock, bitmaps, descriptors) into the overlay.
+// Close writes the file system's metadata (superblock, group descriptors, bitmaps) into the overlay if anything was
+// changed, and releases it.
 func (e *ext4FS) Close() error {
 	if e.fs == nil {
 		return nil
 	}
-	discard := C.int(1)
-	if e.rw {
-		discard = 0
+	if !e.rw || !e.modified {
+		e.discard()
+		return nil
 	}
-	err := C.prov_close(e.fs, discard)
+	code := C.prov_close(e.fs, 0)
 	e.fs = nil
 	e.handle.Delete()
-	if err != 0 {
-		return ext4Err("close", e.where, err)
+	if code != 0 {
+		return ext4Err("close", e.where, code)
 	}
 	return nil
 }
 
-func cleanPath(p string) (string, error) {
-	if !strings.HasPrefix(p, "/") || path.Clean(p) != p || p == "/" || strings.ContainsRune(p, 0) {
-		return "", fmt.Errorf("path %q is not absolute and clean", p)
-	}
-	return p, nil
-}
-
 func (e *ext4FS) ReadFile(p string) ([]byte, error) {
-	p, err := cleanPath(p)
+	info, err := e.Stat(p)
 	if err != nil {
 		return nil, err
+	}
+	if !info.Mode.IsRegular() {
+		return nil, fmt.Errorf("%s: ext4: read %s: not a regular file (%s)", e.where, p, info.Mode.Type())
 	}
 	cp := C.CString(p)
 	defer C.free(unsafe.Pointer(cp))
 	var buf *C.char
 	var n C.ulonglong
-	if err := C.prov_read(e.fs, cp, &buf, &n); err != 0 {
-		return nil, ext4Err("read "+p, e.where, err)
+	if code := C.prov_read(e.fs, cp, &buf, &n); code != 0 {
+		return nil, ext4Err("read "+p, e.where, code)
 	}
 	defer C.free(unsafe.Pointer(buf))
 	return C.GoBytes(unsafe.Pointer(buf), C.int(n)), nil
 }
 
+// Stat describes path; a symbolic link itself, not its target.
 func (e *ext4FS) Stat(p string) (FileInfo, error) {
-	p, err := cleanPath(p)
-	if err != nil {
+	if err := checkPath(p); err != nil {
+		return FileInfo{}, fmt.Errorf("%s: ext4: stat: %w", e.where, err)
+	}
+	if err := e.closed("stat", p); err != nil {
 		return FileInfo{}, err
 	}
 	cp := C.CString(p)
 	defer C.free(unsafe.Pointer(cp))
 	var mode, uid, gid C.int
 	var size C.ulonglong
-	if err := C.prov_stat(e.fs, cp, &mode, &uid, &gid, &size); err != 0 {
-		return FileInfo{}, ext4Err("stat "+p, e.where, err)
+	if code := C.prov_stat(e.fs, cp, &mode, &uid, &gid, &size); code != 0 {
+		return FileInfo{}, ext4Err("stat "+p, e.where, code)
 	}
-	m := fs.FileMode(mode & 0o7777)
-	if mode&0o170000 == 0o040000 {
+	m := fs.FileMode(mode & 0o777)
+	switch mode & 0o170000 {
+	case 0o040000:
 		m |= fs.ModeDir
+	case 0o120000:
+		m |= fs.ModeSymlink
+	case 0o100000:
+	default:
+		m |= fs.ModeIrregular
+	}
+	if mode&0o4000 != 0 {
+		m |= fs.ModeSetuid
+	}
+	if mode&0o2000 != 0 {
+		m |= fs.ModeSetgid
+	}
+	if mode&0o1000 != 0 {
+		m |= fs.ModeSticky
 	}
 	return FileInfo{Mode: m, UID: int(uid), GID: int(gid), Size: int64(size)}, nil
 }
 
+// WriteFile creates or replaces path (whatever non-directory is there: a symbolic link itself is replaced, not its
+// target). Missing parent directories are created (0755, root:root); a parent that is a symbolic link is refused:
+// its target may be another partition on the device.
 func (e *ext4FS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int) error {
-	p, err := cleanPath(p)
-	if err != nil {
+	if err := checkPath(p); err != nil {
+		return fmt.Errorf("%s: ext4: write: %w", e.where, err)
+	}
+	if err := e.closed("write", p); err != nil {
 		return err
 	}
 	if !e.rw {
-		return fmt.Errorf("ext4 %s: write %s: opened read-only", e.where, p)
+		return fmt.Errorf("%s: ext4: write %s: opened read-only", e.where, p)
+	}
+	if uid < 0 || gid < 0 || uid > math.MaxUint32 || gid > math.MaxUint32 || int64(len(data)) > C.PROV_MAX_FILE {
+		return fmt.Errorf("%s: ext4: write %s: owner %d:%d or size %d out of range", e.where, p, uid, gid, len(data))
 	}
 	dir, name := path.Split(p)
 	cdir, cname := C.CString(dir), C.CString(name)
@@ -169,33 +206,95 @@ func (e *ext4FS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int
 			C.free(unsafe.Pointer(cdata))
 		}()
 	}
-	if err := C.prov_write(e.fs, cdir, cname, cdata, C.uint(len(data)), C.int(mode.Perm()), C.int(uid), C.int(gid)); err != 0 {
-		return ext4Err("write "+p, e.where, err)
+	e.modified = true
+	code := C.prov_write(e.fs, cdir, cname, cdata, C.uint(len(data)), C.int(mode.Perm()), C.int(uid), C.int(gid))
+	if code == C.EXT2_ET_NO_DIRECTORY {
+		return e.notDir("write", p)
+	}
+	if code != 0 {
+		return ext4Err("write "+p, e.where, code)
 	}
 	return nil
 }
 
+// notDir names the component of p that is in the way of a directory.
+func (e *ext4FS) notDir(op, p string) error {
+	parts := strings.Split(strings.TrimPrefix(path.Dir(p), "/"), "/")
+	cur := ""
+	for _, part := range parts {
+		cur += "/" + part
+		info, err := e.Stat(cur)
+		if err != nil {
+			break
+		}
+		switch {
+		case info.Mode&fs.ModeSymlink != 0:
+			return fmt.Errorf("%s: ext4: %s %s: %s is a symbolic link; write to the file system it points to instead", e.where, op, p, cur)
+		case !info.Mode.IsDir():
+			return fmt.Errorf("%s: ext4: %s %s: %s is not a directory", e.where, op, p, cur)
+		}
+	}
+	return fmt.Errorf("%s: ext4: %s %s: a parent is not a directory", e.where, op, p)
+}
+
 func (e *ext4FS) Remove(p string) error {
-	p, err := cleanPath(p)
-	if err != nil {
+	if err := checkPath(p); err != nil {
+		return fmt.Errorf("%s: ext4: remove: %w", e.where, err)
+	}
+	if err := e.closed("remove", p); err != nil {
 		return err
+	}
+	if !e.rw {
+		return fmt.Errorf("%s: ext4: remove %s: opened read-only", e.where, p)
 	}
 	dir, name := path.Split(p)
 	cdir, cname := C.CString(dir), C.CString(name)
 	defer C.free(unsafe.Pointer(cdir))
 	defer C.free(unsafe.Pointer(cname))
-	if err := C.prov_remove(e.fs, cdir, cname); err != 0 {
-		return ext4Err("remove "+p, e.where, err)
+	code := C.prov_remove(e.fs, cdir, cname)
+	if code == C.EXT2_ET_FILE_NOT_FOUND {
+		return ext4Err("remove "+p, e.where, code)
+	}
+	e.modified = true
+	if code != 0 {
+		return ext4Err("remove "+p, e.where, code)
 	}
 	return nil
 }
 
 func (e *ext4FS) Free() (int64, int64, error) {
+	if err := e.closed("free", ""); err != nil {
+		return 0, 0, err
+	}
 	b, i, _, _ := e.info()
 	return b, i, nil
 }
 
-func (e *ext4FS) blockSize() int {
+// need estimates what writing size bytes to p takes: its data blocks, mapping blocks (extent tree or indirect
+// blocks), a block for a directory that may have to grow, and an inode; minus the blocks of a file it replaces; plus a
+// block and an inode for each missing parent directory.
+func (e *ext4FS) need(p string, size int64, newDirs map[string]bool) (int64, int64, error) {
 	_, _, bs, _ := e.info()
-	return bs
+	b := int64(bs)
+	blocks := (size + b - 1) / b
+	var meta int64
+	if C.prov_has_extents(e.fs) != 0 {
+		meta = blocks/340 + 1 // at most one extent per block in the worst case; 340 entries per 4 KiB leaf
+	} else {
+		meta = blocks/(b/4) + 2
+	}
+	nb, ni := (blocks+meta+1)*b, int64(1)
+	if info, err := e.Stat(p); err == nil {
+		if info.Mode.IsDir() {
+			return 0, 0, fmt.Errorf("%s: ext4: write %s: is a directory", e.where, p)
+		}
+		if info.Mode.IsRegular() {
+			nb -= (info.Size + b - 1) / b * b
+		}
+		ni--
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return 0, 0, err
+	}
+	dirs := int64(missingDirs(p, newDirs, func(dir string) bool { _, err := e.Stat(dir); return err == nil }))
+	return nb + 2*dirs*b, ni + dirs, nil
 }

@@ -23,7 +23,9 @@ const fillerStep = 64 << 10
 // Options shape a golden image. Zero values take the defaults.
 type Options struct {
 	Table      string // "mbr" (default) or "gpt"
-	BootMiB    int    // default 64 (FAT32 needs 65525 clusters)
+	BootMiB    int    // default 64 (FAT32 with 512-byte clusters needs 33 MiB or more)
+	BootFAT    int    // the boot partition's FAT: 32 (default), 16 or 12 (FAT12 needs a small BootMiB, e.g. 8)
+	ExtType    string // "ext4" (default, Debian's defaults: metadata_csum, 64bit, flex_bg, ...), "ext3" or "ext2"
 	RootfsMiB  int    // each of A and B; default 64
 	DataMiB    int    // default 32
 	BlockSize  int    // ext4 block size: 1024 or 4096; default mke2fs's choice
@@ -46,8 +48,15 @@ const DefaultMenderConf = `{
 // Tools lists the programs Build runs.
 var Tools = []string{"sfdisk", "mke2fs", "mkfs.fat", "mcopy"}
 
-// Build writes a golden image to path (replacing it).
+// Build writes a golden image to path (replacing it), sparse: unused space takes no room on disk.
 func Build(ctx context.Context, path string, o Options) error {
+	if err := build(ctx, path, o); err != nil {
+		return fmt.Errorf("golden: build %s: %w", path, err)
+	}
+	return nil
+}
+
+func build(ctx context.Context, path string, o Options) error {
 	if o.Table == "" {
 		o.Table = "mbr"
 	}
@@ -59,6 +68,21 @@ func Build(ctx context.Context, path string, o Options) error {
 	}
 	if min := o.FillRootfs + o.FillRootfs/8 + 24; o.RootfsMiB < min {
 		o.RootfsMiB = min
+	}
+	if o.BootFAT == 0 {
+		o.BootFAT = 32
+	}
+	if o.BootFAT != 12 && o.BootFAT != 16 && o.BootFAT != 32 {
+		return fmt.Errorf("BootFAT %d: want 12, 16 or 32", o.BootFAT)
+	}
+	if o.ExtType == "" {
+		o.ExtType = "ext4"
+	}
+	if o.ExtType != "ext2" && o.ExtType != "ext3" && o.ExtType != "ext4" {
+		return fmt.Errorf("ExtType %q: want ext2, ext3 or ext4", o.ExtType)
+	}
+	if o.Table != "mbr" && o.Table != "gpt" {
+		return fmt.Errorf("Table %q: want mbr or gpt", o.Table)
 	}
 	if o.DataMiB == 0 {
 		o.DataMiB = 32
@@ -96,7 +120,7 @@ func Build(ctx context.Context, path string, o Options) error {
 			fmt.Fprintf(&script, "start=%d, size=%d, type=%s, name=%q\n", start, int64(s)*mib/512, typ, names[i])
 		} else {
 			if i == 0 {
-				typ = "c"
+				typ = map[int]string{12: "1", 16: "e", 32: "c"}[o.BootFAT]
 			}
 			fmt.Fprintf(&script, "start=%d, size=%d, type=%s\n", start, int64(s)*mib/512, typ)
 		}
@@ -116,9 +140,12 @@ func Build(ctx context.Context, path string, o Options) error {
 		offsets[i] = off
 		off += int64(s) * mib
 	}
-	// boot: FAT32 with a couple of files.
-	if err := run(ctx, nil, "mkfs.fat", "-F", "32", "-s", "1", "-n", "BOOT", "--offset", strconv.FormatInt(offsets[0]/512, 10),
-		path, strconv.Itoa(o.BootMiB*1024)); err != nil {
+	// boot: FAT with a couple of files.
+	fatArgs := []string{"-F", strconv.Itoa(o.BootFAT), "-n", "BOOT", "--offset", strconv.FormatInt(offsets[0]/512, 10)}
+	if o.BootFAT == 32 {
+		fatArgs = append(fatArgs, "-s", "1")
+	}
+	if err := run(ctx, nil, "mkfs.fat", append(fatArgs, path, strconv.Itoa(o.BootMiB*1024))...); err != nil {
 		return err
 	}
 	cmdline := filepath.Join(tmp, "cmdline.txt")
@@ -132,7 +159,7 @@ func Build(ctx context.Context, path string, o Options) error {
 		if err := populate(dir, names[i], o, i == 1); err != nil {
 			return err
 		}
-		args := []string{"-q", "-F", "-t", "ext4", "-L", names[i], "-E", fmt.Sprintf("offset=%d,root_owner=0:0", offsets[i]), "-d", dir}
+		args := []string{"-q", "-F", "-t", o.ExtType, "-L", names[i], "-E", fmt.Sprintf("offset=%d,root_owner=0:0", offsets[i]), "-d", dir}
 		if o.BlockSize != 0 {
 			args = append(args, "-b", strconv.Itoa(o.BlockSize))
 		}
@@ -175,6 +202,13 @@ func populate(dir, name string, o Options, first bool) error {
 			return err
 		}
 		if err := os.MkdirAll(filepath.Join(dir, "etc/certs"), 0o755); err != nil {
+			return err
+		}
+		// As in Mender images: the rootfs points at the data partition, which the device mounts on /data.
+		if err := os.MkdirAll(filepath.Join(dir, "var/lib"), 0o755); err != nil {
+			return err
+		}
+		if err := os.Symlink("/data/mender", filepath.Join(dir, "var/lib/mender")); err != nil {
 			return err
 		}
 		if o.FillRootfs > 0 {
