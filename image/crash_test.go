@@ -295,3 +295,95 @@ func TestFailedCommitRollsBack(t *testing.T) {
 		t.Fatalf("version %d", v)
 	}
 }
+
+// Media that does not keep what was written (simulated: a byte of the new file flips on the image after the write):
+// the read-back from the image catches it and the edit is rolled back.
+func TestBadMediaRollsBack(t *testing.T) {
+	img, _ := crashImage(t)
+	before := sha(t, img)
+	journal := JournalPath(img, "")
+	corrupt := func(stage string) error {
+		if stage != "image-synced" {
+			return nil
+		}
+		data, err := os.ReadFile(journal)
+		if err != nil {
+			return err
+		}
+		_, _, recs, ok := parseJournal(data)
+		if !ok {
+			return errors.New("journal not complete at image-synced")
+		}
+		f, err := os.OpenFile(img, os.O_RDWR, 0)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		page := make([]byte, pageSize)
+		for _, r := range recs {
+			f.ReadAt(page, r.idx*pageSize)
+			if i := bytes.Index(page, []byte("V1:KEY KEY")); i >= 0 {
+				_, err := f.WriteAt([]byte("X"), r.idx*pageSize+int64(i)+5)
+				return err
+			}
+		}
+		return errors.New("the new file's data is in no journaled page")
+	}
+	im := open(t, img, withCommitHook(corrupt))
+	err := im.Apply(context.Background(), crashWrites(im, 1))
+	if !errors.Is(err, ErrVerify) || !strings.Contains(err.Error(), "rolled back") {
+		t.Fatalf("got %v, want ErrVerify, rolled back", err)
+	}
+	im.Close()
+	if sha(t, img) != before {
+		t.Fatal("image changed")
+	}
+}
+
+// WithJournalDir (what block devices need) keeps the journal there, and the next Open with the same directory rolls
+// an interrupted edit back.
+func TestJournalDir(t *testing.T) {
+	img, _ := crashImage(t)
+	before := sha(t, img)
+	dir := t.TempDir()
+	journal := JournalPath(img, dir)
+	if !strings.HasPrefix(journal, dir+"/") || strings.Contains(strings.TrimPrefix(journal, dir+"/"), "/") {
+		t.Fatalf("journal path %s not directly in %s", journal, dir)
+	}
+	stop := errors.New("stop before the journal goes")
+	im := open(t, img, WithJournalDir(dir), withCommitHook(func(stage string) error {
+		if stage == "image-synced" {
+			if _, err := os.Stat(journal); err != nil {
+				return err
+			}
+			if _, err := os.Stat(JournalPath(img, "")); err == nil {
+				return errors.New("journal next to the image")
+			}
+			// Keep copies of the complete journal and the edited image: fail() below rolls back and removes it.
+			data, _ := os.ReadFile(journal)
+			os.WriteFile(journal+".copy", data, 0o600)
+			copyRange(t, img, img+".edited", 0, -1)
+			return stop
+		}
+		return nil
+	}))
+	if err := im.Apply(context.Background(), crashWrites(im, 1)); !errors.Is(err, stop) {
+		t.Fatalf("got %v", err)
+	}
+	im.Close()
+	if sha(t, img) != before {
+		t.Fatal("not rolled back")
+	}
+	// Now as a crash leaves it: new pages on the image, the journal in the directory.
+	copyRange(t, img+".edited", img, 0, -1)
+	edited := sha(t, img)
+	os.Rename(journal+".copy", journal)
+	open(t, img).Close() // without the directory: the journal is not found, nothing happens
+	if sha(t, img) != edited {
+		t.Fatal("changed without its journal")
+	}
+	open(t, img, WithJournalDir(dir)).Close()
+	if sha(t, img) != before {
+		t.Fatal("not rolled back from the journal directory")
+	}
+}

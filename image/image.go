@@ -664,16 +664,27 @@ func (im *Image) Apply(ctx context.Context, writes []Write) (err error) {
 			return err
 		}
 	}
-	// Read back through fresh file system handles, as the device will.
-	for _, t := range targets {
-		if err := im.readBack(ctx, t.part, t.writes); err != nil {
-			return err
+	// Read back through fresh file system handles, as the device will: before the commit from the pending edit, and
+	// after the new pages are written from the image itself (a mismatch then rolls the edit back).
+	readBack := func() error {
+		for _, t := range targets {
+			if err := im.readBack(ctx, t.part, t.writes); err != nil {
+				return err
+			}
 		}
+		return nil
+	}
+	if err := readBack(); err != nil {
+		return err
 	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return im.Commit()
+	ctx = context.WithoutCancel(ctx) // the edit is on the image now: finish verifying it, or roll it back
+	if err := im.ov.commit(readBack); err != nil {
+		return fmt.Errorf("image %s: commit: %w", im.path, err)
+	}
+	return nil
 }
 
 func (im *Image) readBack(ctx context.Context, p Partition, writes []Write) error {
@@ -780,7 +791,7 @@ func (im *Image) Commit() error {
 	if im.readOnly || im.closed {
 		return nil
 	}
-	if err := im.ov.commit(); err != nil {
+	if err := im.ov.commit(nil); err != nil {
 		return fmt.Errorf("image %s: commit: %w", im.path, err)
 	}
 	return nil

@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // pageSize is the overlay's granularity: changes are held, journaled and written as whole 4 KiB pages of the image.
@@ -165,23 +167,32 @@ func (o *overlay) stage(name string) error {
 	return nil
 }
 
-// commit makes the pending writes durable, all or nothing (see overlay). On failure the pending writes are dropped
-// and the image is rolled back to its state before the edit (or, if even that fails, left for Open to roll back).
-func (o *overlay) commit() error {
+// commit makes the pending writes durable, all or nothing (see overlay). verify (if not nil) runs after the new
+// pages are written and synced, while the journal still exists, reading the image itself (the pages written are
+// dropped from the page cache first, so that a block device is read back from the device): if it fails, the edit is
+// rolled back. On any failure the pending writes are dropped and the image is rolled back to its state before the
+// edit (or, if even that fails, left for Open to roll back).
+func (o *overlay) commit(verify func() error) error {
 	o.mu.Lock()
-	defer o.mu.Unlock()
+	locked := true
+	defer func() {
+		o.dirty = nil
+		if locked {
+			o.mu.Unlock()
+		}
+	}()
 	if o.broken != nil {
 		return o.broken
 	}
 	if len(o.dirty) == 0 {
 		return nil
 	}
-	defer func() { o.dirty = nil }()
 	idxs := make([]int64, 0, len(o.dirty))
 	for i := range o.dirty {
 		idxs = append(idxs, i)
 	}
 	slices.Sort(idxs)
+	// 1. the originals, durably.
 	if err := o.writeJournal(idxs); err != nil {
 		os.Remove(o.journal) // incomplete: the image is untouched
 		return fmt.Errorf("undo journal: %w", err)
@@ -204,17 +215,37 @@ func (o *overlay) commit() error {
 	if err := o.stage("image-synced"); err != nil {
 		return o.fail(err)
 	}
+	if verify != nil {
+		o.dirty = nil
+		dropCached(o.f, idxs)
+		o.mu.Unlock() // verify reads through the overlay
+		err := verify()
+		o.mu.Lock()
+		if err != nil {
+			return o.fail(err)
+		}
+	}
 	// 3. done: the journal goes.
 	if err := os.Remove(o.journal); err != nil {
 		return o.fail(fmt.Errorf("remove undo journal: %w", err))
 	}
 	if err := syncDir(filepath.Dir(o.journal)); err != nil {
-		return o.fail(fmt.Errorf("remove undo journal: %w", err))
+		return fmt.Errorf("the edit is complete, but syncing the removal of its undo journal failed: %w", err)
 	}
-	if err := o.stage("journal-removed"); err != nil {
-		return o.fail(err)
+	return o.stage("journal-removed")
+}
+
+// dropCached asks the kernel to forget the (clean, synced) cached pages at idxs, so that reading them goes to the
+// device. Best effort.
+func dropCached(f *os.File, idxs []int64) {
+	for i := 0; i < len(idxs); {
+		j := i + 1
+		for j < len(idxs) && idxs[j] == idxs[j-1]+1 {
+			j++
+		}
+		unix.Fadvise(int(f.Fd()), idxs[i]*pageSize, int64(j-i)*pageSize, unix.FADV_DONTNEED)
+		i = j
 	}
-	return nil
 }
 
 // fail handles an error after the image may have been touched: roll back now from the journal; if that fails too,
