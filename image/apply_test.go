@@ -62,9 +62,14 @@ func copyImage(tb testing.TB, src string, fn func(img string, parts []Partition)
 
 func TestRefusalsLeaveImageUntouched(t *testing.T) {
 	ctx := context.Background()
-	img := buildGolden(t, golden.Options{})
-	gptImg := buildGolden(t, golden.Options{Table: "gpt"})
-	full := buildGolden(t, golden.Options{DataMiB: 16, FillData: true})
+	small := golden.Options{BootMiB: 33, RootfsMiB: 24, DataMiB: 16} // hashed twice per case: keep it small
+	img := buildGolden(t, small)
+	gptSmall := small
+	gptSmall.Table = "gpt"
+	gptImg := buildGolden(t, gptSmall)
+	fullSmall := small
+	fullSmall.FillData = true
+	full := buildGolden(t, fullSmall)
 	dir := t.TempDir()
 	random := filepath.Join(dir, "random.img")
 	rb := make([]byte, 4<<20)
@@ -72,11 +77,12 @@ func TestRefusalsLeaveImageUntouched(t *testing.T) {
 	os.WriteFile(random, rb, 0o600)
 	empty := filepath.Join(dir, "empty.img")
 	os.WriteFile(empty, nil, 0o600)
-	trunc := filepath.Join(dir, "truncated.img")
-	copyRange(t, img, trunc, 0, 150<<20) // cuts through partition 3
-	gptTrunc := filepath.Join(dir, "gpt-truncated.img")
-	copyRange(t, gptImg, gptTrunc, 0, 150<<20)
 	parts := partitions(t, img)
+	cut := parts[2].Start + parts[2].Size/2 // through partition 3
+	trunc := filepath.Join(dir, "truncated.img")
+	copyRange(t, img, trunc, 0, cut)
+	gptTrunc := filepath.Join(dir, "gpt-truncated.img")
+	copyRange(t, gptImg, gptTrunc, 0, cut)
 	bareExt := filepath.Join(dir, "bare-ext4.img")
 	copyRange(t, img, bareExt, parts[1].Start, parts[1].Size)
 	bareFAT := filepath.Join(dir, "bare-fat.img")
@@ -111,7 +117,9 @@ func TestRefusalsLeaveImageUntouched(t *testing.T) {
 		}
 		patch(t, p, l.fatStart(1)+4000, []byte{0x42})
 	})
-	other := buildGolden(t, golden.Options{Table: "gpt", RootfsMiB: 40})
+	otherOpts := gptSmall
+	otherOpts.RootfsMiB = 30 // the default minimum is 24
+	other := buildGolden(t, otherOpts)
 
 	write := func(p Partition, size int) []Write {
 		return []Write{{Partition: p, Path: "/mender/key.pem", Data: bytes.Repeat([]byte{1}, size), Mode: 0o600}}

@@ -1,10 +1,22 @@
-// Package image edits a unit's disk image in place: a raw image file or a block device, MBR or GPT, ext2/3/4 through
-// e2fsprogs' libext2fs and FAT12/16/32 through go-diskfs.
+// Package image edits a unit's disk image in place: a raw image file or a block device, MBR or GPT (512-byte
+// sectors), ext2/3/4 through e2fsprogs' libext2fs and FAT12/16/32 through go-diskfs.
 //
-// Every edit goes through a transactional overlay (see overlay.go): nothing reaches the image before Commit (Apply and
-// Close commit), and then all of it or none of it does, across a kill or power loss: the original of every changed
-// page is recorded in an undo journal first, and Open rolls back an edit a crash interrupted. Apply checks every
-// target before anything is written and reads every file back before it commits.
+// Safety. Open takes an exclusive lock (a shared one for ReadOnly; a block device opened for writing also gets
+// O_EXCL, which the kernel refuses while it is mounted) and refuses what is not a partitioned disk image or whose table
+// is damaged or truncated. FS refuses a file system with errors (ext: superblock not clean, errors recorded, journal
+// needing recovery, bad checksums; FAT: dirty bits set, FAT copies differing). Apply checks every write and every
+// target, including free blocks and inodes, before anything is written.
+//
+// Crash safety. Every edit goes through a transactional overlay (overlay.go): nothing reaches the image before a
+// commit (Apply, Commit, Close), and then all of it or none of it does, across a kill or power loss: the original of
+// every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo", or a directory
+// given with WithJournalDir), and Open rolls back an edit a crash interrupted. Apply reads every file back before the
+// commit and again from the image after the pages are written, rolling back on a mismatch. Only changed pages are
+// written, so the cost of an edit does not grow with the image.
+//
+// FAT keeps no modes or owners: WriteFile ignores them and Stat reports 0644 (directories 0755), root. Symbolic links
+// are not followed when writing: a parent directory that is a link is refused (on a device it may point into another
+// partition), and a link at the path itself is replaced.
 //
 // An Image is not safe for concurrent use by several goroutines.
 package image
