@@ -317,3 +317,54 @@ func TestSelect(t *testing.T) {
 		})
 	}
 }
+
+// FS.Close commits what the handle changed; a change that fails part way (here: the partition fills up) makes Close
+// drop all the handle's changes, leaving the image as it was.
+func TestFSCloseCommitsOrDrops(t *testing.T) {
+	ctx := context.Background()
+	for _, part := range []string{"1", "4"} {
+		t.Run("partition "+part, func(t *testing.T) {
+			img := buildGolden(t, golden.Options{BootMiB: 33, RootfsMiB: 24, DataMiB: 16})
+			im := open(t, img)
+			fsys, err := im.FS(ctx, sel(t, im, part))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := fsys.WriteFile("/kept.txt", []byte("kept"), 0o644, 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := fsys.Close(); err != nil {
+				t.Fatal(err)
+			}
+			im.Discard() // nothing pending: Close committed
+			if got, err := readFile(t, img, part, "/kept.txt"); err != nil || string(got) != "kept" {
+				t.Fatalf("after FS.Close: %q %v", got, err)
+			}
+			fsck(t, img)
+
+			before := sha(t, img)
+			im = open(t, img)
+			defer im.Close()
+			fsys, err = im.FS(ctx, sel(t, im, part))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := fsys.WriteFile("/dropped.txt", []byte("dropped"), 0o644, 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			free, _, _ := fsys.Free()
+			if err := fsys.WriteFile("/too-big.bin", make([]byte, free+(1<<20)), 0o644, 0, 0); !errors.Is(err, ErrNoSpace) {
+				t.Fatalf("overfilling: %v, want ErrNoSpace", err)
+			}
+			if err := fsys.Close(); err == nil || !strings.Contains(err.Error(), "dropped") {
+				t.Fatalf("Close after a failed write: %v", err)
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if sha(t, img) != before {
+				t.Fatal("image changed")
+			}
+		})
+	}
+}

@@ -24,6 +24,7 @@ type ext4FS struct {
 	handle   cgo.Handle
 	rw       bool
 	modified bool
+	failed   error // a write or remove failed part way: Close drops the changes
 	where    string
 }
 
@@ -108,6 +109,10 @@ func (e *ext4FS) discard() {
 func (e *ext4FS) Close() error {
 	if e.fs == nil {
 		return nil
+	}
+	if e.failed != nil {
+		e.discard()
+		return fmt.Errorf("%s: ext4: changes dropped, an earlier change failed: %w", e.where, e.failed)
 	}
 	if !e.rw || !e.modified {
 		e.discard()
@@ -194,6 +199,9 @@ func (e *ext4FS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int
 	if uid < 0 || gid < 0 || uid > math.MaxUint32 || gid > math.MaxUint32 || int64(len(data)) > C.PROV_MAX_FILE {
 		return fmt.Errorf("%s: ext4: write %s: owner %d:%d or size %d out of range", e.where, p, uid, gid, len(data))
 	}
+	if info, err := e.Stat(p); err == nil && info.Mode.IsDir() {
+		return fmt.Errorf("%s: ext4: write %s: is a directory", e.where, p)
+	}
 	dir, name := path.Split(p)
 	cdir, cname := C.CString(dir), C.CString(name)
 	defer C.free(unsafe.Pointer(cdir))
@@ -209,10 +217,12 @@ func (e *ext4FS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int
 	e.modified = true
 	code := C.prov_write(e.fs, cdir, cname, cdata, C.uint(len(data)), C.int(mode.Perm()), C.int(uid), C.int(gid))
 	if code == C.EXT2_ET_NO_DIRECTORY {
-		return e.notDir("write", p)
+		e.failed = e.notDir("write", p)
+		return e.failed
 	}
 	if code != 0 {
-		return ext4Err("write "+p, e.where, code)
+		e.failed = ext4Err("write "+p, e.where, code)
+		return e.failed
 	}
 	return nil
 }
@@ -252,12 +262,13 @@ func (e *ext4FS) Remove(p string) error {
 	defer C.free(unsafe.Pointer(cdir))
 	defer C.free(unsafe.Pointer(cname))
 	code := C.prov_remove(e.fs, cdir, cname)
-	if code == C.EXT2_ET_FILE_NOT_FOUND {
-		return ext4Err("remove "+p, e.where, code)
+	if code == C.EXT2_ET_FILE_NOT_FOUND || code == C.EXT2_ET_DIR_EXISTS {
+		return ext4Err("remove "+p, e.where, code) // nothing was changed
 	}
 	e.modified = true
 	if code != 0 {
-		return ext4Err("remove "+p, e.where, code)
+		e.failed = ext4Err("remove "+p, e.where, code)
+		return e.failed
 	}
 	return nil
 }

@@ -83,6 +83,7 @@ type fatFS struct {
 	// Set at the first change: clusters allocated but unreachable before it (left alone), and paths written empty.
 	lostBefore []bool
 	emptied    map[string]bool
+	failed     error // a change failed part way: Close drops the changes
 }
 
 func openFAT(ov *overlay, p Partition, rw bool, where string) (*fatFS, error) {
@@ -203,7 +204,7 @@ func (f *fatFS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int)
 		// Replace by remove and create: go-diskfs cannot write into an empty file (cluster 0). The old clusters,
 		// which its Remove leaves allocated, are freed by Close.
 		if err := f.impl.Remove(p); err != nil {
-			return f.errorf("replace %s: %w", p, err)
+			return f.fail(f.errorf("replace %s: %w", p, err))
 		}
 	}
 	if dir := path.Dir(p); dir != "/" {
@@ -211,12 +212,12 @@ func (f *fatFS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int)
 			return f.errorf("write %s: %s is not a directory", p, dir)
 		}
 		if err := f.impl.Mkdir(dir); err != nil {
-			return f.errorf("mkdir %s: %w", dir, err)
+			return f.fail(f.errorf("mkdir %s: %w", dir, err))
 		}
 	}
 	fh, err := f.impl.OpenFile(p, os.O_CREATE|os.O_RDWR)
 	if err != nil {
-		return f.errorf("create %s: %w", p, err)
+		return f.fail(f.errorf("create %s: %w", p, err))
 	}
 	if len(data) > 0 {
 		_, err = fh.Write(data)
@@ -228,7 +229,7 @@ func (f *fatFS) WriteFile(p string, data []byte, mode fs.FileMode, uid, gid int)
 		if strings.Contains(err.Error(), "no space left") {
 			err = fmt.Errorf("%w: %w", err, ErrNoSpace)
 		}
-		return f.errorf("write %s: %w", p, err)
+		return f.fail(f.errorf("write %s: %w", p, err))
 	}
 	f.emptied[strings.ToLower(p)] = len(data) == 0
 	return nil
@@ -247,7 +248,7 @@ func (f *fatFS) Remove(p string) error {
 		return f.errorf("remove %s: is a directory", p)
 	}
 	if err := f.impl.Remove(p); err != nil {
-		return f.errorf("remove %s: %w", p, err)
+		return f.fail(f.errorf("remove %s: %w", p, err))
 	}
 	delete(f.emptied, strings.ToLower(p))
 	return nil
@@ -281,12 +282,20 @@ func (f *fatFS) need(p string, size int64, newDirs map[string]bool) (int64, int6
 
 func (f *fatFS) discard() { f.closed = true }
 
+func (f *fatFS) fail(err error) error {
+	f.failed = err
+	return err
+}
+
 // Close puts right what go-diskfs leaves wrong (see the top of this file) and releases the file system.
 func (f *fatFS) Close() error {
 	if f.closed {
 		return nil
 	}
 	f.closed = true
+	if f.failed != nil {
+		return f.errorf("changes dropped, an earlier change failed: %w", f.failed)
+	}
 	if f.lostBefore == nil {
 		return nil // nothing changed
 	}

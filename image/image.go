@@ -81,7 +81,9 @@ type FileInfo struct {
 
 // FS is a file system inside the image. Paths are absolute and clean ("/mender/mender-cert.pem").
 //
-// Changes go into the image's pending edit; they reach the image when the Image commits (Apply, Commit, Close).
+// Changes are held in the image's pending edit until Close, which commits them (crash safe, all or nothing). If a
+// write or remove fails, Close drops the pending edit and reports it. Several partitions changed as one edit, with
+// the checks before and the read-back after, are what Apply is for; use one writing FS handle at a time otherwise.
 type FS interface {
 	ReadFile(path string) ([]byte, error) // errors.Is(err, fs.ErrNotExist) when missing
 	Stat(path string) (FileInfo, error)   // errors.Is(err, fs.ErrNotExist) when missing
@@ -91,7 +93,7 @@ type FS interface {
 	Remove(path string) error // a file; errors.Is(err, fs.ErrNotExist) when missing
 	// Free is the free space (bytes, including ext4's root-reserved blocks) and free inodes (FAT: a large number).
 	Free() (bytes int64, inodes int64, err error)
-	// Close writes the file system's metadata into the pending edit (nothing when it was only read) and releases it.
+	// Close writes the file system's metadata (nothing when it was only read), commits the edit and releases it.
 	Close() error
 }
 
@@ -553,7 +555,25 @@ func (im *Image) own(p Partition) (Partition, error) {
 // FS opens the file system in partition p and checks it for errors (ErrFSErrors): ext2/3/4 through libext2fs, FAT
 // through go-diskfs. On a read-only Image the file system is read-only.
 func (im *Image) FS(ctx context.Context, p Partition) (FS, error) {
-	return im.openFS(ctx, p, !im.readOnly)
+	fsys, err := im.openFS(ctx, p, !im.readOnly)
+	if err != nil || im.readOnly {
+		return fsys, err
+	}
+	return committing{fsys, im}, nil
+}
+
+// committing is a file system handed out by Image.FS: its Close commits.
+type committing struct {
+	FS
+	im *Image
+}
+
+func (c committing) Close() error {
+	if err := c.FS.Close(); err != nil {
+		c.im.ov.discard()
+		return err
+	}
+	return c.im.Commit()
 }
 
 func (im *Image) openFS(ctx context.Context, p Partition, rw bool) (FS, error) {
@@ -730,6 +750,9 @@ func (im *Image) readBack(ctx context.Context, p Partition, writes []Write) erro
 
 // discardFS releases a file system without writing its metadata.
 func discardFS(f FS) {
+	if c, ok := f.(committing); ok {
+		f = c.FS
+	}
 	switch f := f.(type) {
 	case *ext4FS:
 		f.discard()
