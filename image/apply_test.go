@@ -91,6 +91,11 @@ func TestRefusalsLeaveImageUntouched(t *testing.T) {
 	gptBadEntries := copyImage(t, gptImg, func(p string, _ []Partition) { patch(t, p, 1024+60, []byte{0xff}) })
 	mbrBadEntry := copyImage(t, img, func(p string, _ []Partition) { patch(t, p, 446+16, []byte{0x33}) })
 	noFS := copyImage(t, img, func(p string, ps []Partition) { patch(t, p, ps[2].Start+1024, make([]byte, 4096)) })
+	shrunk := copyImage(t, img, func(p string, ps []Partition) { // partition 4 entry: half its sectors
+		var n [4]byte
+		binary.LittleEndian.PutUint32(n[:], uint32(ps[3].Size/512/2))
+		patch(t, p, 446+3*16+12, n[:])
+	})
 	unclean := copyImage(t, img, func(p string, ps []Partition) {
 		patchSuper(t, p, ps[1], func(sb []byte) { binary.LittleEndian.PutUint16(sb[58:], 0) }) // s_state: not clean
 	})
@@ -167,6 +172,7 @@ func TestRefusalsLeaveImageUntouched(t *testing.T) {
 		{"ext4 with recorded errors", errorsFS, applyTo("2", "4"), ErrFSErrors, "recorded errors"},
 		{"ext4 journal needs recovery", recovery, applyTo("2", "4"), ErrFSErrors, "needs recovery"},
 		{"ext4 superblock checksum", badCsum, applyTo("2", "4"), ErrFSErrors, ""},
+		{"ext4 larger than its partition", shrunk, applyTo("2", "4"), ErrFSErrors, "larger than its partition"},
 		{"fat not cleanly unmounted", fatDirty, applyTo("2", "1"), ErrFSErrors, "cleanly unmounted"},
 		{"fat copies differ", fatMismatch, applyTo("2", "1"), ErrFSErrors, "differ"},
 		{"same file twice", img, func(im *Image) error {

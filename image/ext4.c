@@ -141,6 +141,8 @@ void prov_info(ext2_filsys fs, unsigned long long *free_bytes, unsigned long lon
 
 int prov_has_extents(ext2_filsys fs) { return ext2fs_has_feature_extents(fs->super) ? 1 : 0; }
 
+unsigned long long prov_size(ext2_filsys fs) { return ext2fs_blocks_count(fs->super) * (unsigned long long)fs->blocksize; }
+
 errcode_t prov_close(ext2_filsys fs, int discard) {
 	if (discard) {
 		ext2fs_free(fs);

@@ -63,6 +63,10 @@ func openExt4(sec *section, rw bool, where string) (*ext4FS, error) {
 		return nil, ext4Err("open", where, code)
 	}
 	e := &ext4FS{fs: cfs, handle: h, rw: rw, where: where}
+	if size := int64(C.prov_size(cfs)); size > sec.size {
+		e.discard()
+		return nil, fmt.Errorf("%s: ext4: the file system (%d bytes) is larger than its partition (%d bytes): %w", where, size, sec.size, ErrFSErrors)
+	}
 	if st := C.prov_state(cfs); st != 0 {
 		var why []string
 		if st&C.PROV_NOT_CLEAN != 0 {
@@ -290,7 +294,7 @@ func (e *ext4FS) need(p string, size int64, newDirs map[string]bool) (int64, int
 	blocks := (size + b - 1) / b
 	var meta int64
 	if C.prov_has_extents(e.fs) != 0 {
-		meta = blocks/340 + 1 // at most one extent per block in the worst case; 340 entries per 4 KiB leaf
+		meta = blocks/((b-12)/12) + 1 // worst case one extent per block, (block-12)/12 extents per tree block
 	} else {
 		meta = blocks/(b/4) + 2
 	}

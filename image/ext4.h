@@ -13,6 +13,7 @@ errcode_t prov_open(const char *name, int rw, ext2_filsys *out);
 int prov_state(ext2_filsys fs);
 void prov_info(ext2_filsys fs, unsigned long long *free_bytes, unsigned long long *free_inodes, unsigned int *block_size, char *label);
 int prov_has_extents(ext2_filsys fs);
+unsigned long long prov_size(ext2_filsys fs);
 errcode_t prov_close(ext2_filsys fs, int discard);
 errcode_t prov_stat(ext2_filsys fs, const char *path, int *mode, int *uid, int *gid, unsigned long long *size);
 errcode_t prov_read(ext2_filsys fs, const char *path, char **buf, unsigned long long *len);
