@@ -137,8 +137,8 @@ func JournalPath(imagePath, journalDir string) string {
 	if journalDir == "" {
 		return abs + ".provision-undo"
 	}
-	name := strings.ReplaceAll(strings.TrimPrefix(abs, "/"), "/", "_")
-	return filepath.Join(journalDir, name+".provision-undo")
+	// The device's name, told apart from others of that name by a hash of the whole path.
+	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(abs), crc32.ChecksumIEEE([]byte(abs))))
 }
 
 // Open opens an image file or block device under an exclusive lock (shared for ReadOnly), rolls back an edit a crash
