@@ -32,7 +32,7 @@ type BatchOptions struct {
 	OutDir    string
 	Workers   int
 	Profile   string
-	Endpoints []string
+	Handshake HandshakeConfig // Station.HandshakeConfig, as unit and tui use it
 	FailFast  bool
 	Hash      bool // SHA-256 of every finished image (reads it whole)
 	Operator  string
@@ -121,7 +121,7 @@ func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, o
 			return done("skipped", nil)
 		}
 		res, err := s.Provision(ctx, dev, ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Image: u.Target, Profile: opt.Profile,
-			Endpoints: opt.Endpoints, Operator: opt.Operator}, nil)
+			Handshake: opt.Handshake, Operator: opt.Operator}, nil)
 		r.Result = res
 		if err != nil {
 			return done("failed", err)
@@ -149,7 +149,7 @@ func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, o
 		return done("failed", fmt.Errorf("clone %s: %w", opt.Golden, err))
 	}
 	res, err := s.Provision(ctx, dev, ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Image: partial, Profile: opt.Profile,
-		Endpoints: opt.Endpoints, Operator: opt.Operator, Reprovision: shippable}, nil)
+		Handshake: opt.Handshake, Operator: opt.Operator, Reprovision: shippable}, nil)
 	r.Result = res
 	if err != nil {
 		os.Remove(partial)

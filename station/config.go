@@ -36,6 +36,9 @@ type Config struct {
 	Profiles map[string]Profile `yaml:"profiles"`
 	// Endpoints are the handshake test's targets (tls://, mqtts://, https://); empty: the built-in test server.
 	Endpoints []string `yaml:"endpoints" validate:"dive,endpoint"`
+	// EndpointCA is the CA the handshake step verifies the endpoints' servers with (PEM file, relative to the station
+	// directory); default: ServerCA, so the station checks what the device will check.
+	EndpointCA string `yaml:"endpoint_ca"`
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
@@ -116,6 +119,9 @@ profile: {{q .Profile}}
 # The live mTLS test after imaging: empty for the built-in loopback server, or real endpoints (--endpoint overrides):
 #   tls://host:port   mqtts://host:port (MQTT 5 CONNECT, CONNACK 0)   https://host[:port]/path (2xx)
 # endpoints: ["mqtts://broker.factory.example:8883"]
+# The CA the handshake verifies those servers with (a PEM file relative to this directory). Default: server_ca above, so
+# the station checks the broker with exactly what the device will check it with.
+# endpoint_ca: "ca/fleet-server-ca.pem"
 
 # Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
 #   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
@@ -219,7 +225,7 @@ func explain(fe validator.FieldError) string {
 	case "tpmuri":
 		return fmt.Sprintf("%q is not a TPM URI; use /dev/tpmrm0 (a device path), mssim://HOST:PORT, sim or soft", got)
 	case "endpoint":
-		return fmt.Sprintf("%q: use tls://host:port, mqtts://host:port or https://host[:port]/path", got)
+		return strings.TrimSuffix(CheckEndpoint(got).Error(), ": "+ErrEndpoint.Error())
 	case "serialpattern":
 		_, err := NewSerialRule(got)
 		return fmt.Sprintf("not a valid regular expression: %v", errors.Unwrap(err))
@@ -251,10 +257,7 @@ func newValidator() *validator.Validate {
 		return s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == ""
 	})
 	must("tpmuri", func(fl validator.FieldLevel) bool { return ValidTPMURI(fl.Field().String()) })
-	must("endpoint", func(fl validator.FieldLevel) bool {
-		s := fl.Field().String()
-		return strings.HasPrefix(s, "tls://") || strings.HasPrefix(s, "mqtts://") || strings.HasPrefix(s, "https://")
-	})
+	must("endpoint", func(fl validator.FieldLevel) bool { return CheckEndpoint(fl.Field().String()) == nil })
 	must("serialpattern", func(fl validator.FieldLevel) bool {
 		_, err := NewSerialRule(fl.Field().String())
 		return err == nil

@@ -409,8 +409,7 @@ func CertSerial(c *x509.Certificate) string { return fmt.Sprintf("%x", c.SerialN
 
 // isEnvironment reports errors that stop the whole run rather than fail one unit.
 func isEnvironment(err error) bool {
-	return errors.Is(err, tpm.ErrUnreachable) || errors.Is(err, tpm.ErrLockout) || errors.Is(err, context.Canceled) ||
-		errors.Is(err, context.DeadlineExceeded)
+	return errors.Is(err, tpm.ErrUnreachable) || errors.Is(err, tpm.ErrLockout) || errors.Is(err, context.Canceled)
 }
 
 const tempPrefix = ".provision-tmp-"

@@ -2,6 +2,7 @@ package station
 
 import (
 	"crypto/x509"
+	"errors"
 	"time"
 )
 
@@ -9,7 +10,7 @@ import (
 type Event struct {
 	Serial   string
 	Step     string
-	Status   string // "started", "ok", "failed", "skipped"
+	Status   string // "started", "ok", "failed", "skipped", "cancelled"
 	Detail   string
 	Err      error
 	Duration time.Duration
@@ -21,7 +22,17 @@ const (
 	StatusOK      = "ok"
 	StatusFailed  = "failed"
 	StatusSkipped = "skipped"
+	// StatusCancelled: the run was interrupted (Esc, Ctrl-C, SIGTERM) during or before this step; the unit keeps the
+	// state of its last completed step and resumes when run again.
+	StatusCancelled = "cancelled"
 )
+
+// OutcomeInterrupted is the audit outcome of a step that a cancellation stopped.
+const OutcomeInterrupted = "interrupted"
+
+// ErrInterrupted: the run was stopped (Esc, Ctrl-C, SIGTERM) between or during steps; the unit resumes when run again.
+// It wraps the context's cause, so errors.Is(err, context.Canceled) holds too (exit 130).
+var ErrInterrupted = errors.New("interrupted")
 
 // Steps is the pipeline in order.
 var Steps = []string{StepValidate, StepKey, StepCSR, StepSign, StepImage, StepVerify, StepHandshake}
@@ -30,10 +41,9 @@ var Steps = []string{StepValidate, StepKey, StepCSR, StepSign, StepImage, StepVe
 type ProvisionRequest struct {
 	Serial      string
 	Fields      map[string]string
-	Image       string   // raw image file or block device
-	Profile     string   // default: station.yaml profile
-	Endpoints   []string // tls://, mqtts://, https:// URLs; empty: the built-in test server
-	EndpointCA  *x509.CertPool
+	Image       string          // raw image file or block device
+	Profile     string          // default: station.yaml profile
+	Handshake   HandshakeConfig // Station.HandshakeConfig; zero: the built-in test server
 	Reprovision bool
 	Operator    string
 }

@@ -81,14 +81,41 @@ func (r *run) pipeline(ctx context.Context) error {
 			r.skip(st.name, "done in an earlier run")
 			continue
 		}
-		if err := ctx.Err(); err != nil {
-			return err
+		if ctx.Err() != nil {
+			return r.interrupted(ctx, st.name, 0)
 		}
 		if err := r.step(ctx, st.name, st.fn); err != nil {
 			return err
 		}
 	}
 	return r.record(ctx, inventory.StateShippable, "", nil, inventory.Event{Step: StepHandshake, Outcome: "shippable"})
+}
+
+// interrupted ends a run whose context was cancelled (Esc, Ctrl-C, SIGTERM) before or during step: the step is reported
+// cancelled, the unit keeps the state of its last completed step (so it resumes), and an event with outcome
+// "interrupted" is recorded with a context that outlives the cancellation.
+func (r *run) interrupted(ctx context.Context, step string, d time.Duration) error {
+	cause := fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(ctx))
+	r.res.Steps = append(r.res.Steps, StepResult{Name: step, Status: StatusCancelled, Duration: d, Err: cause})
+	r.report(Event{Serial: r.req.Serial, Step: step, Status: StatusCancelled, Err: cause, Duration: d})
+	se := &StepError{Serial: r.req.Serial, Step: step, Err: cause}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	err := r.s.Inv.Update(rctx, func(tx *inventory.Tx) error {
+		if _, err := tx.Unit(r.req.Serial); err != nil {
+			if errors.Is(err, inventory.ErrNotFound) {
+				return nil // nothing was recorded for this unit yet: nothing to resume
+			}
+			return err
+		}
+		return tx.Append(inventory.Event{Serial: r.req.Serial, Step: step, Outcome: OutcomeInterrupted,
+			Detail: "stopped by the operator or a signal; run the unit again to resume", MS: d.Milliseconds(),
+			Operator: r.req.Operator, Station: r.s.Config.StationID})
+	})
+	if err != nil {
+		return errors.Join(se, err)
+	}
+	return se
 }
 
 func (r *run) skip(step, why string) {
@@ -102,6 +129,9 @@ func (r *run) step(ctx context.Context, name string, fn func(context.Context) (s
 	start := time.Now()
 	detail, err := fn(ctx)
 	d := time.Since(start)
+	if err != nil && ctx.Err() != nil {
+		return r.interrupted(ctx, name, d)
+	}
 	if err != nil {
 		if isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged) {
 			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: d, Err: err})
@@ -374,7 +404,8 @@ func (r *run) stepVerify(ctx context.Context) (string, error) {
 func (r *run) stepHandshake(ctx context.Context) (string, error) {
 	client := handshake.Client{Certificate: r.res.Certificate, Chain: []*x509.Certificate{r.s.CA.Issuing}, Key: r.key,
 		ClientID: r.req.Serial}
-	if len(r.req.Endpoints) == 0 {
+	hc := r.req.Handshake
+	if len(hc.Endpoints) == 0 {
 		srv, err := r.s.builtinServer()
 		if err != nil {
 			return "", err
@@ -388,13 +419,12 @@ func (r *run) stepHandshake(ctx context.Context) (string, error) {
 		r.res.Handshakes = append(r.res.Handshakes, HandshakeResult(res))
 		return fmt.Sprintf("%s %s %s", res.Endpoint, res.TLSVersion, res.Detail), nil
 	}
-	roots := r.req.EndpointCA
+	roots := hc.CA
 	if roots == nil {
-		roots = x509.NewCertPool()
-		roots.AddCert(r.s.CA.Root)
+		return "", fmt.Errorf("no CA to verify %s with (Station.HandshakeConfig resolves it): %w", hc.Endpoints[0], ErrEndpoint)
 	}
 	detail := ""
-	for _, ep := range r.req.Endpoints {
+	for _, ep := range hc.Endpoints {
 		res, err := handshake.Test(ctx, ep, roots, client)
 		if err != nil {
 			return "", err

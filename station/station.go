@@ -41,6 +41,8 @@ func (l Layout) IssuingCert() string { return filepath.Join(l.Dir, "ca", "issuin
 func (l Layout) IssuingKey() string  { return filepath.Join(l.Dir, "ca", "issuing.key") }
 func (l Layout) Inventory() string   { return filepath.Join(l.Dir, "inventory.db") }
 func (l Layout) AuditHead() string   { return filepath.Join(l.Dir, "audit.head") }
+func (l Layout) AuditKey() string    { return filepath.Join(l.Dir, "ca", "audit.key") }
+func (l Layout) AuditPub() string    { return filepath.Join(l.Dir, "ca", "audit.pub") }
 
 // Station is an opened station directory.
 type Station struct {

@@ -114,7 +114,7 @@ func newBatchCmd(g *globals) *cobra.Command {
 		serials, golden, out, tpmURI, profile, targets, operator string
 		workers                                                  int
 		asJSON, failFast, hash                                   bool
-		endpoints                                                []string
+		hf                                                       handshakeFlags
 	)
 	c := &cobra.Command{
 		Use:   "batch --serials FILE --image GOLDEN --out DIR [--workers N] [--tpm soft|sim|URI]",
@@ -134,6 +134,9 @@ Running it again skips finished units and retries failed ones. Ctrl-C stops clea
 and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first failure.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := hf.check("batch"); err != nil {
+				return err
+			}
 			ctx := cmd.Context()
 			if (serials == "") == (targets == "") {
 				return usagef("batch: give --serials (with --image and --out) or --targets")
@@ -197,14 +200,15 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 			if out != "" {
 				st.RemoveStalePartials(ctx, out)
 			}
-			if len(endpoints) == 0 {
-				endpoints = st.Config.Endpoints
+			hc, err := hf.resolve("batch", st)
+			if err != nil {
+				return err
 			}
 			prog := newProgress(g.stderr, len(units), asJSON)
 			enc := json.NewEncoder(g.stdout)
 			start := time.Now()
 			results := st.Batch(ctx, dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers, Profile: profile,
-				Endpoints: endpoints, FailFast: failFast, Hash: hash, Operator: operatorName(operator)}, func(r station.BatchResult) {
+				Handshake: hc, FailFast: failFast, Hash: hash, Operator: operatorName(operator)}, func(r station.BatchResult) {
 				prog.add(r)
 				if asJSON {
 					enc.Encode(toBatchJSON(r))
@@ -258,7 +262,7 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 	f.IntVar(&workers, "workers", 2, "units in parallel")
 	f.StringVar(&tpmURI, "tpm", "soft", "key source: soft (default), sim, or a TPM URI that travels with the image")
 	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
-	f.StringArrayVar(&endpoints, "endpoint", nil, "handshake endpoint (repeatable; default: station.yaml, else built-in)")
+	hf.register(f)
 	f.StringVar(&operator, "operator", "", "operator recorded with each unit")
 	f.BoolVar(&asJSON, "json", false, "one JSON line per unit on stdout")
 	f.BoolVar(&failFast, "fail-fast", false, "stop at the first failed unit")

@@ -31,12 +31,13 @@ func mainExit() int {
 
 // Exit codes (CONTRACTS.md).
 const (
-	exitOK       = 0
-	exitFailed   = 1 // a unit failed
-	exitUsage    = 2 // bad command line, serial, serial file or station.yaml
-	exitRefused  = 3 // refused by the inventory
-	exitStation  = 4 // the station's own environment
-	exitInternal = exitFailed
+	exitOK          = 0
+	exitFailed      = 1   // a unit failed
+	exitUsage       = 2   // bad command line, serial, serial file or station.yaml
+	exitRefused     = 3   // refused by the inventory
+	exitStation     = 4   // the station's own environment
+	exitInterrupted = 130 // SIGINT/SIGTERM/Esc: what ran stopped between steps and resumes when run again
+	exitInternal    = exitFailed
 )
 
 // exitError carries an exit code chosen by a command, with the message already printed (or none to print).
@@ -70,14 +71,16 @@ func exitCode(err error) int {
 		return exitOK
 	case errors.As(err, &ee):
 		return ee.code
+	case errors.Is(err, station.ErrInterrupted), errors.Is(err, context.Canceled):
+		return exitInterrupted
 	case errors.As(err, &ue), errors.Is(err, station.ErrConfig), errors.Is(err, station.ErrBadSerial),
-		errors.Is(err, station.ErrSerialFile), errors.Is(err, station.ErrExists):
+		errors.Is(err, station.ErrSerialFile), errors.Is(err, station.ErrExists), errors.Is(err, station.ErrEndpoint):
 		return exitUsage
 	case errors.Is(err, station.ErrRefused):
 		return exitRefused
 	case errors.Is(err, station.ErrNotInitialised), errors.Is(err, station.ErrCA), errors.Is(err, tpm.ErrUnreachable),
 		errors.Is(err, tpm.ErrLockout), errors.Is(err, tpm.ErrBadURI), errors.Is(err, inventory.ErrLocked),
-		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound), errors.Is(err, context.Canceled):
+		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound):
 		return exitStation
 	}
 	return exitInternal

@@ -19,10 +19,11 @@ import (
 // tuiBackend connects the TUI to the station. The unit's TPM is opened for each unit: on a line every unit brings its
 // own (the fixture's /dev/tpmrm0, or a forwarded TPM).
 type tuiBackend struct {
-	st       *station.Station
-	tpmURI   string
-	profile  string
-	makeImgs bool // --demo: generate a sample image for a unit that has none
+	st        *station.Station
+	tpmURI    string
+	profile   string
+	handshake station.HandshakeConfig // the same resolution as unit and batch
+	makeImgs  bool                    // --demo: generate a sample image for a unit that has none
 }
 
 func (b *tuiBackend) CheckSerial(s string) error { return b.st.Config.SerialRule().Check(s) }
@@ -50,7 +51,7 @@ func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest
 		return station.Result{Serial: req.Serial}, &station.StepError{Serial: req.Serial, Step: station.StepKey, Err: err}
 	}
 	defer dev.Close()
-	req.Profile = b.profile
+	req.Profile, req.Handshake = b.profile, b.handshake
 	return b.st.Provision(ctx, dev, req, report)
 }
 
@@ -69,6 +70,7 @@ func todayCounts(ctx context.Context, inv *inventory.DB) (ok, failed int) {
 
 func newTUICmd(g *globals) *cobra.Command {
 	var img, tpmURI, operator, profile string
+	var hf handshakeFlags
 	var demo bool
 	c := &cobra.Command{
 		Use:   "tui --image PATH [--operator NAME] [--tpm URI]",
@@ -104,6 +106,9 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 				}
 				fmt.Fprintf(g.stderr, "demo station in %s\n", dir)
 			}
+			if err := hf.check("tui"); err != nil {
+				return err
+			}
 			if img == "" {
 				return usagef("tui: --image is required (a path with {serial}, or the fixture's block device)")
 			}
@@ -112,6 +117,10 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 				return err
 			}
 			defer st.Close()
+			hc, err := hf.resolve("tui", st)
+			if err != nil {
+				return err
+			}
 			if err := st.LoadCA(passphrase()); err != nil {
 				return fmt.Errorf("tui: %w", err)
 			}
@@ -135,8 +144,8 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 				op = os.Getenv("PROVISION_OPERATOR")
 			}
 			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, TPMOK: tpmOK, CAExpiry: st.CA.Issuing.NotAfter,
-				Profile: profile, ImageTarget: img, Shippable: ok, Failed: failed}
-			return tui.Run(ctx, &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, makeImgs: demo}, h)
+				Profile: profile, ImageTarget: img, Handshake: hc.String(), Shippable: ok, Failed: failed}
+			return tui.Run(ctx, &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo}, h)
 		},
 	}
 	f := c.Flags()
@@ -144,6 +153,7 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM URI (default: station.yaml)")
 	f.StringVar(&operator, "operator", "", "operator name recorded with every unit (asked at start when empty)")
 	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
+	hf.register(f)
 	f.BoolVar(&demo, "demo", false, "simulator TPM, throw-away station, generated sample images")
 	return c
 }

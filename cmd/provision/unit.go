@@ -1,19 +1,16 @@
 package main
 
 import (
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"provision/station"
-	"provision/station/ca"
 )
 
 type stepJSON struct {
@@ -82,31 +79,41 @@ func stepPrinter(w io.Writer) func(station.Event) {
 	}
 }
 
-// loadEndpointCA reads --endpoint-ca: an unreadable or invalid file is a usage error (exit 2).
-func loadEndpointCA(path string) (*x509.CertPool, error) {
-	if path == "" {
-		return nil, nil
+// handshakeFlags are --endpoint and --endpoint-ca, shared by unit, tui and batch so all three test the same thing.
+type handshakeFlags struct {
+	endpoints []string
+	ca        string
+}
+
+func (h *handshakeFlags) register(f *pflag.FlagSet) {
+	f.StringArrayVar(&h.endpoints, "endpoint", nil, "handshake endpoint (repeatable): tls://host:port, mqtts://host:port, https://host[:port]/path (default: station.yaml endpoints, else the built-in server)")
+	f.StringVar(&h.ca, "endpoint-ca", "", "CA file the endpoints' server certificates must chain to (default: station.yaml endpoint_ca, else server_ca)")
+}
+
+// check validates the flags before anything else happens (exit 2 on a bad endpoint).
+func (h *handshakeFlags) check(cmd string) error {
+	for _, e := range h.endpoints {
+		if err := station.CheckEndpoint(e); err != nil {
+			return usagef("%s: --endpoint: %v", cmd, err)
+		}
 	}
-	b, err := os.ReadFile(path)
+	return nil
+}
+
+// resolve is the handshake configuration: flags over station.yaml (Station.HandshakeConfig).
+func (h *handshakeFlags) resolve(cmd string, st *station.Station) (station.HandshakeConfig, error) {
+	hc, err := st.HandshakeConfig(h.endpoints, h.ca)
 	if err != nil {
-		return nil, usagef("--endpoint-ca: %v", err)
+		return hc, usagef("%s: %v", cmd, err)
 	}
-	certs, err := ca.ParseCerts(b)
-	if err != nil {
-		return nil, usagef("--endpoint-ca %s: %v", path, err)
-	}
-	pool := x509.NewCertPool()
-	for _, c := range certs {
-		pool.AddCert(c)
-	}
-	return pool, nil
+	return hc, nil
 }
 
 func newUnitCmd(g *globals) *cobra.Command {
 	var (
-		serial, img, tpmURI, profile, endpointCA, operator string
-		endpoints                                          []string
-		asJSON, reprovision                                bool
+		serial, img, tpmURI, profile, operator string
+		hf                                     handshakeFlags
+		asJSON, reprovision                    bool
 	)
 	c := &cobra.Command{
 		Use:   "unit --serial S --image IMG [--tpm URI] [--profile P] [--endpoint URL --endpoint-ca FILE]",
@@ -130,13 +137,7 @@ superseded).`,
 			if serial == "" || img == "" {
 				return usagef("unit: --serial and --image are required")
 			}
-			for _, e := range endpoints {
-				if !strings.HasPrefix(e, "tls://") && !strings.HasPrefix(e, "mqtts://") && !strings.HasPrefix(e, "https://") {
-					return usagef("unit: --endpoint %q: use tls://host:port, mqtts://host:port or https://host[:port]/path", e)
-				}
-			}
-			pool, err := loadEndpointCA(endpointCA)
-			if err != nil {
+			if err := hf.check("unit"); err != nil {
 				return err
 			}
 			st, err := g.openStation(ctx)
@@ -150,8 +151,9 @@ superseded).`,
 			if tpmURI, err = tpmFlag("unit", tpmURI, st.Config.TPM); err != nil {
 				return err
 			}
-			if len(endpoints) == 0 {
-				endpoints = st.Config.Endpoints
+			hc, err := hf.resolve("unit", st)
+			if err != nil {
+				return err
 			}
 			if err := st.LoadCA(passphrase()); err != nil {
 				return fmt.Errorf("unit: %w", err)
@@ -165,12 +167,12 @@ superseded).`,
 			if asJSON {
 				report = func(station.Event) {}
 			} else {
-				fmt.Fprintf(g.stdout, "unit %s  (tpm %s, image %s)\n", serial, tpmURI, img)
+				fmt.Fprintf(g.stdout, "unit %s  (tpm %s, image %s, handshake %s)\n", serial, tpmURI, img, hc)
 				report = stepPrinter(g.stdout)
 			}
 			start := time.Now()
 			res, perr := st.Provision(ctx, dev, station.ProvisionRequest{Serial: serial, Image: img, Profile: profile,
-				Endpoints: endpoints, EndpointCA: pool, Reprovision: reprovision, Operator: operatorName(operator)}, report)
+				Handshake: hc, Reprovision: reprovision, Operator: operatorName(operator)}, report)
 			if asJSON {
 				if err := json.NewEncoder(g.stdout).Encode(toUnitJSON(res, perr)); err != nil {
 					return err
@@ -192,8 +194,7 @@ superseded).`,
 	f.StringVar(&img, "image", "", "the unit's disk image or block device")
 	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM: /dev/tpmrm0, mssim://HOST:PORT, sim or soft (default: station.yaml)")
 	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
-	f.StringArrayVar(&endpoints, "endpoint", nil, "handshake endpoint (repeatable): tls://, mqtts://, https:// (default: station.yaml, else built-in)")
-	f.StringVar(&endpointCA, "endpoint-ca", "", "CA file the endpoints' server certificates must chain to (default: the station root)")
+	hf.register(f)
 	f.StringVar(&operator, "operator", "", "operator recorded with the unit (default $PROVISION_OPERATOR, else the user name)")
 	f.BoolVar(&reprovision, "reprovision", false, "provision a shippable unit again (new key and certificate)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")

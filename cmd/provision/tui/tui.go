@@ -40,6 +40,7 @@ type Header struct {
 	CAExpiry    time.Time
 	Profile     string
 	ImageTarget string // may contain {serial}
+	Handshake   string // what the handshake step tests (station.HandshakeConfig.String)
 	Shippable   int    // today
 	Failed      int    // today
 }
