@@ -133,20 +133,15 @@ func Open(ctx context.Context, path string, opts ...Option) (*DB, error) {
 			}
 			return nil, fmt.Errorf("inventory: open %s: %w", path, err)
 		}
+		if err := probe(ctx, path); err != nil {
+			return nil, fmt.Errorf("inventory: open %s: %w", path, err)
+		}
 	}
-	q := url.Values{}
-	q.Set("_txlock", "immediate")
-	q.Add("_pragma", "busy_timeout(5000)")
-	q.Add("_pragma", "journal_mode(WAL)")
-	q.Add("_pragma", "synchronous(FULL)")
-	q.Add("_pragma", "foreign_keys(1)")
 	mode := "rw"
 	if o.create {
 		mode = "rwc"
 	}
-	q.Set("mode", mode)
-	dsn := (&url.URL{Scheme: "file", OmitHost: true, Path: path, RawQuery: q.Encode()}).String()
-	sdb, err := sql.Open("sqlite", dsn)
+	sdb, err := openSQL(path, mode)
 	if err != nil {
 		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
 	}
@@ -160,6 +155,43 @@ func Open(ctx context.Context, path string, opts ...Option) (*DB, error) {
 		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
 	}
 	return db, nil
+}
+
+// openSQL opens the database with the inventory's connection settings; mode is SQLite's "rw" or "rwc".
+func openSQL(path, mode string) (*sql.DB, error) {
+	q := url.Values{}
+	q.Set("_txlock", "immediate")
+	q.Add("_pragma", "busy_timeout(5000)")
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "synchronous(FULL)")
+	q.Add("_pragma", "foreign_keys(1)")
+	q.Set("mode", mode)
+	return sql.Open("sqlite", (&url.URL{Scheme: "file", OmitHost: true, Path: path, RawQuery: q.Encode()}).String())
+}
+
+// probe checks, read-only and before anything can write to it, that an existing file is an inventory: a 0-byte file or
+// an SQLite database without the inventory's schema is damage (ErrDamaged), never a new inventory to fill (only
+// `provision init` creates one).
+func probe(ctx context.Context, path string) error {
+	q := url.Values{}
+	q.Set("mode", "ro")
+	q.Add("_pragma", "busy_timeout(5000)")
+	sdb, err := sql.Open("sqlite", (&url.URL{Scheme: "file", OmitHost: true, Path: path, RawQuery: q.Encode()}).String())
+	if err != nil {
+		return classify(err)
+	}
+	defer sdb.Close()
+	var version, tables int
+	if err := sdb.QueryRowContext(ctx, "PRAGMA user_version").Scan(&version); err != nil {
+		return classify(err)
+	}
+	if err := sdb.QueryRowContext(ctx, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'units'").Scan(&tables); err != nil {
+		return classify(err)
+	}
+	if version == 0 || tables == 0 {
+		return fmt.Errorf("%w: the file holds no inventory (empty or not made by provision init)", ErrDamaged)
+	}
+	return nil
 }
 
 // Path is the database file.
