@@ -8,6 +8,7 @@ import (
 	"context"
 	"database/sql"
 	"embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -66,10 +67,13 @@ type Unit struct {
 	KeyKind      string // "tpm" or "soft"
 	PublicSHA256 string // SHA-256 of the device public key's PKIX DER
 	EKCertSHA256 string // SHA-256 of the TPM's EK certificate, when it has one
-	Operator     string
-	Station      string
-	Created      time.Time
-	Updated      time.Time
+	// Fields are the unit's own placeholders (batch CSV columns): subject {name}, templates .Fields.name. Stored so a
+	// resumed run and verify render the same files as the run that wrote them.
+	Fields   map[string]string
+	Operator string
+	Station  string
+	Created  time.Time
+	Updated  time.Time
 }
 
 // Certificate is one certificate issued to a unit.
@@ -337,14 +341,19 @@ type queryer interface {
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 }
 
-const unitColumns = "serial, state, failed_step, error, key_kind, public_sha256, ek_cert_sha256, operator, station, created_at, updated_at"
+const unitColumns = "serial, state, failed_step, error, key_kind, public_sha256, ek_cert_sha256, operator, station, created_at, updated_at, fields"
 
 func scanUnit(row interface{ Scan(...any) error }) (Unit, error) {
 	var u Unit
-	var created, updated string
+	var created, updated, fields string
 	err := row.Scan(&u.Serial, &u.State, &u.FailedStep, &u.Error, &u.KeyKind, &u.PublicSHA256, &u.EKCertSHA256,
-		&u.Operator, &u.Station, &created, &updated)
+		&u.Operator, &u.Station, &created, &updated, &fields)
 	u.Created, u.Updated = parseTime(created), parseTime(updated)
+	if err == nil && fields != "" {
+		if jerr := json.Unmarshal([]byte(fields), &u.Fields); jerr != nil {
+			return u, fmt.Errorf("unit %q: fields: %v: %w", u.Serial, jerr, ErrDamaged)
+		}
+	}
 	return u, err
 }
 
@@ -403,11 +412,20 @@ func (db *DB) UnitCount(ctx context.Context) (int, error) {
 // PutUnit inserts or replaces the unit's record. Created is kept from the first insert; Updated is set to now.
 func (tx *Tx) PutUnit(u Unit) error {
 	now := fmtTime(time.Now())
-	_, err := tx.tx.ExecContext(tx.ctx, `INSERT INTO units (`+unitColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+	fields := ""
+	if len(u.Fields) > 0 {
+		b, err := json.Marshal(u.Fields)
+		if err != nil {
+			return fmt.Errorf("inventory: put unit %q: fields: %w", u.Serial, err)
+		}
+		fields = string(b)
+	}
+	_, err := tx.tx.ExecContext(tx.ctx, `INSERT INTO units (`+unitColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
 		ON CONFLICT(serial) DO UPDATE SET state=excluded.state, failed_step=excluded.failed_step, error=excluded.error,
 		key_kind=excluded.key_kind, public_sha256=excluded.public_sha256, ek_cert_sha256=excluded.ek_cert_sha256,
-		operator=excluded.operator, station=excluded.station, updated_at=excluded.updated_at`,
-		u.Serial, u.State, u.FailedStep, u.Error, u.KeyKind, u.PublicSHA256, u.EKCertSHA256, u.Operator, u.Station, now, now)
+		operator=excluded.operator, station=excluded.station, updated_at=excluded.updated_at,
+		fields=CASE WHEN excluded.fields = '' THEN units.fields ELSE excluded.fields END`,
+		u.Serial, u.State, u.FailedStep, u.Error, u.KeyKind, u.PublicSHA256, u.EKCertSHA256, u.Operator, u.Station, now, now, fields)
 	if err != nil {
 		return fmt.Errorf("inventory: put unit %q: %w", u.Serial, classify(err))
 	}

@@ -9,8 +9,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"provision/station/ca"
+	"provision/station/handshake"
 )
 
 // EndpointForms says in words which handshake endpoints the station takes.
@@ -48,6 +50,14 @@ type HandshakeConfig struct {
 	Endpoints []string       // empty: the built-in loopback server
 	CA        *x509.CertPool // the servers are verified against this (unused for the built-in server)
 	CAFile    string         // where CA came from, for the operator's header
+	Timeout   time.Duration  // bounds each endpoint's test; 0: the handshake package's default (10 s)
+}
+
+func (h HandshakeConfig) options() []handshake.Option {
+	if h.Timeout > 0 {
+		return []handshake.Option{handshake.WithTimeout(h.Timeout)}
+	}
+	return nil
 }
 
 // String says in a few words what the handshake tests, for headers and logs.

@@ -131,6 +131,7 @@ type prepared struct {
 	steps    []inventory.Event
 	failed   *StepError
 	bundleMS int64
+	fields   map[string]string
 }
 
 func (s *Station) enrollGroup(ctx context.Context, dev *tpm.Device, alg tpm.Algorithm, ekSHA string, units []UnitRequest, opt EnrollOptions) ([]EnrollResult, error) {
@@ -262,7 +263,7 @@ func (s *Station) event(serial, step, outcome, detail string, start time.Time, o
 // prepare validates, creates the key, builds the CSR and has it signed. A returned error is fatal for the whole run
 // (the TPM or the inventory is gone); a unit's own failure is recorded in prepared.
 func (s *Station) prepare(ctx context.Context, dev *tpm.Device, alg tpm.Algorithm, ekSHA string, u UnitRequest, opt EnrollOptions) (*prepared, error) {
-	p := &prepared{res: EnrollResult{Serial: u.Serial, KeyKind: dev.Kind(), EKCertSHA256: ekSHA}}
+	p := &prepared{res: EnrollResult{Serial: u.Serial, KeyKind: dev.Kind(), EKCertSHA256: ekSHA}, fields: u.Fields}
 	start := time.Now()
 	if err := s.Config.SerialRule().Check(u.Serial); err != nil {
 		p.res.Err, p.res.State = err, inventory.StateNew
@@ -375,7 +376,7 @@ func (s *Station) checkRefusal(ctx context.Context, serial string, reprovision b
 // events, or its failure.
 func (s *Station) record(tx *inventory.Tx, p *prepared, opt EnrollOptions) error {
 	u := inventory.Unit{Serial: p.res.Serial, KeyKind: p.res.KeyKind, PublicSHA256: p.res.PublicSHA256,
-		EKCertSHA256: p.res.EKCertSHA256, Operator: opt.Operator, Station: s.Config.StationID}
+		EKCertSHA256: p.res.EKCertSHA256, Operator: opt.Operator, Station: s.Config.StationID, Fields: p.fields}
 	if p.failed != nil {
 		u.State, u.FailedStep, u.Error = inventory.StateFailed, p.failed.Step, p.failed.Err.Error()
 	} else {

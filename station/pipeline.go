@@ -36,6 +36,7 @@ type run struct {
 	subject pkix.Name
 	csr     *x509.CertificateRequest
 	plan    *Plan
+	unclaim func() // drops the run's claim on the serial (claimUnit)
 }
 
 // Provision runs a unit through validate, key, csr, sign, image, verify and handshake, recording each step's outcome in
@@ -50,10 +51,26 @@ func (s *Station) Provision(ctx context.Context, dev *tpm.Device, req ProvisionR
 	if report == nil {
 		report = func(Event) {}
 	}
+	front := report
+	report = func(e Event) { // -v: every step with its outcome and time on the debug log, then the front end
+		if e.Status != StatusStarted {
+			s.Log.Debug("step", "serial", e.Serial, "step", e.Step, "status", e.Status, "ms", e.Duration.Milliseconds(),
+				"detail", e.Detail, "error", e.Err)
+		}
+		front(e)
+	}
 	r := &run{s: s, dev: dev, req: req, report: report, res: Result{Serial: req.Serial, State: inventory.StateNew}}
 	defer r.closeKey()
+	defer r.release()
 	err := r.pipeline(ctx)
 	return r.res, err
+}
+
+func (r *run) release() {
+	if r.unclaim != nil {
+		r.unclaim()
+		r.unclaim = nil
+	}
 }
 
 func (r *run) closeKey() {
@@ -172,6 +189,9 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 		if r.keyKind != "" {
 			u.KeyKind, u.PublicSHA256 = r.keyKind, r.pubSHA
 		}
+		if len(r.req.Fields) > 0 {
+			u.Fields = r.req.Fields
+		}
 		u.Operator, u.Station = r.req.Operator, r.s.Config.StationID
 		if err := tx.PutUnit(u); err != nil {
 			return err
@@ -210,21 +230,26 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	if err := r.s.Config.SerialRule().Check(r.req.Serial); err != nil {
 		return fail(err)
 	}
+	if r.unclaim, err = r.s.claimUnit(r.req.Serial, r.req.Operator); err != nil {
+		return fail(err)
+	}
+	unit, err := r.s.Inv.Unit(ctx, r.req.Serial)
+	if err != nil && !errors.Is(err, inventory.ErrNotFound) {
+		return fail(err)
+	}
+	if len(r.req.Fields) == 0 && len(unit.Fields) > 0 {
+		r.req.Fields = unit.Fields // the unit's own data, recorded by the run that first had it (batch CSV)
+	}
 	subject, err := r.s.Config.SubjectTemplate().Render(r.req.Serial, r.req.Fields)
 	if err != nil {
 		return fail(fmt.Errorf("subject: %w: %w", err, ErrBadSerial))
 	}
 	r.subject = subject
-	prof, err := r.s.Config.ResolveProfile(r.req.Profile)
-	if err != nil {
+	if _, err := r.s.Config.ResolveProfile(r.req.Profile); err != nil {
 		return fail(err)
 	}
-	_ = prof
-	unit, err := r.s.Inv.Unit(ctx, r.req.Serial)
 	switch {
-	case errors.Is(err, inventory.ErrNotFound):
-	case err != nil:
-		return fail(err)
+	case unit.Serial == "":
 	case unit.State == inventory.StateShippable && !r.req.Reprovision:
 		return fail(fmt.Errorf("unit %s is already provisioned (shippable since %s, operator %s): use --reprovision to do it again: %w",
 			r.req.Serial, unit.Updated.Local().Format("2006-01-02 15:04"), unit.Operator, ErrRefused))
@@ -296,6 +321,11 @@ func (r *run) loadFromImage(ctx context.Context) bool {
 		r.key = nil
 		return false
 	}
+	if r.pubSHA, err = publicSHA256(r.key.Public()); err != nil {
+		r.closeKey()
+		r.key = nil
+		return false
+	}
 	r.keyPEM = keyPEM
 	r.res.Certificate, r.res.CertSHA256, r.res.KeyKind = certs[0], active.SHA256, r.keyKind
 	return true
@@ -324,12 +354,9 @@ func (r *run) stepKey(ctx context.Context) (string, error) {
 	}
 	r.key, r.closeFn, r.keyKind = k, k.Close, k.Kind()
 	r.res.KeyKind = k.Kind()
-	der, err := x509.MarshalPKIXPublicKey(k.Public())
-	if err != nil {
+	if r.pubSHA, err = publicSHA256(k.Public()); err != nil {
 		return "", err
 	}
-	sum := sha256.Sum256(der)
-	r.pubSHA = hex.EncodeToString(sum[:])
 	if r.keyPEM, err = k.PEM(); err != nil {
 		return "", fmt.Errorf("export key file: %w", err)
 	}
@@ -412,7 +439,7 @@ func (r *run) stepHandshake(ctx context.Context) (string, error) {
 		}
 		done := srv.Expect(r.res.Certificate)
 		defer done()
-		res, err := handshake.Test(ctx, srv.URL(), srv.Roots(), client)
+		res, err := handshake.Test(ctx, srv.URL(), srv.Roots(), client, hc.options()...)
 		if err != nil {
 			return "", err
 		}
@@ -425,7 +452,7 @@ func (r *run) stepHandshake(ctx context.Context) (string, error) {
 	}
 	detail := ""
 	for _, ep := range hc.Endpoints {
-		res, err := handshake.Test(ctx, ep, roots, client)
+		res, err := handshake.Test(ctx, ep, roots, client, hc.options()...)
 		if err != nil {
 			return "", err
 		}
@@ -482,4 +509,14 @@ func pemType(b []byte) string {
 		return ""
 	}
 	return blk.Type
+}
+
+// publicSHA256 is the SHA-256 of a public key's PKIX DER, lowercase hex: the unit's key fingerprint.
+func publicSHA256(pub crypto.PublicKey) (string, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:]), nil
 }

@@ -1,0 +1,195 @@
+package station
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"provision/image/golden"
+	"provision/inventory"
+	"provision/simulator"
+)
+
+func goldenImage(tb testing.TB) string {
+	tb.Helper()
+	simulator.RequireTool(tb, golden.Tools...)
+	img := filepath.Join(tb.TempDir(), "unit.img")
+	if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
+		tb.Fatal(err)
+	}
+	return img
+}
+
+// Two runs on one serial at once: the second is refused while the first holds the unit, naming who holds it; once the
+// first is done the serial is free again. (Before: both ran, and both could report SHIPPABLE while one image held a
+// superseded certificate.)
+func TestOneRunPerUnit(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	img1, img2 := goldenImage(t), goldenImage(t)
+	ctx := context.Background()
+	inKey, proceed := make(chan struct{}), make(chan struct{})
+	first := make(chan error, 1)
+	go func() {
+		_, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-CLAIM-1", Image: img1, Operator: "alice"}, func(e Event) {
+			if e.Step == StepKey && e.Status == StatusStarted {
+				close(inKey)
+				<-proceed
+			}
+		})
+		first <- err
+	}()
+	<-inKey
+	_, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-CLAIM-1", Image: img2, Operator: "bob"}, nil)
+	close(proceed)
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "is being provisioned by pid") || !strings.Contains(err.Error(), "alice") {
+		t.Fatalf("second run: got %v, want ErrRefused naming the holder", err)
+	}
+	if err := <-first; err != nil {
+		t.Fatalf("first run: %v", err)
+	}
+	if _, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-CLAIM-1", Image: img2, Reprovision: true}, nil); err != nil {
+		t.Fatalf("after the first run ended the serial must be free: %v", err)
+	}
+	if n := activeCount(t, s, "SN-CLAIM-1"); n != 1 {
+		t.Fatalf("%d active certificates", n)
+	}
+	// A dead holder's lock file (left by a killed process: the kernel dropped its lock) is taken over.
+	os.MkdirAll(s.Layout.claimDir(), 0o700)
+	os.WriteFile(filepath.Join(s.Layout.claimDir(), "SN-CLAIM-2.lock"), []byte("pid 1 on gone (operator x, since 00:00:00)"), 0o600)
+	if _, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-CLAIM-2", Image: img1}, nil); err != nil {
+		t.Fatalf("stale claim not taken over: %v", err)
+	}
+}
+
+// A handshake that times out is a failed handshake, recorded as such (before: the unit stayed "verified", as if the
+// run had been interrupted).
+func TestHandshakeTimeoutIsRecordedAsFailure(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	img := goldenImage(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() { // accepts and never answers
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	hc, err := s.HandshakeConfig([]string{"tls://" + ln.Addr().String()}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc.Timeout = 300 * time.Millisecond
+	_, err = s.Provision(context.Background(), d, ProvisionRequest{Serial: "SN-TIMEOUT-1", Image: img, Handshake: hc}, nil)
+	var se *StepError
+	if !errors.As(err, &se) || se.Step != StepHandshake {
+		t.Fatalf("got %v, want a handshake StepError", err)
+	}
+	u, err := s.Inv.Unit(context.Background(), "SN-TIMEOUT-1")
+	if err != nil || u.State != inventory.StateFailed || u.FailedStep != StepHandshake {
+		t.Fatalf("unit %+v (%v), want failed at handshake", u, err)
+	}
+}
+
+// The unit's fields (batch CSV columns) are stored with it, and a resumed run keeps them and the key fingerprint
+// (before: a resume emptied public_sha256, and a run without the CSV rendered different files).
+func TestFieldsAndFingerprintSurviveResume(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	img := goldenImage(t)
+	ctx := context.Background()
+	cfg := *s.Config
+	data := strings.Replace(string(cfg.Marshal()), `subject: "CN=device-{serial}, O=Example Devices, OU=Manufacturing"`,
+		`subject: "CN=device-{serial}, O=Example Devices, OU={line}"`, 1)
+	c, err := ParseConfig("station.yaml", []byte(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Config = c
+	// First run: the handshake fails (nothing listens), after the image was written.
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close()
+	hc, err := s.HandshakeConfig([]string{"tls://" + dead}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields := map[string]string{"line": "L7"}
+	res, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-FIELDS-1", Fields: fields, Image: img, Handshake: hc}, nil)
+	if err == nil {
+		t.Fatal("handshake to a closed port passed")
+	}
+	if got := res.Certificate.Subject.OrganizationalUnit; len(got) != 1 || got[0] != "L7" {
+		t.Fatalf("subject OU %v", got)
+	}
+	u1, _ := s.Inv.Unit(ctx, "SN-FIELDS-1")
+	if u1.PublicSHA256 == "" || u1.Fields["line"] != "L7" {
+		t.Fatalf("after run 1: %+v", u1)
+	}
+	// Second run without the CSV: resumes from the image with the stored fields; fingerprint kept.
+	res2, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-FIELDS-1", Image: img}, nil)
+	if err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	if res2.CertSHA256 != res.CertSHA256 {
+		t.Fatalf("resume issued a new certificate")
+	}
+	u2, _ := s.Inv.Unit(ctx, "SN-FIELDS-1")
+	if u2.State != inventory.StateShippable || u2.PublicSHA256 != u1.PublicSHA256 || u2.Fields["line"] != "L7" {
+		t.Fatalf("after resume: %+v, want shippable with fingerprint %s and fields kept", u2, u1.PublicSHA256)
+	}
+}
+
+// Cancelling a run between steps reports the next step cancelled, keeps the unit's last state, records an
+// "interrupted" event, and the error is ErrInterrupted and context.Canceled (exit 130). The next run resumes.
+func TestInterruptBetweenSteps(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	img := goldenImage(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	var statuses []string
+	res, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-INT-1", Image: img}, func(e Event) {
+		statuses = append(statuses, e.Step+":"+e.Status)
+		if e.Step == StepSign && e.Status == StatusOK {
+			cancel()
+		}
+	})
+	if !errors.Is(err, ErrInterrupted) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want ErrInterrupted wrapping context.Canceled", err)
+	}
+	if last := statuses[len(statuses)-1]; last != "image:cancelled" {
+		t.Fatalf("events %v, want the image step cancelled last", statuses)
+	}
+	if res.State != inventory.StateCertified {
+		t.Fatalf("result state %q", res.State)
+	}
+	u, _ := s.Inv.Unit(context.Background(), "SN-INT-1")
+	if u.State != inventory.StateCertified {
+		t.Fatalf("unit state %q, want certified (the last completed step)", u.State)
+	}
+	evs, err := s.Inv.Events(context.Background(), "SN-INT-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := evs[len(evs)-1]; last.Outcome != OutcomeInterrupted || last.Step != StepImage {
+		t.Fatalf("last event %+v, want interrupted at image", last)
+	}
+	if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SN-INT-1", Image: img}, nil); err != nil {
+		t.Fatalf("rerun after interruption: %v", err)
+	}
+	if n := activeCount(t, s, "SN-INT-1"); n != 1 {
+		t.Fatalf("%d active certificates", n)
+	}
+}
