@@ -75,6 +75,8 @@ func stepPrinter(w io.Writer) func(station.Event) {
 			fmt.Fprintf(w, "  ✗ %-10s %6d ms  %v\n", e.Step, e.Duration.Milliseconds(), e.Err)
 		case station.StatusSkipped:
 			fmt.Fprintf(w, "  - %-10s %9s  %s\n", e.Step, "", e.Detail)
+		case station.StatusCancelled:
+			fmt.Fprintf(w, "  ■ %-10s %6d ms  cancelled\n", e.Step, e.Duration.Milliseconds())
 		}
 	}
 }
@@ -180,6 +182,8 @@ superseded).`,
 			} else if perr == nil {
 				fmt.Fprintf(g.stdout, "SHIPPABLE  %s  certificate %s  in %s\n", serial, station.CertSerial(res.Certificate),
 					time.Since(start).Round(time.Millisecond))
+			} else if errors.Is(perr, station.ErrInterrupted) {
+				fmt.Fprintf(g.stdout, "INTERRUPTED  %s  (state %s kept: run the same command again to resume)\n", serial, res.State)
 			} else if !errors.Is(perr, station.ErrRefused) {
 				fmt.Fprintf(g.stdout, "FAILED  %s\n", serial)
 			}
