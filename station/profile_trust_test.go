@@ -120,7 +120,18 @@ func TestKeyFileOnFATRefused(t *testing.T) {
 	}
 	img := goldenWithDpkg(t, nil)
 	before := fileSum(t, img)
-	_, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "FAT-0001", Image: img, Profile: "bootkey", Operator: "t"}, nil)
+	prof, err := s.Config.ResolveProfile("bootkey")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := prof.Plan("bootkey", s.Layout.Dir, testMaterial("soft"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := PreflightPlan(context.Background(), img, plan); !errors.Is(err, ErrUnprotectedKey) || !errors.Is(err, ErrImage) {
+		t.Fatalf("pre-flight: got %v, want ErrUnprotectedKey", err)
+	}
+	_, err = s.Provision(context.Background(), d, ProvisionRequest{Serial: "FAT-0001", Image: img, Profile: "bootkey", Operator: "t"}, nil)
 	if !errors.Is(err, ErrUnprotectedKey) || !strings.Contains(err.Error(), "allow_unprotected_key: true") || !strings.Contains(err.Error(), "partition 1 is FAT") {
 		t.Fatalf("got %v, want ErrUnprotectedKey naming the opt-in", err)
 	}
