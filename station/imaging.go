@@ -304,16 +304,9 @@ func (s *Station) ServerCA() ([]byte, error) {
 	if name == "" {
 		return ca.EncodeCerts(s.CA.Root), nil
 	}
-	p, err := s.Layout.StationFile("server_ca", name)
+	b, err := readStationSource(s.Layout, "server_ca", name)
 	if err != nil {
 		return nil, err
-	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		return nil, fmt.Errorf("server_ca %s: %w: %w", name, err, ErrConfig)
-	}
-	if bytes.Contains(b, []byte("PRIVATE KEY")) {
-		return nil, fmt.Errorf("server_ca %s holds a private key: a server CA file carries certificates only: %w", name, ErrConfig)
 	}
 	if _, err := ca.ParseCerts(b); err != nil {
 		return nil, fmt.Errorf("server_ca %s: %v: %w", name, err, ErrConfig)

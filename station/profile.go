@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
-	"os"
 	"path"
 	"path/filepath"
 	"regexp"
@@ -462,12 +461,10 @@ func (p *Profile) content(from, stationDir string, m Material, data templateData
 	if name, ok := strings.CutPrefix(from, "builtin:"); ok {
 		text, err = builtinProfiles.ReadFile("profiles/" + name)
 	} else {
-		var f string
-		f, err = Layout{Dir: stationDir}.StationFile("template", strings.TrimPrefix(from, "template:"))
+		text, err = readStationSource(Layout{Dir: stationDir}, "template", strings.TrimPrefix(from, "template:"))
 		if err != nil {
 			return nil, err
 		}
-		text, err = os.ReadFile(f)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("template: %w", err)

@@ -46,6 +46,11 @@ func TestProfileTemplateStationFile(t *testing.T) {
 	if err := os.Symlink("../ca/issuing.key", filepath.Join(dir, "templates", "key.txt")); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Link(s.Layout.IssuingKey(), filepath.Join(dir, "templates", "hard.txt")); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := os.ReadFile(s.Layout.IssuingKey())
+	os.WriteFile(filepath.Join(dir, "templates", "copy.txt"), key, 0o600)
 	plan := func(from string) (*Plan, error) {
 		p := &Profile{Partitions: map[string]PartitionSpec{"rootfs": {Select: "2", Mount: "/"}},
 			Files: []FileSpec{{To: "rootfs:/etc/x", From: from}}}
@@ -63,11 +68,13 @@ func TestProfileTemplateStationFile(t *testing.T) {
 		{"template:ca/issuing.key", "never a source"},
 		{"template:templates/key.txt", "never a source"},
 		{"template:ca/audit.key", "never a source"},
+		{"template:templates/hard.txt", "hard link to a CA or audit key"},
+		{"template:templates/copy.txt", "holds a private key"},
 	} {
 		t.Run(tt.from, func(t *testing.T) {
 			_, err := plan(tt.from)
-			if !errors.Is(err, ErrOutsideStation) || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("got %v, want ErrOutsideStation saying %q", err, tt.want)
+			if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want ErrConfig saying %q", err, tt.want)
 			}
 			if strings.Contains(err.Error(), "\n") {
 				t.Errorf("error is not one line: %q", err)
