@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"maps"
 	"path"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -286,12 +285,8 @@ func checkFrom(from string) error {
 	if f, ok := strings.CutPrefix(from, "template:"); ok && f != "" {
 		// The station directory itself is known only when the profile is applied (Layout.StationFile checks symlinks
 		// and CA keys then); what can be refused from the text alone is refused here, when station.yaml is loaded.
-		clean := filepath.Clean(f)
-		switch {
-		case filepath.IsAbs(f):
-			return fmt.Errorf("from %q: absolute path: template files must be relative paths inside the station directory", from)
-		case clean == ".." || strings.HasPrefix(clean, "../"):
-			return fmt.Errorf("from %q: climbs out with ..: template files must be relative paths inside the station directory", from)
+		if why := outsideStation(f); why != "" {
+			return fmt.Errorf("from %q: %s: template files must be relative paths inside the station directory", from, why)
 		}
 		return nil
 	}
