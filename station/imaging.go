@@ -74,15 +74,17 @@ func resolvePartitions(im *image.Image, plan *Plan) (map[string]resolvedPart, er
 }
 
 // Inject writes a plan into the image at imagePath: every target is checked before the first byte is written (the image
-// package refuses damaged tables, unsupported or unclean file systems and missing space in any target), files are read
-// back and compared, and the image is synced before Inject returns.
+// package refuses damaged tables, unsupported or unclean file systems and missing space in any target; a key file aimed
+// at FAT is refused unless the profile allows it), files are read back and compared, and the image is synced before
+// Inject returns. A plan whose TPM OpenSSL form is still provisional (tpm_openssl auto) is settled first from the
+// image's package database and re-rendered in place: plan.OpenSSL then says which form was written and why.
 func Inject(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) error {
 	im, err := image.Open(ctx, imagePath, opts...)
 	if err != nil {
 		return imageErr(err)
 	}
 	defer im.Close()
-	parts, err := resolvePartitions(im, plan)
+	parts, err := preparePlan(ctx, im, plan)
 	if err != nil {
 		return imageErr(err)
 	}
@@ -222,6 +224,11 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	if err != nil {
 		return nil, err
 	}
+	if err := settleOpenSSL(ctx, im, plan); err != nil {
+		v.fail("TPM OpenSSL configuration", err.Error())
+	} else if plan.OpenSSL.Form != "" {
+		v.check("TPM OpenSSL configuration: "+plan.OpenSSL.String(), true, "")
+	}
 	if parts, err = resolvePartitions(im, plan); err != nil {
 		return nil, imageErr(err)
 	}
@@ -290,21 +297,19 @@ func (s *Station) ImageOptions(imagePath string) []image.OpenOption {
 	return []image.OpenOption{image.WithJournalDir(dir)}
 }
 
-// ServerCA is the PEM the profiles write as from: server_ca.
+// ServerCA is the PEM the profiles write as from: server_ca: station.yaml's server_ca, a file inside the station
+// directory (Layout.StationFile: no absolute path, no "..", no symlink out, never a CA key), holding certificates only.
 func (s *Station) ServerCA() ([]byte, error) {
-	p := s.Config.ServerCA
-	if p == "" {
+	name := s.Config.ServerCA
+	if name == "" {
 		return ca.EncodeCerts(s.CA.Root), nil
 	}
-	if !filepath.IsAbs(p) {
-		p = filepath.Join(s.Layout.Dir, p)
-	}
-	b, err := os.ReadFile(p)
+	b, err := readStationSource(s.Layout, "server_ca", name)
 	if err != nil {
-		return nil, fmt.Errorf("server_ca: %w: %w", err, ErrConfig)
+		return nil, err
 	}
 	if _, err := ca.ParseCerts(b); err != nil {
-		return nil, fmt.Errorf("server_ca %s: %v: %w", p, err, ErrConfig)
+		return nil, fmt.Errorf("server_ca %s: %v: %w", name, err, ErrConfig)
 	}
 	return b, nil
 }
@@ -357,6 +362,10 @@ func (v *verifier) file(p image.Partition, f PlannedFile) ([]byte, bool) {
 		return nil, false
 	}
 	if p.FS == "vfat" {
+		if f.From == "key" && !f.AllowUnprotected {
+			v.fail(where+" key file protected", "partition is FAT (no modes): anyone who mounts it reads the key; the profile does not say allow_unprotected_key")
+			return data, true
+		}
 		v.check(where+" present (FAT: no modes or owners)", true, "")
 		return data, true
 	}

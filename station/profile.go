@@ -8,9 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
-	"os"
 	"path"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -32,8 +30,11 @@ type Profile struct {
 	Vars       map[string]string        `yaml:"vars"`
 	Files      []FileSpec               `yaml:"files"`
 	JSONMerge  []MergeSpec              `yaml:"json_merge"`
-	// TPMOpenSSL: how the device's client loads a TSS2 key: "provider" (OpenSSL 3 tpm2 provider; default), "engine"
-	// (OpenSSL 1.1 tpm2tss engine) or "none". Selects the entries marked when: tpm-provider / tpm-engine.
+	// TPMOpenSSL: how the device's client loads a TSS2 key (OpenSSLForms): "auto" (the default: chosen from the
+	// tpm2-openssl version in the image's /var/lib/dpkg/status when the image is written), "provider" (tpm2-openssl
+	// >= 1.2, kernel resource manager), "provider-abrmd" (tpm2-openssl 1.1: tpm2-abrmd and default_properties),
+	// "engine" (OpenSSL 1.1 tpm2tss engine) or "none". Selects the entries marked when: tpm-provider / tpm-engine;
+	// templates see the form as .TPMOpenSSL.
 	TPMOpenSSL string `yaml:"tpm_openssl"`
 }
 
@@ -51,6 +52,9 @@ type FileSpec struct {
 	Owner string `yaml:"owner"` // "uid:gid" numbers; default 0:0
 	When  string `yaml:"when"`  // "", tpm, soft, tpm-provider, tpm-engine
 	Name  string `yaml:"name"`  // key in .Paths; default derived from from
+	// AllowUnprotectedKey lets a from: key file go to a file system without modes or owners (FAT), where anyone who
+	// mounts the partition reads it. Refused unless set: say so only when the device protects that partition otherwise.
+	AllowUnprotectedKey bool `yaml:"allow_unprotected_key"`
 }
 
 // MergeSpec merges keys into an existing JSON file.
@@ -82,6 +86,8 @@ type PlannedFile struct {
 	Mode       fs.FileMode
 	UID, GID   int
 	From       string
+	// AllowUnprotected: the profile allows this key file on a file system without modes (allow_unprotected_key).
+	AllowUnprotected bool
 }
 
 // PlannedMerge is one JSON merge.
@@ -99,6 +105,12 @@ type Plan struct {
 	Files      []PlannedFile
 	Merges     []PlannedMerge
 	Paths      map[string]string // name -> device path
+	// OpenSSL is the form of the TPM OpenSSL configuration the plan writes and why (zero for software keys and
+	// profiles that write none). For tpm_openssl auto the form is provisional until Inject (or VerifyImage) reads the
+	// image's package database, settles it and re-renders the plan in place.
+	OpenSSL OpenSSLChoice
+
+	replan func(OpenSSLChoice) (*Plan, error)
 }
 
 // ErrProfile: a profile is malformed or refers to something that does not exist.
@@ -184,10 +196,8 @@ func (p *Profile) validate(name string) error {
 			return bad("partition %s: mount %q is not an absolute clean path", k, ps.Mount)
 		}
 	}
-	switch p.TPMOpenSSL {
-	case "", "provider", "engine", "none":
-	default:
-		return bad("tpm_openssl %q: use provider, engine or none", p.TPMOpenSSL)
+	if !slices.Contains(OpenSSLForms, p.TPMOpenSSL) && p.TPMOpenSSL != "" {
+		return bad("tpm_openssl %q: use %s", p.TPMOpenSSL, strings.Join(OpenSSLForms, ", "))
 	}
 	names := map[string]bool{}
 	for i, f := range p.Files {
@@ -200,6 +210,9 @@ func (p *Profile) validate(name string) error {
 		}
 		if err := checkFrom(f.From); err != nil {
 			return bad("files[%d]: %v", i, err)
+		}
+		if f.AllowUnprotectedKey && f.From != "key" {
+			return bad("files[%d]: allow_unprotected_key applies to from: key only", i)
 		}
 		if _, err := parseMode(f.Mode, f.From); err != nil {
 			return bad("files[%d]: %v", i, err)
@@ -270,6 +283,11 @@ func checkFrom(from string) error {
 		return nil
 	}
 	if f, ok := strings.CutPrefix(from, "template:"); ok && f != "" {
+		// The station directory itself is known only when the profile is applied (Layout.StationFile checks symlinks
+		// and CA keys then); what can be refused from the text alone is refused here, when station.yaml is loaded.
+		if why := outsideStation(f); why != "" {
+			return fmt.Errorf("from %q: %s: template files must be relative paths inside the station directory", from, why)
+		}
 		return nil
 	}
 	return fmt.Errorf("from %q: use cert, cert+chain, chain, root, server_ca, key, template:<file> or builtin:<name>", from)
@@ -320,36 +338,50 @@ func fileName(f FileSpec) string {
 	return strings.NewReplacer("+", "_", ":", "_", ".", "_", "-", "_", "/", "_").Replace(f.From)
 }
 
-func (p *Profile) applies(when, keyKind string) bool {
-	mode := p.TPMOpenSSL
-	if mode == "" {
-		mode = "provider"
-	}
+func applies(when, form, keyKind string) bool {
 	switch when {
 	case "":
 		return true
 	case "tpm", "soft":
 		return when == keyKind
 	case "tpm-provider":
-		return keyKind == "tpm" && mode == "provider"
+		return keyKind == "tpm" && (form == OpenSSLProvider || form == OpenSSLProviderABRMD)
 	case "tpm-engine":
-		return keyKind == "tpm" && mode == "engine"
+		return keyKind == "tpm" && form == OpenSSLEngine
 	}
 	return false
 }
 
-// Plan renders the profile for one unit. stationDir resolves template:<file> paths.
+// Plan renders the profile for one unit. stationDir resolves template:<file> paths (inside the station directory
+// only: Layout.StationFile). For a TPM key and tpm_openssl auto (the default) the OpenSSL form is provisional
+// (provider, Plan.OpenSSL.Auto set) until Inject or VerifyImage reads the image's package database.
 func (p *Profile) Plan(name, stationDir string, m Material) (*Plan, error) {
-	plan := &Plan{Profile: name, Partitions: p.Partitions, Paths: map[string]string{}}
+	choice := OpenSSLChoice{}
+	if m.KeyKind == "tpm" {
+		choice = forcedOpenSSL(name, p.TPMOpenSSL)
+	}
+	plan, err := p.plan(name, stationDir, m, choice)
+	if err != nil {
+		return nil, err
+	}
+	if choice.Auto {
+		plan.replan = func(c OpenSSLChoice) (*Plan, error) { return p.plan(name, stationDir, m, c) }
+	}
+	return plan, nil
+}
+
+func (p *Profile) plan(name, stationDir string, m Material, choice OpenSSLChoice) (*Plan, error) {
+	plan := &Plan{Profile: name, Partitions: p.Partitions, Paths: map[string]string{}, OpenSSL: choice}
+	form := choice.Form
 	var files []FileSpec
 	for _, f := range p.Files {
-		if p.applies(f.When, m.KeyKind) {
+		if applies(f.When, form, m.KeyKind) {
 			files = append(files, f)
 			part, fp, _ := SplitTarget(f.To)
 			plan.Paths[fileName(f)] = path.Join(p.Partitions[part].Mount, fp)
 		}
 	}
-	data := templateData{Serial: m.Serial, Fields: m.Fields, Paths: plan.Paths, Vars: p.Vars, KeyKind: m.KeyKind}
+	data := templateData{Serial: m.Serial, Fields: m.Fields, Paths: plan.Paths, Vars: p.Vars, KeyKind: m.KeyKind, TPMOpenSSL: form}
 	for _, f := range files {
 		part, fp, _ := SplitTarget(f.To)
 		mode, _ := parseMode(f.Mode, f.From)
@@ -359,10 +391,10 @@ func (p *Profile) Plan(name, stationDir string, m Material) (*Plan, error) {
 			return nil, fmt.Errorf("profile %s: %s: %w", name, f.To, err)
 		}
 		plan.Files = append(plan.Files, PlannedFile{Part: part, Path: fp, DevicePath: path.Join(p.Partitions[part].Mount, fp), Data: content,
-			Mode: mode, UID: uid, GID: gid, From: f.From})
+			Mode: mode, UID: uid, GID: gid, From: f.From, AllowUnprotected: f.AllowUnprotectedKey})
 	}
 	for _, mg := range p.JSONMerge {
-		if !p.applies(mg.When, m.KeyKind) {
+		if !applies(mg.When, form, m.KeyKind) {
 			continue
 		}
 		part, fp, _ := SplitTarget(mg.To)
@@ -381,6 +413,8 @@ type templateData struct {
 	Paths   map[string]string
 	Vars    map[string]string
 	KeyKind string
+	// TPMOpenSSL is the OpenSSL form for a TPM key (provider, provider-abrmd, engine, none); "" for a software key.
+	TPMOpenSSL string
 }
 
 var templateFuncs = template.FuncMap{
@@ -422,11 +456,10 @@ func (p *Profile) content(from, stationDir string, m Material, data templateData
 	if name, ok := strings.CutPrefix(from, "builtin:"); ok {
 		text, err = builtinProfiles.ReadFile("profiles/" + name)
 	} else {
-		f := strings.TrimPrefix(from, "template:")
-		if !filepath.IsAbs(f) {
-			f = filepath.Join(stationDir, f)
+		text, err = readStationSource(Layout{Dir: stationDir}, "template", strings.TrimPrefix(from, "template:"))
+		if err != nil {
+			return nil, err
 		}
-		text, err = os.ReadFile(f)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("template: %w", err)
