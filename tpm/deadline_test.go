@@ -21,112 +21,12 @@ import (
 	"provision/simulator"
 )
 
-// silentListener accepts connections and never answers, like a forwarded TPM whose far end hung.
-func silentListener(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var conns []net.Conn
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-	})
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			go io.Copy(io.Discard, c)
-		}
-	}()
-	return "mssim://" + l.Addr().String()
-}
-
-// stallProxy forwards the mssim protocol to a real TPM until stall is set; from then on it swallows commands, so the
-// TPM never sees them and never answers.
-type stallProxy struct {
-	URI   string
-	stall atomic.Bool
-}
-
-func newStallProxy(t *testing.T, target string) *stallProxy {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &stallProxy{URI: "mssim://" + l.Addr().String()}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	addr := strings.TrimPrefix(target, "mssim://")
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", addr)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			mu.Lock()
-			conns = append(conns, c, up)
-			mu.Unlock()
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				defer up.Close()
-				buf := make([]byte, 4096)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 && !p.stall.Load() {
-						if _, werr := up.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, up)
-			}()
-		}
-	}()
-	return p
-}
-
 // Within is generous: the point is "about a second", not the 30 s default or go-tpm's unbounded wait.
 const within = 3 * time.Second
 
 func TestCommandCancelledOnStalledTPM(t *testing.T) {
 	s := simulator.StartSwtpm(t)
-	p := newStallProxy(t, s.URI)
+	p := simulator.NewStallProxy(t, s.URI)
 	d, err := Open(context.Background(), p.URI, WithFlushStale(true))
 	if err != nil {
 		t.Fatal(err)
@@ -138,7 +38,7 @@ func TestCommandCancelledOnStalledTPM(t *testing.T) {
 	}
 	k.Close()
 
-	p.stall.Store(true)
+	p.Stall()
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(200*time.Millisecond, cancel)
 	start := time.Now()
@@ -163,7 +63,7 @@ func TestCommandCancelledOnStalledTPM(t *testing.T) {
 		t.Fatalf("Close of a broken device took %s", time.Since(start))
 	}
 	// Opened again (the TPM answers again), it works, and stale objects are flushed.
-	p.stall.Store(false)
+	p.Resume()
 	d2, err := Open(context.Background(), p.URI, WithFlushStale(true))
 	if err != nil {
 		t.Fatal(err)
@@ -178,13 +78,13 @@ func TestCommandCancelledOnStalledTPM(t *testing.T) {
 
 func TestCommandDeadlineOnStalledTPM(t *testing.T) {
 	s := simulator.StartSwtpm(t)
-	p := newStallProxy(t, s.URI)
+	p := simulator.NewStallProxy(t, s.URI)
 	d, err := Open(context.Background(), p.URI, WithFlushStale(true), WithCommandTimeout(500*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	p.stall.Store(true)
+	p.Stall()
 	start := time.Now()
 	_, err = d.CreateKey(context.Background(), ECCP256)
 	if !errors.Is(err, ErrUnreachable) || errors.Is(err, context.Canceled) {
@@ -199,7 +99,7 @@ func TestCommandDeadlineOnStalledTPM(t *testing.T) {
 }
 
 func TestOpenSilentTPM(t *testing.T) {
-	uri := silentListener(t)
+	uri := simulator.StartSilentTPM(t)
 	// Cancelled while the first command waits.
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(200*time.Millisecond, cancel)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	keyfile "github.com/foxboron/go-tpm-keyfiles"
@@ -157,7 +158,7 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 	case filepath.IsAbs(uri):
 		var err error
 		if s, err = openDevice(uri); err != nil {
-			return nil, fmt.Errorf("tpm: %s: %w: %v", uri, ErrUnreachable, err)
+			return nil, fmt.Errorf("tpm: %s: %w: %w", uri, ErrUnreachable, err)
 		}
 	default:
 		return nil, fmt.Errorf("tpm: %q: use /dev/tpmrm0, mssim://HOST:PORT, sim or soft: %w", uri, ErrBadURI)
@@ -189,8 +190,9 @@ func (d *Device) ping(ctx context.Context) error {
 // Probe reports whether the TPM named by uri answers: it opens it and sends one cheap command, all within
 // ProbeTimeout (or ctx's deadline, if sooner), then closes it. For front ends that show the TPM's state between units.
 // "soft" always answers. "sim" (the in-process simulator, which answers while the process runs) is not opened: a second
-// simulator would wait for the one in use. swtpm and Microsoft's simulator serve one connection at a time, so probe
-// an mssim:// TPM only while no Device is open on it (or call Ping on the open Device).
+// simulator would wait for the one in use. A device that another client holds open (/dev/tpm0, without the resource
+// manager) answers nil: it is there. swtpm and Microsoft's simulator serve one connection at a time, so probe an
+// mssim:// TPM only while no Device is open on it (or call Ping on the open Device).
 func Probe(ctx context.Context, uri string, opts ...Option) error {
 	switch uri {
 	case "soft":
@@ -208,6 +210,9 @@ func Probe(ctx context.Context, uri string, opts ...Option) error {
 	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
 	d, err := Open(ctx, uri, opts...)
+	if errors.Is(err, syscall.EBUSY) {
+		return nil // a TPM device without a resource manager (/dev/tpm0) that another client holds open: present
+	}
 	if err != nil {
 		return err
 	}
