@@ -252,6 +252,9 @@ func (l *link) exchange(ctx context.Context, cmd []byte) ([]byte, error) {
 		budget := l.timeout
 		if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 			deadline, budget = dl, dl.Sub(start).Round(time.Millisecond)
+			if budget >= time.Second {
+				budget = budget.Round(100 * time.Millisecond)
+			}
 		}
 		rsp, err := l.s.send(ctx, deadline, cmd)
 		took := time.Since(start)
