@@ -3,6 +3,9 @@ package tpm
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"log/slog"
@@ -74,6 +77,38 @@ func TestCommandCancelledOnStalledTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 	k.Close()
+}
+
+// A signature in flight stops with the context handed to Key.WithContext (crypto.Signer has none of its own).
+func TestSignCancelledOnStalledTPM(t *testing.T) {
+	s := simulator.StartSwtpm(t)
+	p := simulator.NewStallProxy(t, s.URI)
+	d, err := Open(context.Background(), p.URI, WithFlushStale(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	k, err := d.CreateKey(context.Background(), ECCP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	p.Stall()
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(200*time.Millisecond, cancel)
+	start := time.Now()
+	digest := sha256.Sum256([]byte("csr"))
+	_, err = k.WithContext(ctx).Sign(rand.Reader, digest[:], crypto.SHA256)
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "TPM2_Sign") {
+		t.Fatalf("got %v, want context.Canceled naming TPM2_Sign", err)
+	}
+	if took := time.Since(start); took > within {
+		t.Fatalf("cancel took %s", took)
+	}
+	// The open Device answers Ping with the truth: it must be opened again.
+	if err := d.Ping(context.Background()); !errors.Is(err, ErrUnreachable) {
+		t.Fatalf("ping of a broken device: %v", err)
+	}
 }
 
 func TestCommandDeadlineOnStalledTPM(t *testing.T) {
