@@ -120,7 +120,7 @@ func (k *Key) load(ctx context.Context) error {
 		k.pub, err = tpm2.Pub(*pub)
 	}
 	if err != nil {
-		tpm2.FlushContext{FlushHandle: k.handle}.Execute(k.dev.l.with(ctx))
+		tpm2.FlushContext{FlushHandle: k.handle}.Execute(k.dev.l.with(context.WithoutCancel(ctx))) // free it even when interrupted
 		k.loaded = false
 		return fmt.Errorf("tpm: device key public area: %w", err)
 	}
