@@ -6,18 +6,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	keyfile "github.com/foxboron/go-tpm-keyfiles"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
-	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
 )
 
 // Algorithm is a device key algorithm.
@@ -47,10 +48,26 @@ const (
 // DialTimeout bounds reaching an mssim:// TPM.
 const DialTimeout = 3 * time.Second
 
+// DefaultCommandTimeout bounds every TPM command unless WithCommandTimeout says otherwise: long enough for an RSA key
+// on a slow discrete TPM, short enough that a TPM that stopped answering is reported while the operator waits.
+const DefaultCommandTimeout = 30 * time.Second
+
+// ProbeTimeout bounds Probe (the transport's dial and its one command).
+const ProbeTimeout = 3 * time.Second
+
 type options struct {
 	simulator  func() (transport.TPMCloser, error)
 	flushStale bool
 	counter    *atomic.Int64
+	timeout    time.Duration
+	log        *slog.Logger
+}
+
+func (o *options) validate() error {
+	if o.timeout <= 0 {
+		return fmt.Errorf("tpm: command timeout %s: it must be positive", o.timeout)
+	}
+	return nil
 }
 
 // Option configures Open.
@@ -69,27 +86,46 @@ func WithFlushStale(on bool) Option { return func(o *options) { o.flushStale = o
 // WithCounter counts the TPM commands sent, retries included.
 func WithCounter(n *atomic.Int64) Option { return func(o *options) { o.counter = n } }
 
+// WithCommandTimeout bounds each TPM command (default DefaultCommandTimeout). A command the TPM does not answer in
+// time fails with ErrUnreachable ("TPM at URI did not answer within D"), and the Device must be opened again.
+func WithCommandTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
+
+// WithLogger logs every TPM command at debug level: its name ("TPM2_Create"), response code and duration, never its
+// parameters or any key material.
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.log = l } }
+
 // Device is an open TPM, or the software fallback.
+//
+// Every command is bounded by the command timeout and by the context of the call that sends it (for methods without
+// one, such as Sign and Close, by the timeout alone). A command that times out, is cancelled or loses its connection
+// breaks the Device: its transport is closed (a late answer would otherwise be read as the next command's) and every
+// later call fails with ErrUnreachable until the TPM is opened again.
 type Device struct {
 	uri string
-	t   transport.TPMCloser // nil for soft
+	l   *link // nil for soft
 
-	mu      sync.Mutex // one command sequence at a time
+	mu      sync.Mutex // one command sequence at a time; guards l too
 	srk     tpm2.TPMHandle
 	srkName tpm2.TPM2BName
 	srkUp   bool
 	closed  bool
 }
 
-// Open reaches the TPM named by uri: an absolute device path (/dev/tpmrm0), mssim://HOST:PORT, sim or soft.
+// Open reaches the TPM named by uri: an absolute device path (/dev/tpmrm0), mssim://HOST:PORT, sim or soft, and proves
+// it answers with one command.
 func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
-	var o options
+	o := options{timeout: DefaultCommandTimeout}
 	for _, opt := range opts {
 		opt(&o)
 	}
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	if o.log == nil {
+		o.log = slog.New(slog.DiscardHandler)
+	}
 	d := &Device{uri: uri}
-	var t transport.TPMCloser
-	var err error
+	var s sender
 	switch {
 	case uri == "soft":
 		return d, nil
@@ -97,10 +133,11 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 		if o.simulator == nil {
 			return nil, fmt.Errorf("tpm: %s: no simulator wired in: %w", uri, ErrBadURI)
 		}
-		t, err = o.simulator()
+		t, err := o.simulator()
 		if err != nil {
 			return nil, fmt.Errorf("tpm: open simulator: %w: %v", ErrUnreachable, err)
 		}
+		s = &async{t: t}
 	case strings.HasPrefix(uri, "mssim://"):
 		addr := strings.TrimPrefix(uri, "mssim://")
 		host, port, serr := net.SplitHostPort(addr)
@@ -109,45 +146,98 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 		}
 		dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 		defer cancel()
-		var m *mssim
-		m, err = dialMSSimContext(dctx, addr)
+		var dl net.Dialer
+		c, err := dl.DialContext(dctx, "tcp", addr)
 		if err != nil {
+			if errors.Is(ctx.Err(), context.Canceled) {
+				return nil, fmt.Errorf("tpm: %s: %w", uri, context.Canceled)
+			}
 			return nil, fmt.Errorf("tpm: %s: %w: %v", uri, ErrUnreachable, err)
 		}
-		t = m
+		s = &mssim{conn: c}
 	case filepath.IsAbs(uri):
-		t, err = linuxtpm.Open(uri)
-		if err != nil {
-			return nil, fmt.Errorf("tpm: %s: %w: %v", uri, ErrUnreachable, err)
+		var err error
+		if s, err = openDevice(uri); err != nil {
+			return nil, fmt.Errorf("tpm: %s: %w: %w", uri, ErrUnreachable, err)
 		}
 	default:
 		return nil, fmt.Errorf("tpm: %q: use /dev/tpmrm0, mssim://HOST:PORT, sim or soft: %w", uri, ErrBadURI)
 	}
-	d.t = &wrapped{t: t, counter: o.counter}
+	d.l = &link{uri: uri, s: s, timeout: o.timeout, log: o.log, counter: o.counter}
 	// A first command proves the TPM answers (a socket that accepts is not yet a TPM).
-	if _, err := (tpm2.GetCapability{Capability: tpm2.TPMCapTPMProperties, Property: uint32(tpm2.TPMPTManufacturer), PropertyCount: 1}).Execute(d.t); err != nil {
-		d.t.Close()
-		if errors.Is(err, ErrUnreachable) {
-			return nil, fmt.Errorf("tpm: %s: %w", uri, err)
+	if err := d.ping(ctx); err != nil {
+		d.l.close()
+		if errors.Is(err, ErrUnreachable) || errors.Is(err, context.Canceled) {
+			return nil, fmt.Errorf("tpm: open: %w", err)
 		}
 		return nil, mapErr(uri+": first command", err)
 	}
 	if o.flushStale {
 		if err := d.flushTransients(ctx); err != nil {
-			d.t.Close()
+			d.l.close()
 			return nil, err
 		}
 	}
 	return d, nil
 }
 
-func dialMSSimContext(ctx context.Context, addr string) (*mssim, error) {
-	var dl net.Dialer
-	c, err := dl.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, err
+// ping sends one cheap command (the manufacturer property). Callers hold d.mu, or own d alone.
+func (d *Device) ping(ctx context.Context) error {
+	_, err := tpm2.GetCapability{Capability: tpm2.TPMCapTPMProperties, Property: uint32(tpm2.TPMPTManufacturer), PropertyCount: 1}.Execute(d.l.with(ctx))
+	return err
+}
+
+// Probe reports whether the TPM named by uri answers: it opens it and sends one cheap command, all within
+// ProbeTimeout (or ctx's deadline, if sooner), then closes it. For front ends that show the TPM's state between units.
+// "soft" always answers. "sim" (the in-process simulator, which answers while the process runs) is not opened: a second
+// simulator would wait for the one in use. A device that another client holds open (/dev/tpm0, without the resource
+// manager) answers nil: it is there. swtpm and Microsoft's simulator serve one connection at a time, so probe an
+// mssim:// TPM only while no Device is open on it (or call Ping on the open Device).
+func Probe(ctx context.Context, uri string, opts ...Option) error {
+	switch uri {
+	case "soft":
+		return nil
+	case "sim":
+		var o options
+		for _, opt := range opts {
+			opt(&o)
+		}
+		if o.simulator == nil {
+			return fmt.Errorf("tpm: %s: no simulator wired in: %w", uri, ErrBadURI)
+		}
+		return nil
 	}
-	return &mssim{conn: c, timeout: 2 * time.Minute}, nil
+	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
+	defer cancel()
+	d, err := Open(ctx, uri, opts...)
+	if errors.Is(err, syscall.EBUSY) {
+		return nil // a TPM device without a resource manager (/dev/tpm0) that another client holds open: present
+	}
+	if err != nil {
+		return err
+	}
+	return d.Close()
+}
+
+// Ping sends one cheap command to an open TPM within ProbeTimeout (or ctx's deadline, if sooner). A Device busy with
+// another command answers nil at once: that command is bounded by its own deadline.
+func (d *Device) Ping(ctx context.Context) error {
+	if d.l == nil {
+		return nil
+	}
+	if !d.mu.TryLock() {
+		return nil
+	}
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("tpm: %s: closed: %w", d.uri, ErrUnreachable)
+	}
+	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
+	defer cancel()
+	if err := d.ping(ctx); err != nil {
+		return mapErr("ping", err)
+	}
+	return nil
 }
 
 // URI is what Open was given.
@@ -155,7 +245,7 @@ func (d *Device) URI() string { return d.uri }
 
 // Kind is KindTPM, or KindSoft for the software fallback.
 func (d *Device) Kind() string {
-	if d.t == nil {
+	if d.l == nil {
 		return KindSoft
 	}
 	return KindTPM
@@ -165,29 +255,29 @@ func (d *Device) Kind() string {
 func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.closed || d.t == nil {
+	if d.closed || d.l == nil {
 		d.closed = true
 		return nil
 	}
 	d.closed = true
-	if d.srkUp {
-		tpm2.FlushContext{FlushHandle: d.srk}.Execute(d.t)
-		d.srkUp = false
+	if d.srkUp && d.l.broken == nil {
+		tpm2.FlushContext{FlushHandle: d.srk}.Execute(d.l.with(context.Background()))
 	}
-	return d.t.Close()
+	d.srkUp = false
+	return d.l.close()
 }
 
 // ensureSRK creates the ECC P-256 storage root key under the owner hierarchy, once per Device: the TCG "H-2" template
 // (empty unique field) that the TSS2 key file format names as parent 0x40000001, so OpenSSL's tpm2 provider and
 // tpm2-tss derive the same SRK and load our key files. Callers hold d.mu.
-func (d *Device) ensureSRK() error {
+func (d *Device) ensureSRK(ctx context.Context) error {
 	if d.srkUp {
 		return nil
 	}
 	rsp, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHOwner,
 		InPublic:      tpm2.New2B(keyfile.ECCSRK_H2_Template),
-	}.Execute(d.t)
+	}.Execute(d.l.with(ctx))
 	if err != nil {
 		return mapErr("create storage root key", err)
 	}
@@ -201,19 +291,19 @@ func (d *Device) parent() tpm2.AuthHandle {
 
 // TransientHandles lists the transient objects the TPM holds (for leak checks).
 func (d *Device) TransientHandles(ctx context.Context) ([]uint32, error) {
-	if d.t == nil {
+	if d.l == nil {
 		return nil, nil
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.transients()
+	return d.transients(ctx)
 }
 
-func (d *Device) transients() ([]uint32, error) {
+func (d *Device) transients(ctx context.Context) ([]uint32, error) {
 	var out []uint32
 	next := uint32(tpm2.TPMHTTransient) << 24
 	for {
-		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: next, PropertyCount: 64}.Execute(d.t)
+		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: next, PropertyCount: 64}.Execute(d.l.with(ctx))
 		if err != nil {
 			return nil, mapErr("list transient handles", err)
 		}
@@ -237,7 +327,7 @@ func (d *Device) transients() ([]uint32, error) {
 func (d *Device) flushTransients(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	hs, err := d.transients()
+	hs, err := d.transients(ctx)
 	if err != nil {
 		return err
 	}
@@ -245,7 +335,7 @@ func (d *Device) flushTransients(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if _, err := (tpm2.FlushContext{FlushHandle: tpm2.TPMHandle(h)}).Execute(d.t); err != nil {
+		if _, err := (tpm2.FlushContext{FlushHandle: tpm2.TPMHandle(h)}).Execute(d.l.with(ctx)); err != nil {
 			return mapErr(fmt.Sprintf("flush stale transient object %#x", h), err)
 		}
 	}
@@ -258,13 +348,13 @@ var ekCertIndices = []tpm2.TPMHandle{0x01c00002, 0x01c0000a, 0x01c00016}
 // EKCertificate returns the DER of the first EK certificate the TPM holds in NV (RSA, then ECC P-256, then ECC P-384),
 // or nil when it holds none. Software keys have none.
 func (d *Device) EKCertificate(ctx context.Context) ([]byte, error) {
-	if d.t == nil {
+	if d.l == nil {
 		return nil, nil
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, idx := range ekCertIndices {
-		pub, err := tpm2.NVReadPublic{NVIndex: idx}.Execute(d.t)
+		pub, err := tpm2.NVReadPublic{NVIndex: idx}.Execute(d.l.with(ctx))
 		if err != nil {
 			if errors.Is(err, tpm2.TPMRCHandle) {
 				continue
@@ -285,7 +375,7 @@ func (d *Device) EKCertificate(ctx context.Context) ([]byte, error) {
 				NVIndex:    tpm2.NamedHandle{Handle: idx, Name: pub.NVName},
 				Size:       uint16(n),
 				Offset:     uint16(off),
-			}.Execute(d.t)
+			}.Execute(d.l.with(ctx))
 			if err != nil {
 				return nil, mapErr(fmt.Sprintf("read EK certificate index %#x", uint32(idx)), err)
 			}

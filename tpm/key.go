@@ -76,7 +76,7 @@ func (d *Device) CreateKey(ctx context.Context, alg Algorithm) (*Key, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if d.t == nil {
+	if d.l == nil {
 		var s crypto.Signer
 		var err error
 		if alg == RSA2048 {
@@ -94,26 +94,23 @@ func (d *Device) CreateKey(ctx context.Context, alg Algorithm) (*Key, error) {
 	if d.closed {
 		return nil, fmt.Errorf("tpm: create device key: %w: device closed", ErrUnreachable)
 	}
-	if err := d.ensureSRK(); err != nil {
+	if err := d.ensureSRK(ctx); err != nil {
 		return nil, err
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	crsp, err := tpm2.Create{ParentHandle: d.parent(), InPublic: tpm2.New2B(deviceKeyTemplate(alg))}.Execute(d.t)
+	crsp, err := tpm2.Create{ParentHandle: d.parent(), InPublic: tpm2.New2B(deviceKeyTemplate(alg))}.Execute(d.l.with(ctx))
 	if err != nil {
 		return nil, mapErr("create device key", err)
 	}
 	k := &Key{dev: d, alg: alg, public: crsp.OutPublic, private: crsp.OutPrivate}
-	if err := k.load(); err != nil {
+	if err := k.load(ctx); err != nil {
 		return nil, err
 	}
 	return k, nil
 }
 
 // load loads the key's blobs under the SRK. Callers hold d.mu.
-func (k *Key) load() error {
-	lrsp, err := tpm2.Load{ParentHandle: k.dev.parent(), InPrivate: k.private, InPublic: k.public}.Execute(k.dev.t)
+func (k *Key) load(ctx context.Context) error {
+	lrsp, err := tpm2.Load{ParentHandle: k.dev.parent(), InPrivate: k.private, InPublic: k.public}.Execute(k.dev.l.with(ctx))
 	if err != nil {
 		return mapErr("load device key", err)
 	}
@@ -123,7 +120,7 @@ func (k *Key) load() error {
 		k.pub, err = tpm2.Pub(*pub)
 	}
 	if err != nil {
-		tpm2.FlushContext{FlushHandle: k.handle}.Execute(k.dev.t)
+		tpm2.FlushContext{FlushHandle: k.handle}.Execute(k.dev.l.with(context.WithoutCancel(ctx))) // free it even when interrupted
 		k.loaded = false
 		return fmt.Errorf("tpm: device key public area: %w", err)
 	}
@@ -132,7 +129,7 @@ func (k *Key) load() error {
 
 // LoadKeyFile loads a TSS2 PRIVATE KEY file (parent: the owner's standard ECC SRK) on the TPM that made it.
 func LoadKeyFile(ctx context.Context, d *Device, pemBytes []byte) (*Key, error) {
-	if d.t == nil {
+	if d.l == nil {
 		return nil, errors.New("tpm: a TSS2 key file needs a TPM, not soft")
 	}
 	tk, err := keyfile.Decode(pemBytes)
@@ -152,14 +149,17 @@ func LoadKeyFile(ctx context.Context, d *Device, pemBytes []byte) (*Key, error) 
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.closed {
+		return nil, fmt.Errorf("tpm: load key file: %w: device closed", ErrUnreachable)
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := d.ensureSRK(); err != nil {
+	if err := d.ensureSRK(ctx); err != nil {
 		return nil, err
 	}
 	k := &Key{dev: d, alg: alg, public: tk.Pubkey, private: tk.Privkey}
-	if err := k.load(); err != nil {
+	if err := k.load(ctx); err != nil {
 		return nil, err
 	}
 	return k, nil
@@ -220,7 +220,7 @@ func (k *Key) Attributes() (fixedTPM, fixedParent, sensitiveDataOrigin bool, err
 	if !k.loaded {
 		return false, false, false, errors.New("tpm: key closed")
 	}
-	rsp, err := tpm2.ReadPublic{ObjectHandle: k.handle}.Execute(k.dev.t)
+	rsp, err := tpm2.ReadPublic{ObjectHandle: k.handle}.Execute(k.dev.l.with(context.Background()))
 	if err != nil {
 		return false, false, false, mapErr("read public area", err)
 	}
@@ -249,10 +249,10 @@ func (k *Key) Close() error {
 		return nil
 	}
 	k.loaded = false
-	if k.dev.closed {
-		return nil
+	if k.dev.closed || k.dev.l.broken != nil {
+		return nil // the TPM drops it with the connection (or the resource manager does); a stale flush at the next Open otherwise
 	}
-	if _, err := (tpm2.FlushContext{FlushHandle: k.handle}).Execute(k.dev.t); err != nil {
+	if _, err := (tpm2.FlushContext{FlushHandle: k.handle}).Execute(k.dev.l.with(context.Background())); err != nil {
 		return mapErr("flush device key", err)
 	}
 	return nil
@@ -262,6 +262,26 @@ func (k *Key) Close() error {
 // opts is *rsa.PSSOptions (what TLS 1.3 uses). Every TPM signature is checked against the public key before it is
 // returned.
 func (k *Key) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return k.SignContext(context.Background(), r, digest, opts)
+}
+
+// WithContext is the key as a crypto.Signer whose TPM commands are also cancelled with ctx (crypto.Signer has no
+// context): hand it to x509.CreateCertificateRequest or a TLS client so an interrupt stops a signature in flight.
+func (k *Key) WithContext(ctx context.Context) crypto.Signer { return ctxSigner{k, ctx} }
+
+type ctxSigner struct {
+	k   *Key
+	ctx context.Context
+}
+
+func (s ctxSigner) Public() crypto.PublicKey { return s.k.Public() }
+
+func (s ctxSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.k.SignContext(s.ctx, r, digest, opts)
+}
+
+// SignContext is Sign with the TPM command bounded by ctx as well as the command timeout.
+func (k *Key) SignContext(ctx context.Context, r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	if k.soft != nil {
 		return k.soft.Sign(r, digest, opts)
 	}
@@ -303,7 +323,7 @@ func (k *Key) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, 
 		Digest:     tpm2.TPM2BDigest{Buffer: digest},
 		InScheme:   scheme,
 		Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
-	}.Execute(k.dev.t)
+	}.Execute(k.dev.l.with(ctx))
 	k.mu.Unlock()
 	k.dev.mu.Unlock()
 	if err != nil {

@@ -129,7 +129,7 @@ func testKeys(t *testing.T, d *Device) {
 				ObjectHandle:    tpm2.AuthHandle{Handle: k.handle, Name: k.name, Auth: tpm2.PasswordAuth(nil)},
 				NewParentHandle: tpm2.TPMRHNull,
 				Symmetric:       tpm2.TPMTSymDef{Algorithm: tpm2.TPMAlgNull},
-			}.Execute(d.t)
+			}.Execute(d.l.with(ctx))
 			d.mu.Unlock()
 			if derr == nil {
 				t.Fatal("TPM duplicated a fixedTPM/fixedParent key")
@@ -183,11 +183,11 @@ func TestSwtpmStaleTransients(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 0; i < 3; i++ {
-		if _, err := (tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(tpm2.ECCSRKTemplate)}).Execute(raw.t); err != nil {
+		if _, err := (tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(tpm2.ECCSRKTemplate)}).Execute(raw.l.with(ctx)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	raw.t.Close() // dropped without flushing, as kill -9 would
+	raw.l.close() // dropped without flushing, as kill -9 would
 	// Without the flush the TPM is full.
 	full, err := Open(ctx, s.URI)
 	if err != nil {
@@ -197,7 +197,7 @@ func TestSwtpmStaleTransients(t *testing.T) {
 	if !errors.Is(err, ErrObjectMemory) {
 		t.Fatalf("full TPM: got %v, want ErrObjectMemory", err)
 	}
-	full.t.Close()
+	full.l.close()
 	d := openSwtpm(t, s)
 	for i := 0; i < 5; i++ {
 		k, err := d.CreateKey(ctx, ECCP256)

@@ -30,6 +30,7 @@ var (
 	ErrHostnameMismatch      = errors.New("the server's certificate is not valid for this host name")
 	ErrClientRejected        = errors.New("the server rejected our certificate")
 	ErrUnreachable           = errors.New("endpoint unreachable")
+	ErrNameNotResolved       = errors.New("the endpoint's host name does not resolve")
 	ErrTimeout               = errors.New("timed out")
 	ErrNoClientCertRequested = errors.New("the server never asked for a client certificate")
 	ErrProtocol              = errors.New("protocol step failed")
@@ -41,6 +42,7 @@ var advice = map[error]string{
 	ErrHostnameMismatch:      "check the endpoint address: use the name the server's certificate was issued for",
 	ErrClientRejected:        "does the server trust the station CA? (e.g. the broker's cafile must hold the station chain)",
 	ErrUnreachable:           "is the server running and the address and port right? check cabling and firewall",
+	ErrNameNotResolved:       "check the endpoint's host name or the station's DNS",
 	ErrTimeout:               "the endpoint did not answer in time: unreachable, overloaded, or not speaking TLS",
 	ErrNoClientCertRequested: "the server is not doing mutual TLS: enable client certificates (e.g. require_certificate true)",
 	ErrProtocol:              "TLS worked; the application protocol refused us",
@@ -52,6 +54,7 @@ type Error struct {
 	Endpoint string
 	Reason   error // one of the Err* values
 	Detail   string
+	Advice   string // what to do, when it is more precise than the reason's usual advice
 	Cause    error
 }
 
@@ -60,7 +63,11 @@ func (e *Error) Error() string {
 	if e.Detail != "" {
 		s += ": " + e.Detail
 	}
-	if a := advice[e.Reason]; a != "" {
+	a := e.Advice
+	if a == "" {
+		a = advice[e.Reason]
+	}
+	if a != "" {
 		s += " (" + a + ")"
 	}
 	return s
@@ -164,12 +171,12 @@ func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, 
 	var d net.Dialer
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return fail(classify(ctx, err, false))
+		return Result{}, classify(ctx, endpoint, err, false)
 	}
 	defer raw.Close()
 	conn := tls.Client(raw, cfg)
 	if err := conn.HandshakeContext(ctx); err != nil {
-		return fail(classify(ctx, err, requested))
+		return Result{}, classify(ctx, endpoint, err, requested)
 	}
 	if !requested {
 		return fail(ErrNoClientCertRequested, "", nil)
@@ -178,27 +185,47 @@ func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, 
 	if u.Scheme == "mqtts" {
 		return testMQTT(ctx, conn, c, res, start)
 	}
-	// TLS 1.3 finishes the client's handshake before the server has judged our certificate: its verdict (an alert, or
-	// the built-in server's "OK"/"REJECTED" line) arrives with the first read. Silence means it is waiting for us.
-	deadline := time.Now().Add(750 * time.Millisecond)
+	// TLS 1.3 finishes the client's handshake before the server has judged our certificate, so the server's reaction
+	// is read before the verdict (tls:// has no application protocol to ask):
+	//   - a TLS alert (bad_certificate, unknown_ca, certificate_required, ...): rejected, naming the alert;
+	//   - the built-in server's line: "REJECTED <why>" is a rejection, "OK" an acceptance;
+	//   - other data, a clean close (close_notify or FIN: io.EOF) or silence for verdictWait: accepted, saying so in
+	//     the detail. A server that refuses a certificate says so with an alert; one that closes without an alert has
+	//     no complaint (a TLS port that closes after the handshake, such as a health check);
+	//   - a reset (RST) without an alert: rejected. An accepting server has no reason to abort the connection, and a
+	//     false PASS ships a unit the server will not take, where a false FAIL costs a retry.
+	deadline := time.Now().Add(verdictWait)
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 		deadline = dl
 	}
 	conn.SetReadDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
 	line, err := bufio.NewReader(conn).ReadString('\n')
 	switch {
 	case strings.HasPrefix(line, "REJECTED"):
 		return fail(ErrClientRejected, strings.TrimSpace(strings.TrimPrefix(line, "REJECTED")), nil)
 	case strings.HasPrefix(line, "OK"):
 		res.Detail = "accepted"
-	case err != nil && isTimeout(err):
+	case line != "":
+		res.Detail = "the server sent data after the handshake, without an alert"
+	case errors.Is(ctx.Err(), context.Canceled):
+		return fail(ErrTimeout, "cancelled while waiting for the server's verdict", ctx.Err())
+	case isTimeout(err):
 		res.Detail = "no alert from the server"
-	case err != nil && line == "":
-		return fail(classify(ctx, err, true))
+	case errors.Is(err, io.EOF):
+		res.Detail = "the server closed the connection without complaint (no alert) after the handshake"
+	case errors.Is(err, syscall.ECONNRESET):
+		return fail(ErrClientRejected, "the server reset the connection right after receiving our certificate, without an alert", err)
+	default:
+		return Result{}, classify(ctx, endpoint, err, true)
 	}
 	res.Protocol, res.Duration = "tls", time.Since(start)
 	return res, nil
 }
+
+// verdictWait is how long a tls:// test waits after the handshake for the server's reaction to our certificate.
+const verdictWait = 750 * time.Millisecond
 
 func testMQTT(ctx context.Context, conn *tls.Conn, c Client, res Result, start time.Time) (Result, error) {
 	id := c.ClientID
@@ -211,11 +238,11 @@ func testMQTT(ctx context.Context, conn *tls.Conn, c Client, res Result, start t
 		if ca != nil && ca.ReasonCode != 0 {
 			return mqttRefused(res.Endpoint, ca.ReasonCode, ca.Properties)
 		}
-		reason, detail, cause := classify(ctx, err, true)
-		if reason == ErrProtocol || errors.Is(err, io.EOF) {
-			reason, detail = ErrClientRejected, "the broker closed the connection during CONNECT: "+err.Error()
+		e := classify(ctx, res.Endpoint, err, true)
+		if e.Reason == ErrProtocol || errors.Is(err, io.EOF) {
+			e.Reason, e.Detail, e.Advice = ErrClientRejected, "the broker closed the connection during CONNECT: "+err.Error(), ""
 		}
-		return Result{}, &Error{Endpoint: res.Endpoint, Reason: reason, Detail: detail, Cause: cause}
+		return Result{}, e
 	}
 	if ca.ReasonCode != 0 {
 		return mqttRefused(res.Endpoint, ca.ReasonCode, ca.Properties)
@@ -246,8 +273,7 @@ func testHTTPS(ctx context.Context, u *url.URL, cfg *tls.Config, requested *bool
 	}
 	resp, err := (&http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}).Do(req)
 	if err != nil {
-		reason, detail, cause := classify(ctx, err, *requested)
-		return Result{}, &Error{Endpoint: res.Endpoint, Reason: reason, Detail: detail, Cause: cause}
+		return Result{}, classify(ctx, res.Endpoint, err, *requested)
 	}
 	defer resp.Body.Close()
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
@@ -273,7 +299,12 @@ func isTimeout(err error) bool {
 }
 
 // classify names the cause of a connection or handshake error. sentCert says our certificate already went out.
-func classify(ctx context.Context, err error, sentCert bool) (reason error, detail string, cause error) {
+func classify(ctx context.Context, endpoint string, err error, sentCert bool) *Error {
+	reason, detail, advice := diagnose(ctx, err, sentCert)
+	return &Error{Endpoint: endpoint, Reason: reason, Detail: detail, Advice: advice, Cause: err}
+}
+
+func diagnose(ctx context.Context, err error, sentCert bool) (reason error, detail, advice string) {
 	var hostErr x509.HostnameError
 	var authErr x509.UnknownAuthorityError
 	var invErr x509.CertificateInvalidError
@@ -283,39 +314,46 @@ func classify(ctx context.Context, err error, sentCert bool) (reason error, deta
 	var opErr *net.OpError
 	switch {
 	case errors.As(err, &hostErr):
-		return ErrHostnameMismatch, hostErr.Error(), err
+		return ErrHostnameMismatch, hostErr.Error(), ""
 	case errors.As(err, &authErr):
-		return ErrServerUntrusted, "signed by an unknown authority", err
+		return ErrServerUntrusted, "signed by an unknown authority", ""
 	case errors.As(err, &invErr):
-		return ErrServerUntrusted, invErr.Error(), err
+		return ErrServerUntrusted, invErr.Error(), ""
 	case errors.As(err, &verErr):
-		return ErrServerUntrusted, verErr.Err.Error(), err
+		return ErrServerUntrusted, verErr.Err.Error(), ""
 	case errors.As(err, &alert):
 		switch alert {
 		case 42, 43, 44, 45, 46, 48, 49, 116: // bad/unsupported/revoked/expired/unknown certificate, unknown CA, access denied, certificate required
-			return ErrClientRejected, "TLS alert: " + alert.Error(), err
+			return ErrClientRejected, "TLS alert: " + alert.Error(), ""
 		}
-		return ErrProtocol, "TLS alert: " + alert.Error(), err
+		return ErrProtocol, "TLS alert: " + alert.Error(), ""
 	case errors.As(err, &opErr) && opErr.Op == "remote error":
 		// An alert the server sent (Go reports received alerts with an unexported type).
 		msg := opErr.Err.Error()
 		for _, a := range []string{"bad certificate", "unsupported certificate", "revoked certificate", "expired certificate",
 			"unknown certificate", "access denied", "certificate required"} {
 			if strings.Contains(msg, a) {
-				return ErrClientRejected, "TLS alert from the server: " + strings.TrimPrefix(msg, "tls: "), err
+				return ErrClientRejected, "TLS alert from the server: " + strings.TrimPrefix(msg, "tls: "), ""
 			}
 		}
-		return ErrProtocol, "TLS alert from the server: " + strings.TrimPrefix(msg, "tls: "), err
-	case errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil || isTimeout(err):
-		return ErrTimeout, "", err
+		return ErrProtocol, "TLS alert from the server: " + strings.TrimPrefix(msg, "tls: "), ""
 	case errors.As(err, &dnsErr):
-		return ErrUnreachable, dnsErr.Error(), err
-	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
-		return ErrUnreachable, err.Error(), err
+		// Before the timeout case: a DNS server that does not answer is a DNS problem, not a silent endpoint.
+		why := dnsErr.Err
+		if dnsErr.IsNotFound {
+			why = "no such host"
+		}
+		return ErrNameNotResolved, fmt.Sprintf("cannot resolve host %s: %s", dnsErr.Name, why), ""
+	case errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil || isTimeout(err):
+		return ErrTimeout, "", ""
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return ErrUnreachable, "connection refused", "the host answered but nothing listens on that port: is the server running and the port right?"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return ErrUnreachable, err.Error(), "no route to the host: check cabling, the station's network and firewall"
 	case sentCert && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.ErrUnexpectedEOF)):
-		return ErrClientRejected, "the server closed the connection after receiving our certificate", err
+		return ErrClientRejected, "the server closed the connection after receiving our certificate", ""
 	case strings.Contains(err.Error(), "tls:"):
-		return ErrProtocol, err.Error(), err
+		return ErrProtocol, err.Error(), ""
 	}
-	return ErrUnreachable, err.Error(), err
+	return ErrUnreachable, err.Error(), ""
 }
