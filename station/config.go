@@ -128,6 +128,9 @@ profile: {{q .Profile}}
 #         | template:<file> (Go text/template, relative to this directory) | builtin:<name>
 #   when: tpm | soft | tpm-provider | tpm-engine      mode: octal (keys must not be group/other readable)
 #   owner: "uid:gid" (default 0:0)                    json_merge: keys set into an existing JSON file
+#   allow_unprotected_key: true   lets a from: key file go to a FAT partition (no modes: anyone who mounts it reads it)
+#   tpm_openssl: auto (default: from the image's /var/lib/dpkg/status) | provider | provider-abrmd | engine | none
+# template: files, server_ca and endpoint_ca are relative paths inside this directory; a CA key is never a source.
 # profiles:
 #   mender-emmc:
 #     base: mender
@@ -167,6 +170,13 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 			return nil, fmt.Errorf("%s:%d: %s: %s: %w", name, lineOf(data, field), field, explain(fe), ErrConfig)
 		}
 		return nil, fmt.Errorf("%s: %v: %w", name, err, ErrConfig)
+	}
+	for _, f := range []struct{ field, val string }{{"server_ca", c.ServerCA}, {"endpoint_ca", c.EndpointCA}} {
+		if f.val != "" {
+			if err := CheckStationPath(f.field, f.val); err != nil {
+				return nil, fmt.Errorf("%s:%d: %w", name, lineOf(data, f.field), err)
+			}
+		}
 	}
 	if c.Profile != "" {
 		if _, err := c.ResolveProfile(c.Profile); err != nil {

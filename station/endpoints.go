@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -91,7 +90,11 @@ func (s *Station) HandshakeConfig(endpoints []string, caFile string) (HandshakeC
 		if shown == "" {
 			shown = "ca/root.crt"
 		}
-		path = filepath.Join(s.Layout.Dir, shown)
+		p, err := s.Layout.StationFile("endpoint_ca", shown)
+		if err != nil {
+			return HandshakeConfig{}, fmt.Errorf("%w: %w", err, ErrEndpoint)
+		}
+		path = p
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -366,7 +366,7 @@ func (r *run) stepKey(ctx context.Context) (string, error) {
 
 func (r *run) stepCSR(ctx context.Context) (string, error) {
 	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: r.subject,
-		URIs: []*url.URL{SerialURI(r.req.Serial)}}, r.key)
+		URIs: []*url.URL{SerialURI(r.req.Serial)}}, r.signer(ctx))
 	if err != nil {
 		return "", err
 	}
@@ -411,6 +411,9 @@ func (r *run) stepImage(ctx context.Context) (string, error) {
 		return "", err
 	}
 	detail := fmt.Sprintf("%d files, profile %s, synced", len(plan.Files)+len(plan.Merges), plan.Profile)
+	if plan.OpenSSL.Form != "" {
+		detail += "; TPM OpenSSL " + plan.OpenSSL.String()
+	}
 	return detail, r.record(ctx, inventory.StateImaged, "", nil, inventory.Event{Step: StepImage, Detail: r.req.Image})
 }
 
@@ -429,7 +432,7 @@ func (r *run) stepVerify(ctx context.Context) (string, error) {
 }
 
 func (r *run) stepHandshake(ctx context.Context) (string, error) {
-	client := handshake.Client{Certificate: r.res.Certificate, Chain: []*x509.Certificate{r.s.CA.Issuing}, Key: r.key,
+	client := handshake.Client{Certificate: r.res.Certificate, Chain: []*x509.Certificate{r.s.CA.Issuing}, Key: r.signer(ctx),
 		ClientID: r.req.Serial}
 	hc := r.req.Handshake
 	if len(hc.Endpoints) == 0 {
@@ -519,4 +522,15 @@ func publicSHA256(pub crypto.PublicKey) (string, error) {
 	}
 	sum := sha256.Sum256(der)
 	return hex.EncodeToString(sum[:]), nil
+}
+
+// signer is the unit's key bound to ctx where the key supports it (TPM keys): a cancelled run stops a signature in
+// flight instead of waiting for the TPM's command timeout.
+func (r *run) signer(ctx context.Context) crypto.Signer {
+	if k, ok := r.key.(interface {
+		WithContext(context.Context) crypto.Signer
+	}); ok {
+		return k.WithContext(ctx)
+	}
+	return r.key
 }
