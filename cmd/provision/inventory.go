@@ -80,10 +80,10 @@ func newInventoryListCmd(g *globals) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "list [--state S] [--json]",
 		Short: "One line per unit: serial, state, failed step, operator, last change",
-		Long: `list prints one line per unit (serial, state, failed step, operator, last change), oldest first.
+		Long: `list prints one line per unit (serial, state, failed step, operator, last change), in serial order.
 --json prints one JSON document {"units":[...]}: each unit with the fields of "inventory show --json" except its
 events (serial, state, failed_step, error, operator, station, key_kind, public_sha256, ek_certificate_sha256, updated,
-certificates). An empty inventory prints {"units":[]}.`,
+certificates), in serial order. An empty inventory prints {"units":[]}.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if !validState(state) {
