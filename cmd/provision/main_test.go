@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -9,6 +11,10 @@ import (
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"provision/inventory"
+	"provision/station"
+	"provision/tpm"
 )
 
 func TestMain(m *testing.M) {
@@ -75,4 +81,38 @@ func TestScripts(t *testing.T) {
 			},
 		},
 	})
+}
+
+// TestExitCode maps errors to the exit codes docs/exit-codes.md documents.
+func TestExitCode(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want int
+	}{
+		{"success", nil, exitOK},
+		{"unit failed", &station.StepError{Serial: "SN-1", Step: station.StepHandshake, Err: errors.New("refused")}, exitFailed},
+		{"usage", usagef("unit: --serial and --image are required"), exitUsage},
+		{"station.yaml", fmt.Errorf("station.yaml:3: key: %w", station.ErrConfig), exitUsage},
+		{"bad serial", fmt.Errorf("unit: %w", station.ErrBadSerial), exitUsage},
+		{"unknown profile", fmt.Errorf("unit: no built-in profile %q: %w", "nosuch", station.ErrProfile), exitUsage},
+		{"endpoint", fmt.Errorf("endpoint: %w", station.ErrEndpoint), exitUsage},
+		{"refused", &station.StepError{Serial: "SN-1", Step: station.StepValidate, Err: station.ErrRefused}, exitRefused},
+		{"not initialised", fmt.Errorf("station x: %w", station.ErrNotInitialised), exitStation},
+		{"CA", fmt.Errorf("unit: %w", station.ErrCA), exitStation},
+		{"TPM unreachable", &station.StepError{Serial: "SN-1", Step: station.StepKey, Err: tpm.ErrUnreachable}, exitStation},
+		{"TPM lockout", tpm.ErrLockout, exitStation},
+		{"inventory locked", inventory.ErrLocked, exitStation},
+		{"inventory damaged", inventory.ErrDamaged, exitStation},
+		{"interrupted", &station.StepError{Serial: "SN-1", Step: station.StepImage, Err: fmt.Errorf("%w: %w", station.ErrInterrupted, context.Canceled)}, exitInterrupted},
+		{"context cancelled", fmt.Errorf("station x: %w", context.Canceled), exitInterrupted},
+		{"chosen code", &exitError{code: exitRefused}, exitRefused},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := exitCode(tc.err); got != tc.want {
+				t.Errorf("exitCode(%v) = %d, want %d", tc.err, got, tc.want)
+			}
+		})
+	}
 }
