@@ -101,7 +101,7 @@ func noArgs(c *cobra.Command, args []string) error {
 		}
 		return usagef("%s (see %s --help)", msg, c.CommandPath())
 	}
-	return usagef("%s: unexpected argument %q (see --help)", commandName(c), args[0])
+	return usagef("%s: unexpected argument %q (see %s --help)", commandName(c), args[0], c.CommandPath())
 }
 
 // groupCmd is a command that only holds subcommands: alone it shows its help, with an argument it names the mistyped
@@ -137,7 +137,10 @@ func flagError(c *cobra.Command, err error) error {
 			msg += "; did you mean --" + best + "?"
 		}
 	}
-	return usageError{fmt.Errorf("%s: %s (see %s --help)", commandName(c), msg, c.CommandPath())}
+	if c.HasParent() {
+		msg = commandName(c) + ": " + msg
+	}
+	return usageError{fmt.Errorf("%s (see %s --help)", msg, c.CommandPath())}
 }
 
 // editDistance is the Levenshtein distance between a and b.
