@@ -2,17 +2,21 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
 
+	"provision/image/golden"
 	"provision/inventory"
+	"provision/simulator"
 	"provision/station"
 	"provision/tpm"
 )
@@ -114,5 +118,73 @@ func TestExitCode(t *testing.T) {
 				t.Errorf("exitCode(%v) = %d, want %d", tc.err, got, tc.want)
 			}
 		})
+	}
+}
+
+// cancelOn is a stdout that cancels the command's context once a line containing mark was written: an operator's
+// Ctrl-C at a known point of the pipeline, without timing.
+type cancelOn struct {
+	mark   string
+	cancel context.CancelFunc
+	buf    strings.Builder
+}
+
+func (w *cancelOn) Write(p []byte) (int, error) {
+	w.buf.Write(p)
+	if strings.Contains(w.buf.String(), w.mark) {
+		w.cancel()
+	}
+	return len(p), nil
+}
+
+// TestInterruptedExit130: a unit interrupted between steps exits 130 with one line, keeps the state of its last
+// completed step with an "interrupted" event (docs/states.md), and the same command then finishes it.
+func TestInterruptedExit130(t *testing.T) {
+	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	dir := t.TempDir()
+	st, img := filepath.Join(dir, "station"), filepath.Join(dir, "unit.img")
+	t.Setenv("PROVISION_OPERATOR", "tester")
+	var stdout, stderr strings.Builder
+	if err := run(context.Background(), []string{"--station", st, "init"}, strings.NewReader(""), &stdout, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--station", st, "unit", "--serial", "SN-0130", "--image", img, "--tpm", "soft"}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	out := &cancelOn{mark: "✓ key", cancel: cancel}
+	stderr.Reset()
+	err := run(ctx, args, strings.NewReader(""), out, &stderr)
+	if code := report(err, &stderr); code != exitInterrupted {
+		t.Fatalf("interrupted unit: exit %d, want %d (err %v)\nstdout:\n%s", code, exitInterrupted, err, out.buf.String())
+	}
+	if lines := strings.Count(strings.TrimRight(stderr.String(), "\n"), "\n"); lines != 0 {
+		t.Errorf("interrupted unit: want one line on stderr, got %q", stderr.String())
+	}
+
+	stdout.Reset()
+	if err := run(context.Background(), []string{"--station", st, "inventory", "show", "SN-0130", "--json"}, strings.NewReader(""), &stdout, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	var rec unitJSON
+	if err := json.Unmarshal([]byte(stdout.String()), &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.State != inventory.StateKeyed {
+		t.Errorf("interrupted after key: state %q, want %q", rec.State, inventory.StateKeyed)
+	}
+	if n := len(rec.Events); n == 0 || rec.Events[n-1].Outcome != station.OutcomeInterrupted || rec.Events[n-1].Step != station.StepCSR {
+		t.Errorf("interrupted after key: last event %+v, want step csr, outcome interrupted", rec.Events)
+	}
+
+	stdout.Reset()
+	if err := run(context.Background(), args, strings.NewReader(""), &stdout, &stderr); err != nil {
+		t.Fatalf("the same command again: %v\n%s", err, stdout.String())
+	}
+	if !strings.Contains(stdout.String(), "SHIPPABLE") {
+		t.Errorf("the same command again: not shippable:\n%s", stdout.String())
 	}
 }
