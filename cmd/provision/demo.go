@@ -22,7 +22,8 @@ func newDemoCmd(g *globals) *cobra.Command {
 provisions --units units on the in-process TPM simulator with the step output an operator sees: key in the TPM, CSR,
 signature, image written and read back, a live TLS 1.3 handshake with the TPM-resident key. It ignores --station and
 touches nothing outside --dir (default: a new temporary directory), and says where everything is.`,
-		Args: noArgs,
+		Annotations: map[string]string{noStation: "demo has its own throw-away station"},
+		Args:        noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			if units < 1 || units > 100 {

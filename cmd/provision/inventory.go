@@ -27,6 +27,13 @@ type eventJSON struct {
 	Detail  string `json:"detail"`
 }
 
+// unitListJSON is `inventory list --json` and `inventory export --format json`.
+type unitListJSON struct {
+	Units []unitJSON `json:"units"`
+}
+
+// unitJSON is a unit's record: `inventory show --json` (with events), and each unit of `inventory list --json` and
+// `inventory export --format json` (without). docs/json.md documents it.
 type unitJSON struct {
 	Serial       string           `json:"serial"`
 	State        string           `json:"state"`
@@ -50,11 +57,10 @@ func fmtTime(t time.Time) string {
 }
 
 func newInventoryCmd(g *globals) *cobra.Command {
-	c := &cobra.Command{
+	c := groupCmd(&cobra.Command{
 		Use:   "inventory",
 		Short: "List, show and export the units the station has provisioned",
-		Args:  noArgs,
-	}
+	})
 	c.AddCommand(newInventoryListCmd(g), newInventoryShowCmd(g), newInventoryExportCmd(g))
 	return c
 }
@@ -70,10 +76,15 @@ func validState(s string) bool {
 
 func newInventoryListCmd(g *globals) *cobra.Command {
 	var state string
+	var asJSON bool
 	c := &cobra.Command{
-		Use:   "list [--state S]",
+		Use:   "list [--state S] [--json]",
 		Short: "One line per unit: serial, state, failed step, operator, last change",
-		Args:  noArgs,
+		Long: `list prints one line per unit (serial, state, failed step, operator, last change), in serial order.
+--json prints one JSON document {"units":[...]}: each unit with the fields of "inventory show --json" except its
+events (serial, state, failed_step, error, operator, station, key_kind, public_sha256, ek_certificate_sha256, updated,
+certificates), in serial order. An empty inventory prints {"units":[]}.`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if !validState(state) {
 				return usagef("inventory list: --state %q: use new, keyed, certified, imaged, verified, shippable or failed", state)
@@ -87,6 +98,17 @@ func newInventoryListCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if asJSON {
+				recs := make([]unitJSON, 0, len(units))
+				for _, u := range units {
+					rec, err := unitRecord(g, cmd, st.Inv, u, false)
+					if err != nil {
+						return err
+					}
+					recs = append(recs, rec)
+				}
+				return json.NewEncoder(g.stdout).Encode(unitListJSON{Units: recs})
+			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERIAL\tSTATE\tFAILED STEP\tOPERATOR\tUPDATED")
 			for _, u := range units {
@@ -96,6 +118,7 @@ func newInventoryListCmd(g *globals) *cobra.Command {
 		},
 	}
 	c.Flags().StringVar(&state, "state", "", "only units in this state")
+	c.Flags().BoolVar(&asJSON, "json", false, `print {"units":[...]} as one JSON document`)
 	return c
 }
 
@@ -143,7 +166,7 @@ func newInventoryShowCmd(g *globals) *cobra.Command {
 			defer st.Exit() // one-shot command: see Station.Exit
 			u, err := st.Inv.Unit(cmd.Context(), args[0])
 			if errors.Is(err, inventory.ErrNotFound) {
-				return &exitError{code: exitFailed, err: fmt.Errorf("inventory show: no unit %q in %s", args[0], st.Inv.Path())}
+				return &exitError{code: exitRefused, err: fmt.Errorf("inventory show: no unit %q in %s: check the serial, or --station", args[0], st.Inv.Path())}
 			}
 			if err != nil {
 				return err
@@ -213,7 +236,7 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 			if format == "json" {
 				enc := json.NewEncoder(g.stdout)
 				enc.SetIndent("", "  ")
-				return enc.Encode(map[string]any{"units": recs})
+				return enc.Encode(unitListJSON{Units: recs})
 			}
 			w := csv.NewWriter(g.stdout)
 			w.Write([]string{"serial", "state", "failed_step", "operator", "station", "key_kind", "public_sha256",
@@ -238,11 +261,10 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 }
 
 func newAuditCmd(g *globals) *cobra.Command {
-	c := &cobra.Command{
+	c := groupCmd(&cobra.Command{
 		Use:   "audit",
 		Short: "Check the hash-chained audit log",
-		Args:  noArgs,
-	}
+	})
 	verify := &cobra.Command{
 		Use:   "verify",
 		Short: "Recompute the audit chain and compare it with audit.head: exit 1 on an edited, removed or reordered entry",

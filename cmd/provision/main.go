@@ -29,12 +29,12 @@ func mainExit() int {
 	return report(err, os.Stderr)
 }
 
-// Exit codes (CONTRACTS.md).
+// Exit codes: a contract with scripts and line controllers, documented in docs/exit-codes.md (keep them in step).
 const (
 	exitOK          = 0
-	exitFailed      = 1   // a unit failed
-	exitUsage       = 2   // bad command line, serial, serial file or station.yaml
-	exitRefused     = 3   // refused by the inventory
+	exitFailed      = 1   // a unit failed; verify found a failed check; audit verify found a mismatch
+	exitUsage       = 2   // bad command line, serial, serial file, profile or station.yaml
+	exitRefused     = 3   // refused by the inventory (including a unit it does not hold)
 	exitStation     = 4   // the station's own environment
 	exitInterrupted = 130 // SIGINT/SIGTERM/Esc: what ran stopped between steps and resumes when run again
 	exitInternal    = exitFailed
@@ -74,7 +74,8 @@ func exitCode(err error) int {
 	case errors.Is(err, station.ErrInterrupted), errors.Is(err, context.Canceled):
 		return exitInterrupted
 	case errors.As(err, &ue), errors.Is(err, station.ErrConfig), errors.Is(err, station.ErrBadSerial),
-		errors.Is(err, station.ErrSerialFile), errors.Is(err, station.ErrExists), errors.Is(err, station.ErrEndpoint):
+		errors.Is(err, station.ErrSerialFile), errors.Is(err, station.ErrExists), errors.Is(err, station.ErrEndpoint),
+		errors.Is(err, station.ErrProfile):
 		return exitUsage
 	case errors.Is(err, station.ErrRefused):
 		return exitRefused

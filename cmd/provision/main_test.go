@@ -1,14 +1,24 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"provision/image/golden"
+	"provision/inventory"
+	"provision/simulator"
+	"provision/station"
+	"provision/tpm"
 )
 
 func TestMain(m *testing.M) {
@@ -75,4 +85,106 @@ func TestScripts(t *testing.T) {
 			},
 		},
 	})
+}
+
+// TestExitCode maps errors to the exit codes docs/exit-codes.md documents.
+func TestExitCode(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want int
+	}{
+		{"success", nil, exitOK},
+		{"unit failed", &station.StepError{Serial: "SN-1", Step: station.StepHandshake, Err: errors.New("refused")}, exitFailed},
+		{"usage", usagef("unit: --serial and --image are required"), exitUsage},
+		{"station.yaml", fmt.Errorf("station.yaml:3: key: %w", station.ErrConfig), exitUsage},
+		{"bad serial", fmt.Errorf("unit: %w", station.ErrBadSerial), exitUsage},
+		{"unknown profile", fmt.Errorf("unit: no built-in profile %q: %w", "nosuch", station.ErrProfile), exitUsage},
+		{"endpoint", fmt.Errorf("endpoint: %w", station.ErrEndpoint), exitUsage},
+		{"refused", &station.StepError{Serial: "SN-1", Step: station.StepValidate, Err: station.ErrRefused}, exitRefused},
+		{"not initialised", fmt.Errorf("station x: %w", station.ErrNotInitialised), exitStation},
+		{"CA", fmt.Errorf("unit: %w", station.ErrCA), exitStation},
+		{"TPM unreachable", &station.StepError{Serial: "SN-1", Step: station.StepKey, Err: tpm.ErrUnreachable}, exitStation},
+		{"TPM lockout", tpm.ErrLockout, exitStation},
+		{"inventory locked", inventory.ErrLocked, exitStation},
+		{"inventory damaged", inventory.ErrDamaged, exitStation},
+		{"interrupted", &station.StepError{Serial: "SN-1", Step: station.StepImage, Err: fmt.Errorf("%w: %w", station.ErrInterrupted, context.Canceled)}, exitInterrupted},
+		{"context cancelled", fmt.Errorf("station x: %w", context.Canceled), exitInterrupted},
+		{"chosen code", &exitError{code: exitRefused}, exitRefused},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := exitCode(tc.err); got != tc.want {
+				t.Errorf("exitCode(%v) = %d, want %d", tc.err, got, tc.want)
+			}
+		})
+	}
+}
+
+// cancelOn is a stdout that cancels the command's context once a line containing mark was written: an operator's
+// Ctrl-C at a known point of the pipeline, without timing.
+type cancelOn struct {
+	mark   string
+	cancel context.CancelFunc
+	buf    strings.Builder
+}
+
+func (w *cancelOn) Write(p []byte) (int, error) {
+	w.buf.Write(p)
+	if strings.Contains(w.buf.String(), w.mark) {
+		w.cancel()
+	}
+	return len(p), nil
+}
+
+// TestInterruptedExit130: a unit interrupted between steps exits 130 with one line, keeps the state of its last
+// completed step with an "interrupted" event (docs/states.md), and the same command then finishes it.
+func TestInterruptedExit130(t *testing.T) {
+	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	dir := t.TempDir()
+	st, img := filepath.Join(dir, "station"), filepath.Join(dir, "unit.img")
+	t.Setenv("PROVISION_OPERATOR", "tester")
+	var stdout, stderr strings.Builder
+	if err := run(context.Background(), []string{"--station", st, "init"}, strings.NewReader(""), &stdout, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--station", st, "unit", "--serial", "SN-0130", "--image", img, "--tpm", "soft"}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	out := &cancelOn{mark: "✓ key", cancel: cancel}
+	stderr.Reset()
+	err := run(ctx, args, strings.NewReader(""), out, &stderr)
+	if code := report(err, &stderr); code != exitInterrupted {
+		t.Fatalf("interrupted unit: exit %d, want %d (err %v)\nstdout:\n%s", code, exitInterrupted, err, out.buf.String())
+	}
+	if lines := strings.Count(strings.TrimRight(stderr.String(), "\n"), "\n"); lines != 0 {
+		t.Errorf("interrupted unit: want one line on stderr, got %q", stderr.String())
+	}
+
+	stdout.Reset()
+	if err := run(context.Background(), []string{"--station", st, "inventory", "show", "SN-0130", "--json"}, strings.NewReader(""), &stdout, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	var rec unitJSON
+	if err := json.Unmarshal([]byte(stdout.String()), &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.State != inventory.StateKeyed {
+		t.Errorf("interrupted after key: state %q, want %q", rec.State, inventory.StateKeyed)
+	}
+	if n := len(rec.Events); n == 0 || rec.Events[n-1].Outcome != station.OutcomeInterrupted || rec.Events[n-1].Step != station.StepCSR {
+		t.Errorf("interrupted after key: last event %+v, want step csr, outcome interrupted", rec.Events)
+	}
+
+	stdout.Reset()
+	if err := run(context.Background(), args, strings.NewReader(""), &stdout, &stderr); err != nil {
+		t.Fatalf("the same command again: %v\n%s", err, stdout.String())
+	}
+	if !strings.Contains(stdout.String(), "SHIPPABLE") {
+		t.Errorf("the same command again: not shippable:\n%s", stdout.String())
+	}
 }

@@ -2,15 +2,20 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strings"
+	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"provision/simulator"
 	"provision/station"
@@ -24,7 +29,11 @@ type globals struct {
 	stdin      io.Reader
 	stdout     io.Writer
 	stderr     io.Writer
+	log        *slog.Logger // made once by logger()
 }
+
+// noStation marks a command (cobra annotation) that never opens --station, so a bad --station does not stop it.
+const noStation = "provision/no-station"
 
 func newRootCmd(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	g := &globals{stdin: stdin, stdout: stdout, stderr: stderr}
@@ -42,11 +51,23 @@ Start with:
 The station directory is --station, else $PROVISION_STATION, else $XDG_STATE_HOME/provision (~/.local/state/provision).
 CA keys are encrypted at rest when PROVISION_CA_PASSPHRASE is set (at init and whenever the CA signs).
 
-Exit codes: 0 success, 1 a unit failed, 2 bad command line/serial/station.yaml, 3 refused by the inventory,
-4 the station's environment (not initialised, CA key, inventory locked or damaged, TPM unreachable or locked out).`,
-		SilenceErrors: true,
-		SilenceUsage:  true,
-		Args:          noArgs,
+Exit codes: 0 success, 1 a unit failed, 2 bad command line/serial/profile/station.yaml, 3 refused by the inventory
+(or no such unit), 4 the station's environment (not initialised, not a directory, CA key, inventory locked or damaged,
+TPM unreachable or locked out), 130 interrupted (Ctrl-C, SIGTERM): run the same command again to resume.
+-v logs each step and TPM command with its time to stderr.`,
+		SilenceErrors:              true,
+		SilenceUsage:               true,
+		SuggestionsMinimumDistance: 2,
+		Args:                       noArgs,
+		PersistentPreRunE: func(c *cobra.Command, args []string) error {
+			if usesStation(c) {
+				if err := checkStationDir(g.stationDir); err != nil {
+					return err
+				}
+			}
+			c.SetContext(withLogger(c.Context(), g.logger()))
+			return nil
+		},
 		RunE: func(c *cobra.Command, args []string) error {
 			c.SetOut(g.stdout)
 			c.Help()
@@ -57,18 +78,115 @@ Exit codes: 0 success, 1 a unit failed, 2 bad command line/serial/station.yaml, 
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
+	root.SetFlagErrorFunc(flagError)
 	root.PersistentFlags().StringVar(&g.stationDir, "station", defaultStationDir(), "station directory")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "debug log on stderr")
 	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g))
 	return root
 }
 
+// noArgs refuses arguments. On a command with subcommands an argument is a mistyped command: the closest commands
+// are suggested, as cobra would.
 func noArgs(c *cobra.Command, args []string) error {
-	if len(args) > 0 {
-		return usagef("%s: unexpected argument %q (see --help)", c.CommandPath(), args[0])
+	if len(args) == 0 {
+		return nil
 	}
-	return nil
+	if c.HasSubCommands() {
+		msg := fmt.Sprintf("unknown command %q for %q", args[0], c.CommandPath())
+		if c.SuggestionsMinimumDistance <= 0 {
+			c.SuggestionsMinimumDistance = 2 // cobra's default, which SuggestionsFor alone does not apply
+		}
+		if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+			msg += ". Did you mean this? " + strings.Join(s, ", ")
+		}
+		return usagef("%s (see %s --help)", msg, c.CommandPath())
+	}
+	return usagef("%s: unexpected argument %q (see %s --help)", commandName(c), args[0], c.CommandPath())
+}
+
+// groupCmd is a command that only holds subcommands: alone it shows its help, with an argument it names the mistyped
+// command (a command without RunE would print its help and exit 0 on `provision inventory lsit`).
+func groupCmd(c *cobra.Command) *cobra.Command {
+	c.Args = noArgs
+	c.RunE = func(c *cobra.Command, args []string) error { return c.Help() }
+	return c
+}
+
+// commandName is the command path without the program name: "unit", "inventory show".
+func commandName(c *cobra.Command) string {
+	if !c.HasParent() {
+		return c.Name()
+	}
+	return strings.TrimPrefix(c.CommandPath(), c.Root().Name()+" ")
+}
+
+// flagError names the command whose flag was wrong and the closest flag it has: "unit: unknown flag: --seriall; did
+// you mean --serial?".
+func flagError(c *cobra.Command, err error) error {
+	msg := err.Error()
+	if name, ok := strings.CutPrefix(msg, "unknown flag: --"); ok {
+		best, bestD := "", 3 // suggest flags at most 2 edits away
+		visit := func(f *pflag.Flag) {
+			if d := editDistance(name, f.Name); d < bestD {
+				best, bestD = f.Name, d
+			}
+		}
+		c.Flags().VisitAll(visit)
+		c.InheritedFlags().VisitAll(visit)
+		if best != "" {
+			msg += "; did you mean --" + best + "?"
+		}
+	}
+	if c.HasParent() {
+		msg = commandName(c) + ": " + msg
+	}
+	return usageError{fmt.Errorf("%s (see %s --help)", msg, c.CommandPath())}
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+// usesStation reports whether c may open --station: not demo, sample-image, help or completion.
+func usesStation(c *cobra.Command) bool {
+	for p := c; p != nil; p = p.Parent() {
+		if p.Annotations[noStation] != "" || p.Name() == "help" || p.Name() == cobra.ShellCompRequestCmd ||
+			p.Name() == cobra.ShellCompNoDescRequestCmd || p.Name() == "completion" {
+			return false
+		}
+	}
+	return true
+}
+
+// checkStationDir refuses a --station that exists but is not a directory (exit 4, the station's environment), before a
+// command reads "station.yaml/station.yaml: not a directory" or init tries to create a station inside a file. A
+// missing directory is left to the command: init creates it, the others say it is not initialised.
+func checkStationDir(dir string) error {
+	fi, err := os.Stat(dir)
+	switch {
+	case err == nil && fi.IsDir(), errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err == nil, errors.Is(err, syscall.ENOTDIR):
+		return &exitError{code: exitStation, err: fmt.Errorf("station %s is not a directory: point --station or PROVISION_STATION at a station directory (provision init makes one)", dir)}
+	}
+	return &exitError{code: exitStation, err: fmt.Errorf("station %s: %w", dir, err)}
 }
 
 func defaultStationDir() string {
@@ -84,11 +202,33 @@ func defaultStationDir() string {
 	return "provision-station"
 }
 
+// logger is the -v debug log on stderr (each step and TPM command with its time); without -v it discards.
 func (g *globals) logger() *slog.Logger {
-	if !g.verbose {
-		return slog.New(slog.DiscardHandler)
+	if g.log == nil {
+		g.log = slog.New(slog.DiscardHandler)
+		if g.verbose {
+			g.log = slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		}
 	}
-	return slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return g.log
+}
+
+type loggerKey struct{}
+
+// withLogger hands the -v logger to code that gets only a context (openTPM, called from every command and the TUI).
+func withLogger(ctx context.Context, log *slog.Logger) context.Context {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	return context.WithValue(ctx, loggerKey{}, log)
+}
+
+// loggerFrom is the -v logger carried by ctx; a discarding one when there is none.
+func loggerFrom(ctx context.Context) *slog.Logger {
+	if log, ok := ctx.Value(loggerKey{}).(*slog.Logger); ok && log != nil {
+		return log
+	}
+	return slog.New(slog.DiscardHandler)
 }
 
 func (g *globals) openStation(ctx context.Context) (*station.Station, error) {
@@ -104,10 +244,28 @@ func passphrase() []byte {
 }
 
 // openTPM opens the unit's TPM named by uri, wiring the in-process simulator for "sim". On TPMs without a resource
-// manager (the simulators) transient objects a killed run left behind are flushed first.
+// manager (the simulators) transient objects a killed run left behind are flushed first. With -v (the logger ctx
+// carries) it logs the open and, through tpmLogOptions, every TPM command with its time.
 func openTPM(ctx context.Context, uri string) (*tpm.Device, error) {
+	log := loggerFrom(ctx)
 	stale := uri == "sim" || strings.HasPrefix(uri, "mssim://")
-	return tpm.Open(ctx, uri, tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(stale))
+	opts := append([]tpm.Option{tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(stale)}, tpmLogOptions(log)...)
+	start := time.Now()
+	dev, err := tpm.Open(ctx, uri, opts...)
+	if err != nil {
+		log.Debug("tpm open", "uri", uri, "ms", time.Since(start).Milliseconds(), "err", err)
+		return nil, err
+	}
+	log.Debug("tpm open", "uri", uri, "ms", time.Since(start).Milliseconds())
+	return dev, nil
+}
+
+// tpmLogOptions are the tpm.Open options that make the TPM log each command it sends, with its time, to log (the -v
+// debug log). LEAD, WHEN tpm.WithLogger(*slog.Logger) LANDS (issue #9 item 21): return []tpm.Option{tpm.WithLogger(log)}
+// here; openTPM, and so every command and the TUI, then passes it.
+func tpmLogOptions(log *slog.Logger) []tpm.Option {
+	_ = log
+	return nil
 }
 
 // tpmFlag resolves --tpm: empty means the default, anything else must be a TPM URI (exit 2 otherwise).

@@ -16,6 +16,7 @@ func newSampleImageCmd(g *globals) *cobra.Command {
 		Long: `sample-image writes a sparse Mender-style disk image without root: partition 1 boot (FAT32, label BOOT),
 2 and 3 rootfs A and B (ext4, labels rootfsa/rootfsb, each with /etc/mender/mender.conf), 4 data (ext4, label data).
 Needs sfdisk, mke2fs, mkfs.fat and mcopy (make deps installs them).`,
+		Annotations: map[string]string{noStation: "writes an image, needs no station"},
 		Args: func(c *cobra.Command, args []string) error {
 			if len(args) != 1 {
 				return usagef("sample-image: give the output path")
