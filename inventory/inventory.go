@@ -27,7 +27,7 @@ import (
 //go:embed migrations/*.sql
 var migrations embed.FS
 
-// Unit states, stored as these strings (CONTRACTS.md).
+// Unit states, stored as these strings (docs/states.md).
 const (
 	StateNew       = "new"
 	StateKeyed     = "keyed"

@@ -32,7 +32,7 @@ type Config struct {
 	ServerCA string `yaml:"server_ca"`
 	// Profile is the default image profile (built-in: mender, mqtt, edge).
 	Profile string `yaml:"profile" validate:"required"`
-	// Profiles are the station's own profiles (CONTRACTS.md shape), optionally starting from a built-in with base:.
+	// Profiles are the station's own profiles (docs/profiles.md), optionally starting from a built-in with base:.
 	Profiles map[string]Profile `yaml:"profiles"`
 	// Endpoints are the handshake test's targets (tls://, mqtts://, https://); empty: the built-in test server.
 	Endpoints []string `yaml:"endpoints" validate:"dive,endpoint"`
@@ -279,7 +279,7 @@ func newValidator() *validator.Validate {
 	return v
 }
 
-// ValidTPMURI reports whether s is one of the TPM URI forms in CONTRACTS.md.
+// ValidTPMURI reports whether s is one of the TPM URI forms in docs/station.md.
 func ValidTPMURI(s string) bool {
 	switch {
 	case s == "sim" || s == "soft":

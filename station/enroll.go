@@ -22,7 +22,7 @@ import (
 	"provision/tpm"
 )
 
-// Steps (CONTRACTS.md). StepBundle is recorded in the audit log only: the enroll bundle written to disk.
+// Steps (docs/states.md). StepBundle is recorded in the audit log only: the enroll bundle written to disk.
 const (
 	StepValidate  = "validate"
 	StepKey       = "key"
@@ -34,7 +34,7 @@ const (
 	StepBundle    = "bundle"
 )
 
-// Bundle file names (CONTRACTS.md).
+// Bundle file names (docs/station.md).
 const (
 	BundleCert  = "device.crt"
 	BundleChain = "chain.crt"

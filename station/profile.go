@@ -21,7 +21,7 @@ import (
 //go:embed profiles
 var builtinProfiles embed.FS
 
-// Profile maps what the station produces to files in a unit's image (CONTRACTS.md "Profiles").
+// Profile maps what the station produces to files in a unit's image (format: docs/profiles.md).
 type Profile struct {
 	// Base names a built-in profile this one starts from: its partitions and vars are overridden key by key, its files
 	// and json_merge entries come first, then this profile's.

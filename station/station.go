@@ -31,7 +31,7 @@ var (
 	ErrRefused = errors.New("refused by the inventory")
 )
 
-// Layout names the files of a station directory (CONTRACTS.md).
+// Layout names the files of a station directory (docs/station.md).
 type Layout struct{ Dir string }
 
 func (l Layout) Config() string      { return filepath.Join(l.Dir, "station.yaml") }

@@ -261,11 +261,9 @@ func openTPM(ctx context.Context, uri string) (*tpm.Device, error) {
 }
 
 // tpmLogOptions are the tpm.Open options that make the TPM log each command it sends, with its time, to log (the -v
-// debug log). LEAD, WHEN tpm.WithLogger(*slog.Logger) LANDS (issue #9 item 21): return []tpm.Option{tpm.WithLogger(log)}
-// here; openTPM, and so every command and the TUI, then passes it.
+// debug log): command name, response code and milliseconds, never parameters.
 func tpmLogOptions(log *slog.Logger) []tpm.Option {
-	_ = log
-	return nil
+	return []tpm.Option{tpm.WithLogger(log)}
 }
 
 // tpmFlag resolves --tpm: empty means the default, anything else must be a TPM URI (exit 2 otherwise).
