@@ -315,7 +315,7 @@ func TestTUISignalInTmux(t *testing.T) {
 	silent := strings.Replace(silentTPM(t), "mssim://", "tls://", 1)
 	tt := startTUI(t, st, nil, "--tpm", "sim", "--operator", "fay", "--image", filepath.Join(dir, "{serial}.img"),
 		"--endpoint", silent)
-	tt.waitFor("handshake "+silent)
+	tt.waitFor("handshake " + silent)
 	tt.scan("SG-0001")
 	tt.waitFor("20 checks passed")
 	tt.signal(syscall.SIGTERM)
