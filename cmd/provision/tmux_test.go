@@ -128,6 +128,9 @@ func (tt *tuiTerm) exited(code int) {
 	tt.waitFor(fmt.Sprintf("EXIT=%d", code))
 }
 
+// colourSGR matches an escape sequence that sets a foreground or background colour (not the defaults, 39 and 49).
+var colourSGR = regexp.MustCompile(`\x1b\[(?:[0-9;]*;)?(?:3[0-7]|4[0-7]|9[0-7]|10[0-7]|38;|48;)[0-9;]*m`)
+
 // setStationYAML replaces the station.yaml line that starts with prefix (after indentation) by line.
 func setStationYAML(t *testing.T, st, prefix, line string) {
 	t.Helper()
@@ -169,6 +172,10 @@ func TestTUIInTmux(t *testing.T) {
 
 	tt.scan("q-0001") // q once quit the screen
 	tt.waitFor("✓ SHIPPABLE", "q-0001", "████")
+	// NO_COLOR: no colour at all; the block letters and words carry PASS and FAIL.
+	if raw := tt.tmux("capture-pane", "-t", "line", "-p", "-e"); colourSGR.MatchString(raw) {
+		t.Fatalf("colours under NO_COLOR: %q", colourSGR.FindString(raw))
+	}
 	mustCLI(t, st, "verify", "--image", filepath.Join(dir, "q-0001.img"), "--serial", "q-0001")
 
 	tt.scan("r-0002") // no image for it

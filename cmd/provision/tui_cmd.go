@@ -151,7 +151,7 @@ func newTUICmd(g *globals) *cobra.Command {
 	var hf handshakeFlags
 	var demo bool
 	c := &cobra.Command{
-		Use:   "tui --image PATH [--operator NAME] [--tpm URI]",
+		Use:   "tui --image PATH [--operator NAME] [--tpm URI] [--endpoint URL --endpoint-ca FILE]",
 		Short: "The operator's terminal UI for the line: scan a serial, the unit is provisioned, PASS or FAIL",
 		Long: `tui is the line operator's screen. A barcode scanner types the serial and Enter; the unit is provisioned at once
 (key in its TPM, certificate, image written and verified, live handshake) with each step shown, then a full-width PASS

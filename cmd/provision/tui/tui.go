@@ -533,6 +533,7 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 	switch {
 	case d.err == nil:
 		m.banner, m.cause, m.advice = bannerPass, "", "scan the next unit"
+		m.tpm, m.tpmDetail = tpmAnswers, "" // the unit's keys were made in it
 		m.header.Today[m.serial] = resultShippable
 		m.history = append(m.history, historyLine{m.serial, "SHIPPABLE", now})
 		return m, quit
