@@ -12,7 +12,7 @@ import (
 )
 
 // StopGrace bounds how long Run waits, after its context is cancelled, for the running unit to stop and be recorded.
-var StopGrace = 20 * time.Second
+const StopGrace = 20 * time.Second
 
 // Run starts the program and returns when the operator quits (nil) or ctx is cancelled (SIGINT/SIGTERM): then the
 // running unit is cancelled, stops between steps and is recorded as interrupted before Run returns an error wrapping

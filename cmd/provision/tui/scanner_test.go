@@ -222,9 +222,9 @@ func (silentTPM) ProbeTPM(ctx context.Context) error {
 // and the screen keeps taking keys meanwhile; probes repeat.
 func TestTPMProbe(t *testing.T) {
 	b, h, _ := setup(t)
-	defer func(d time.Duration) { ProbeTimeout = d }(ProbeTimeout)
-	ProbeTimeout = 200 * time.Millisecond
-	var m tea.Model = New(silentTPM{b}, h)
+	mm := New(silentTPM{b}, h)
+	mm.probeWait = 200 * time.Millisecond
+	var m tea.Model = mm
 	if v := m.View(); !strings.Contains(v, "TPM sim (not checked yet)") {
 		t.Fatalf("before the first probe:\n%s", v)
 	}
@@ -257,8 +257,8 @@ func TestTPMProbe(t *testing.T) {
 		t.Fatalf("header after a good probe:\n%s", v)
 	}
 	// No probe while a unit runs (the unit talks to the TPM).
-	mm, _ := m.(Model).start("SN-0009", false)
-	if mm, _ = mm.Update(probeTickMsg{}); mm.(Model).probing {
+	rm, _ := m.(Model).start("SN-0009", false)
+	if rm, _ = rm.Update(probeTickMsg{}); rm.(Model).probing {
 		t.Fatal("probed while a unit runs")
 	}
 }

@@ -60,7 +60,7 @@ const (
 )
 
 // ProbeEvery is how often the TPM is probed while no unit runs; ProbeTimeout bounds one probe.
-var (
+const (
 	ProbeEvery   = 5 * time.Second
 	ProbeTimeout = 3 * time.Second
 )
@@ -136,6 +136,7 @@ type Model struct {
 	tpm        tpmState
 	tpmDetail  string
 	probing    bool
+	probeWait  time.Duration // ProbeTimeout; shorter in tests
 	unlocking  bool
 	help       bool
 	width      int
@@ -152,7 +153,7 @@ func New(b Backend, h Header) Model {
 	if h.Today == nil {
 		h.Today = map[string]string{}
 	}
-	m := Model{backend: b, header: h, input: in, spin: sp, width: 80, height: 24}
+	m := Model{backend: b, header: h, input: in, spin: sp, width: 80, height: 24, probeWait: ProbeTimeout}
 	m.enterPhase(phaseUnlock)
 	return m
 }
@@ -287,9 +288,9 @@ func (m Model) probe() (tea.Model, tea.Cmd) {
 		return m, tea.Tick(ProbeEvery, func(time.Time) tea.Msg { return probeTickMsg{} })
 	}
 	m.probing = true
-	b := m.backend
+	b, wait := m.backend, m.probeWait
 	return m, func() tea.Msg {
-		ctx, cancel := context.WithTimeout(context.Background(), ProbeTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()
 		return probeMsg{b.ProbeTPM(ctx)}
 	}

@@ -348,8 +348,8 @@ func TestRunInterrupted(t *testing.T) {
 	in, out := &bytes.Buffer{}, &bytes.Buffer{}
 	errc := make(chan error, 1)
 	go func() { errc <- Run(ctx, b, h, tea.WithInput(in), tea.WithOutput(out), tea.WithoutRenderer()) }()
-	time.Sleep(100 * time.Millisecond) // let the program start; a cancel before that is handled the same way
-	cancel()
+	cancel() // before or after the program started: the same
+
 	select {
 	case err := <-errc:
 		if !errors.Is(err, station.ErrInterrupted) {
