@@ -27,7 +27,7 @@ type tuiBackend struct {
 	profile   string
 	handshake station.HandshakeConfig // the same resolution as unit and batch
 	makeImgs  bool                    // --demo: generate a sample image for a unit that has none
-	opening   atomic.Bool             // a TPM open that outlived its caller's context is still waiting for the TPM
+	opening   atomic.Int32            // TPM opens in progress (one that outlived its caller may still wait for the TPM)
 }
 
 func (b *tuiBackend) CheckSerial(s string) error { return b.st.Config.SerialRule().Check(s) }
@@ -53,7 +53,7 @@ func (b *tuiBackend) ProbeTPM(ctx context.Context) error {
 	if b.tpmURI == "soft" {
 		return nil
 	}
-	if b.opening.Load() {
+	if b.opening.Load() > 0 {
 		return fmt.Errorf("tpm %s: %w: no answer yet to an earlier command", b.tpmURI, tpm.ErrUnreachable)
 	}
 	d, err := b.open(ctx)
@@ -74,10 +74,10 @@ func (b *tuiBackend) open(ctx context.Context) (*tpm.Device, error) {
 		err error
 	}
 	ch := make(chan opened, 1)
-	b.opening.Store(true)
+	b.opening.Add(1)
 	go func() {
 		d, err := openTPM(ctx, b.tpmURI)
-		b.opening.Store(false)
+		b.opening.Add(-1)
 		ch <- opened{d, err}
 	}()
 	select {
