@@ -208,6 +208,15 @@ func TestHeaderShowsHandshake(t *testing.T) {
 	if v := New(b, h).View(); !strings.Contains(v, "handshake mqtts://broker.line:8883 (server CA ca/fleet.pem)") {
 		t.Fatalf("header:\n%s", v)
 	}
+	// Long values never push the header past 80 columns.
+	h.StationID, h.Operator = strings.Repeat("station-", 5), strings.Repeat("operator ", 4)
+	h.TPM = "mssim://tpm-forwarder.fixture-12.factory.example:2321"
+	h.ImageTarget = "/srv/line/images/" + strings.Repeat("sub/", 20) + "{serial}.img"
+	h.Handshake = strings.Repeat("mqtts://broker.line:8883, ", 5) + "(server CA ca/fleet.pem)"
+	m := New(b, h)
+	fits(t, m.View())
+	m.tpm = tpmSilent
+	fits(t, m.View())
 }
 
 // silentTPM is a TPM that never answers: its probe waits for the deadline.

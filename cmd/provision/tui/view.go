@@ -102,23 +102,24 @@ func (m Model) View() string {
 func (m Model) viewHeader(line func(string), w int) {
 	h := m.header
 	ok, failed := m.counts()
-	line(titleSt.Render("provision") + "  station " + h.StationID + "  operator " + orDash(h.Operator) +
-		fmt.Sprintf("  today: %d shippable, %d failed", ok, failed))
+	line(titleSt.Render("provision") + cut("  station "+h.StationID+"  operator "+orDash(h.Operator)+
+		fmt.Sprintf("  today: %d shippable, %d failed", ok, failed), w-len("provision")))
+	uri := cut(h.TPM, 34)
 	var tpm string
 	switch m.tpm {
 	case tpmAnswers:
-		tpm = "TPM " + h.TPM + " (answers)"
+		tpm = "TPM " + uri + " (answers)"
 	case tpmSilent:
-		tpm = failSt.Render("TPM not answering") + " (" + h.TPM + ")"
+		tpm = failSt.Render("TPM not answering") + " (" + uri + ")"
 	default:
-		tpm = "TPM " + h.TPM + " (not checked yet)"
+		tpm = "TPM " + uri + " (not checked yet)"
 	}
 	ca := "CA until " + h.CAExpiry.Format("2006-01-02")
 	if h.CALocked {
 		ca = "CA locked"
 	}
-	line(tpm + "  " + ca + "  profile " + h.Profile)
-	line(cut("image "+h.ImageTarget, w))
+	line(tpm + "  " + ca)
+	line(cut("profile "+h.Profile+"  image "+h.ImageTarget, w))
 	line(cut("handshake "+orDash(h.Handshake), w))
 	line(strings.Repeat("─", min(w, 100)))
 }
