@@ -136,6 +136,7 @@ func TestControlKeys(t *testing.T) {
 		t.Fatalf("F1:\n%s", v)
 	}
 	fits(t, v)
+	checkGolden(t, "help", v)
 	nm2, _ = nm.Update(key(tea.KeyEsc))
 	if nm2.(Model).help {
 		t.Fatal("Esc did not leave the help")
@@ -198,6 +199,17 @@ func TestEveryEnterEndsAScan(t *testing.T) {
 	m, _ = scanKeys(t, m, "P1/SN-0005/abcd")
 	if got := m.(Model); got.phase == phaseRunning || !strings.Contains(got.inputErr, "label") {
 		t.Fatalf("label scan: phase %d err %q", got.phase, got.inputErr)
+	}
+}
+
+// A scanner set to end its scans with LF (ctrl+j) instead of CR: the same as Enter.
+func TestLineFeedEndsAScan(t *testing.T) {
+	b, h, _ := setup(t)
+	var m tea.Model = New(b, h)
+	m = typeKeys(m, "SN-0008")
+	m, _ = m.Update(key(tea.KeyCtrlJ))
+	if got := m.(Model); got.phase != phaseRunning || got.serial != "SN-0008" || got.input.Value() != "" {
+		t.Fatalf("LF: phase %d serial %q field %q", got.phase, got.serial, got.input.Value())
 	}
 }
 
@@ -354,6 +366,8 @@ func TestCAPassphraseAsked(t *testing.T) {
 	if v := m.View(); m.(Model).phase != phaseUnlock || !strings.Contains(v, "passphrase") || !strings.Contains(v, "CA locked") {
 		t.Fatalf("not asked for the passphrase:\n%s", v)
 	}
+	fits(t, m.View())
+	checkGolden(t, "unlock", m.View())
 	unlock := func(m tea.Model, pass string) tea.Model {
 		m = typeKeys(m, pass)
 		if strings.Contains(m.View(), pass) {
@@ -367,6 +381,7 @@ func TestCAPassphraseAsked(t *testing.T) {
 		return m
 	}
 	m = unlock(m, "wrong")
+	fits(t, m.View())
 	if got := m.(Model); got.phase != phaseUnlock || !strings.Contains(got.View(), "wrong CA key passphrase") {
 		t.Fatalf("after a wrong passphrase:\n%s", got.View())
 	}

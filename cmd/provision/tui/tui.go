@@ -335,7 +335,7 @@ func (m Model) key(k tea.KeyMsg) (tea.Model, tea.Cmd) {
 		return m, nil
 	case tea.KeyCtrlR:
 		return m.again(prev)
-	case tea.KeyEnter:
+	case tea.KeyEnter, tea.KeyCtrlJ: // scanners end a scan with CR (Enter) or LF (ctrl+j)
 		return m.enter()
 	case tea.KeyRunes, tea.KeySpace, tea.KeyBackspace, tea.KeyDelete, tea.KeyLeft, tea.KeyRight, tea.KeyHome, tea.KeyEnd,
 		tea.KeyCtrlU, tea.KeyCtrlW, tea.KeyCtrlA, tea.KeyCtrlE, tea.KeyCtrlK:

@@ -45,7 +45,7 @@ func (m Model) View() string {
 	}
 	switch m.phase {
 	case phaseUnlock:
-		line("The station's CA key is encrypted. Type its passphrase and press Enter (not shown).")
+		line("The CA key is encrypted: type its passphrase and press Enter (it is not shown).")
 		line(m.input.View())
 		if m.inputErr != "" {
 			line(failSt.Render("✗ ") + cut(m.inputErr, w-2))
