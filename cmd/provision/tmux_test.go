@@ -78,6 +78,29 @@ func (tt *tuiTerm) waitFor(want ...string) string {
 	return ""
 }
 
+// waitBand waits for the result band of serial: mark ("✓ SHIPPABLE" or "✗ FAILED") and a block-letter row naming
+// the serial (the serial typed into the field alone, with an earlier unit's band still shown, does not count).
+func (tt *tuiTerm) waitBand(mark, serial string) string {
+	tt.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		s := tt.screen()
+		if strings.Contains(s, mark) {
+			for _, l := range strings.Split(s, "\n") {
+				if strings.Contains(l, "█") && strings.HasSuffix(strings.TrimSpace(l), " "+serial) {
+					return s
+				}
+			}
+		}
+		if strings.Contains(s, "EXIT=") {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	tt.t.Fatalf("screen never showed %s for %s:\n%s", mark, serial, tt.screen())
+	return ""
+}
+
 // waitGone waits until the screen no longer shows s.
 func (tt *tuiTerm) waitGone(s string) {
 	tt.t.Helper()
@@ -171,7 +194,7 @@ func TestTUIInTmux(t *testing.T) {
 	}
 
 	tt.scan("q-0001") // q once quit the screen
-	tt.waitFor("✓ SHIPPABLE", "q-0001", "████")
+	tt.waitBand("✓ SHIPPABLE", "q-0001")
 	// NO_COLOR: no colour at all; the block letters and words carry PASS and FAIL.
 	if raw := tt.tmux("capture-pane", "-t", "line", "-p", "-e"); colourSGR.MatchString(raw) {
 		t.Fatalf("colours under NO_COLOR: %q", colourSGR.FindString(raw))
@@ -179,14 +202,14 @@ func TestTUIInTmux(t *testing.T) {
 	mustCLI(t, st, "verify", "--image", filepath.Join(dir, "q-0001.img"), "--serial", "q-0001")
 
 	tt.scan("r-0002") // no image for it
-	tt.waitFor("✗ FAILED", "r-0002")
+	tt.waitBand("✗ FAILED", "r-0002")
 	if flag := strings.TrimSpace(tt.tmux("display-message", "-p", "-t", "line", "#{window_bell_flag}")); flag != "1" {
 		t.Errorf("no terminal bell on failure (window_bell_flag %q)", flag)
 	}
 	tt.scan("r-0003") // r after a failure once re-ran the failed unit
-	tt.waitFor("✓ SHIPPABLE", "r-0003")
+	tt.waitBand("✓ SHIPPABLE", "r-0003")
 	tt.scan("?-0004") // ? once opened the help
-	s = tt.waitFor("✓ SHIPPABLE", "?-0004")
+	s = tt.waitBand("✓ SHIPPABLE", "?-0004")
 	if strings.Contains(s, "Keys:") {
 		t.Fatalf("help opened by a scan:\n%s", s)
 	}
@@ -201,7 +224,7 @@ func TestTUIInTmux(t *testing.T) {
 		t.Fatalf("the previous unit's band stayed after a new scan:\n%s", s)
 	}
 	tt.scan("TX-0001")
-	tt.waitFor("✓ SHIPPABLE", "TX-0001")
+	tt.waitBand("✓ SHIPPABLE", "TX-0001")
 
 	// Already shippable: not touched; ctrl+r asks, ctrl+r again re-provisions; the unit is counted once.
 	tt.scan("q-0001")
@@ -209,7 +232,7 @@ func TestTUIInTmux(t *testing.T) {
 	tt.key("C-r")
 	tt.waitFor("ctrl+r again")
 	tt.key("C-r")
-	s = tt.waitFor("✓ SHIPPABLE", "q-0001")
+	s = tt.waitBand("✓ SHIPPABLE", "q-0001")
 	if !strings.Contains(s, "today: 4 shippable, 1 failed") {
 		t.Fatalf("counters are not units:\n%s", s)
 	}
@@ -244,7 +267,8 @@ func TestTUIBrokerRejectsInTmux(t *testing.T) {
 	tt := startTUI(t, st, nil, "--tpm", "sim", "--operator", "dave", "--image", filepath.Join(dir, "{serial}.img"))
 	tt.waitFor("handshake "+ep+" (server CA fleet-ca.pem)", "scan or type a serial")
 	tt.scan("MQ-0001")
-	s := tt.waitFor("✗ FAILED", "MQ-0001", "rejected our certificate")
+	tt.waitBand("✗ FAILED", "MQ-0001")
+	s := tt.waitFor("rejected our certificate")
 	if !strings.Contains(s, "at handshake with "+ep) {
 		t.Fatalf("the cause does not name the handshake:\n%s", s)
 	}
@@ -371,7 +395,7 @@ func TestTUIAsksCAPassphraseInTmux(t *testing.T) {
 		t.Fatalf("the passphrase is shown:\n%s", s)
 	}
 	tt.scan("PP-0001")
-	tt.waitFor("✓ SHIPPABLE", "PP-0001")
+	tt.waitBand("✓ SHIPPABLE", "PP-0001")
 	tt.key("C-c")
 	tt.exited(0)
 }
