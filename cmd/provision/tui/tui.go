@@ -134,7 +134,6 @@ type Model struct {
 	quitting   bool // quit once the running unit has stopped
 	signalled  bool // a signal (SIGINT/SIGTERM) ended the program
 	tpm        tpmState
-	tpmDetail  string
 	probing    bool
 	probeWait  time.Duration // ProbeTimeout; shorter in tests
 	unlocking  bool
@@ -258,9 +257,9 @@ func (m Model) Update(msg tea.Msg) (tea.Model, tea.Cmd) {
 		return m.probe()
 	case probeMsg:
 		m.probing = false
-		m.tpm, m.tpmDetail = tpmAnswers, ""
+		m.tpm = tpmAnswers
 		if msg.err != nil {
-			m.tpm, m.tpmDetail = tpmSilent, shortErr(msg.err)
+			m.tpm = tpmSilent
 		}
 		return m, tea.Tick(ProbeEvery, func(time.Time) tea.Msg { return probeTickMsg{} })
 	case unlockMsg:
@@ -507,6 +506,9 @@ func (m *Model) endRun() tea.Cmd {
 	}
 	m.cancelling = false
 	m.phase = phaseDone
+	if m.confirm == confirmQuit { // nothing runs any more: ctrl+c quits at once
+		m.confirm = confirmNone
+	}
 	if m.quitting {
 		return tea.Quit
 	}
@@ -534,7 +536,7 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 	switch {
 	case d.err == nil:
 		m.banner, m.cause, m.advice = bannerPass, "", "scan the next unit"
-		m.tpm, m.tpmDetail = tpmAnswers, "" // the unit's keys were made in it
+		m.tpm = tpmAnswers // the unit's key was made in it
 		m.header.Today[m.serial] = resultShippable
 		m.history = append(m.history, historyLine{m.serial, "SHIPPABLE", now})
 		return m, quit
