@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -14,6 +15,8 @@ import (
 	"provision/image/golden"
 	"provision/inventory"
 	"provision/station"
+	"provision/station/ca"
+	"provision/tpm"
 )
 
 // tuiBackend connects the TUI to the station. The unit's TPM is opened for each unit: on a line every unit brings its
@@ -24,6 +27,7 @@ type tuiBackend struct {
 	profile   string
 	handshake station.HandshakeConfig // the same resolution as unit and batch
 	makeImgs  bool                    // --demo: generate a sample image for a unit that has none
+	opening   atomic.Int32            // TPM opens in progress (one that outlived its caller may still wait for the TPM)
 }
 
 func (b *tuiBackend) CheckSerial(s string) error { return b.st.Config.SerialRule().Check(s) }
@@ -36,6 +40,59 @@ func (b *tuiBackend) Shippable(ctx context.Context, serial string) (time.Time, s
 	return u.Updated, u.Operator, true
 }
 
+func (b *tuiBackend) UnlockCA(pass []byte) (time.Time, error) {
+	if err := b.st.LoadCA(pass); err != nil {
+		return time.Time{}, err
+	}
+	return b.st.CA.Issuing.NotAfter, nil
+}
+
+// ProbeTPM opens the unit's TPM and closes it again, within ctx's deadline. While an earlier open still waits for a
+// silent TPM, no second connection is made: the TPM is still not answering.
+func (b *tuiBackend) ProbeTPM(ctx context.Context) error {
+	if b.tpmURI == "soft" {
+		return nil
+	}
+	if b.opening.Load() > 0 {
+		return fmt.Errorf("tpm %s: %w: no answer yet to an earlier command", b.tpmURI, tpm.ErrUnreachable)
+	}
+	d, err := b.open(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("tpm %s: %w: no answer within %s", b.tpmURI, tpm.ErrUnreachable, tui.ProbeTimeout)
+		}
+		return err
+	}
+	return d.Close()
+}
+
+// open opens the unit's TPM but returns when ctx ends even if the TPM never answers (a socket that accepts and stays
+// silent): the open goes on in the background and closes what it gets.
+func (b *tuiBackend) open(ctx context.Context) (*tpm.Device, error) {
+	type opened struct {
+		d   *tpm.Device
+		err error
+	}
+	ch := make(chan opened, 1)
+	b.opening.Add(1)
+	go func() {
+		d, err := openTPM(ctx, b.tpmURI)
+		b.opening.Add(-1)
+		ch <- opened{d, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.d, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-ch; r.d != nil {
+				r.d.Close()
+			}
+		}()
+		return nil, context.Cause(ctx)
+	}
+}
+
 func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest, report func(station.Event)) (station.Result, error) {
 	if b.makeImgs {
 		if _, err := os.Stat(req.Image); errors.Is(err, os.ErrNotExist) {
@@ -45,9 +102,15 @@ func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest
 			}
 		}
 	}
-	dev, err := openTPM(ctx, b.tpmURI)
+	report(station.Event{Serial: req.Serial, Step: station.StepKey, Status: station.StatusStarted, Detail: "opening the TPM"})
+	start := time.Now()
+	dev, err := b.open(ctx)
 	if err != nil {
-		report(station.Event{Serial: req.Serial, Step: station.StepKey, Status: station.StatusFailed, Err: err})
+		status := station.StatusFailed
+		if ctx.Err() != nil { // Esc, ctrl+c or a signal while the TPM did not answer: cancelled, not a failure
+			status, err = station.StatusCancelled, fmt.Errorf("%w: %w", station.ErrInterrupted, context.Cause(ctx))
+		}
+		report(station.Event{Serial: req.Serial, Step: station.StepKey, Status: status, Err: err, Duration: time.Since(start)})
 		return station.Result{Serial: req.Serial}, &station.StepError{Serial: req.Serial, Step: station.StepKey, Err: err}
 	}
 	defer dev.Close()
@@ -55,17 +118,32 @@ func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest
 	return b.st.Provision(ctx, dev, req, report)
 }
 
-func todayCounts(ctx context.Context, inv *inventory.DB) (ok, failed int) {
+// todayUnits are the units whose record changed today, by serial, with their state when shippable or failed.
+func todayUnits(ctx context.Context, inv *inventory.DB) map[string]string {
 	y, m, d := time.Now().Date()
-	for state, n := range map[string]*int{inventory.StateShippable: &ok, inventory.StateFailed: &failed} {
+	today := map[string]string{}
+	for _, state := range []string{inventory.StateShippable, inventory.StateFailed} {
 		units, _ := inv.Units(ctx, state)
 		for _, u := range units {
 			if uy, um, ud := u.Updated.Local().Date(); uy == y && um == m && ud == d {
-				*n++
+				today[u.Serial] = state
 			}
 		}
 	}
-	return ok, failed
+	return today
+}
+
+// caExpiry reads the issuing CA certificate's expiry without its key (the key may still be locked).
+func caExpiry(st *station.Station) time.Time {
+	b, err := os.ReadFile(st.Layout.IssuingCert())
+	if err != nil {
+		return time.Time{}
+	}
+	certs, err := ca.ParseCerts(b)
+	if err != nil || len(certs) == 0 {
+		return time.Time{}
+	}
+	return certs[0].NotAfter
 }
 
 func newTUICmd(g *globals) *cobra.Command {
@@ -73,17 +151,27 @@ func newTUICmd(g *globals) *cobra.Command {
 	var hf handshakeFlags
 	var demo bool
 	c := &cobra.Command{
-		Use:   "tui --image PATH [--operator NAME] [--tpm URI]",
+		Use:   "tui --image PATH [--operator NAME] [--tpm URI] [--endpoint URL --endpoint-ca FILE]",
 		Short: "The operator's terminal UI for the line: scan a serial, the unit is provisioned, PASS or FAIL",
 		Long: `tui is the line operator's screen. A barcode scanner types the serial and Enter; the unit is provisioned at once
-(key in its TPM, certificate, image written and verified, live handshake) with each step shown, then a large SHIPPABLE
-or FAILED banner with the cause and what to do. An invalid serial is shown inline and nothing starts; a unit already
-shippable is not touched ("already provisioned on <date> by <operator>"; ctrl+r re-provisions it after a
-confirmation).
+(key in its TPM, certificate, image written and verified, live handshake) with each step shown, then a full-width PASS
+or FAIL band in block letters with the cause and what to do. Every Enter ends a scan and clears the field: a rejected
+scan (shown with its value) never sticks to the next one. A unit already shippable is not touched ("already
+provisioned on <date> by <operator>").
+
+Every printable character goes into the serial field (serials may start with q, r or ?); commands use keys a scanner
+never sends: Enter start · ctrl+r run the shown unit again (a failed or cancelled one resumes; a shippable one is
+re-provisioned when pressed twice) · Esc cancel the running unit (it stops between steps and resumes later) · F1 help ·
+ctrl+c quit (twice while a unit runs). SIGINT/SIGTERM stop the running unit between steps, record it as interrupted,
+and exit 130.
+
+The handshake is the one "provision unit" does: --endpoint/--endpoint-ca, else station.yaml endpoints:/endpoint_ca:
+(default server_ca), else the built-in loopback server; the header shows the target. The header also shows whether
+the unit's TPM answers (probed in the background every few seconds). An encrypted CA key is asked for at start when
+PROVISION_CA_PASSPHRASE is not set (not shown as typed).
 
 --image names the unit's storage: a path with {serial} (images/{serial}.img) or the fixture's block device (/dev/sda)
 used for every unit. --operator is recorded with every unit (asked at start when not given).
-Keys: Enter start · r retry the failed unit · Esc cancel a running unit (between steps) · ? help · q quit.
 --demo: simulator TPM, a throw-away station and generated sample images: try it in one command.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -121,7 +209,11 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 			if err != nil {
 				return err
 			}
-			if err := st.LoadCA(passphrase()); err != nil {
+			// An encrypted CA key without PROVISION_CA_PASSPHRASE: the screen asks for the passphrase first (no echo).
+			locked := false
+			if err := st.LoadCA(passphrase()); errors.Is(err, ca.ErrPassphraseNeeded) {
+				locked = true
+			} else if err != nil {
 				return fmt.Errorf("tui: %w", err)
 			}
 			if tpmURI, err = tpmFlag("tui", tpmURI, st.Config.TPM); err != nil {
@@ -133,18 +225,13 @@ Keys: Enter start · r retry the failed unit · Esc cancel a running unit (betwe
 			if _, err := st.Config.ResolveProfile(profile); err != nil {
 				return usageError{err}
 			}
-			tpmOK := false
-			if d, err := openTPM(ctx, tpmURI); err == nil {
-				tpmOK = true
-				d.Close()
-			}
-			ok, failed := todayCounts(ctx, st.Inv)
 			op := operator
 			if op == "" {
 				op = os.Getenv("PROVISION_OPERATOR")
 			}
-			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, TPMOK: tpmOK, CAExpiry: st.CA.Issuing.NotAfter,
-				Profile: profile, ImageTarget: img, Handshake: hc.String(), Shippable: ok, Failed: failed}
+			// The TPM is not opened here: the screen probes it in the background, so a silent TPM never blocks it.
+			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, CAExpiry: caExpiry(st), CALocked: locked,
+				Profile: profile, ImageTarget: img, Handshake: hc.String(), Today: todayUnits(ctx, st.Inv)}
 			return tui.Run(ctx, &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo}, h)
 		},
 	}

@@ -3,6 +3,8 @@ package tui
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
+	"errors"
 	"flag"
 	"os"
 	"path/filepath"
@@ -30,6 +32,23 @@ func updating() bool {
 // realBackend is the station with the in-process TPM simulator: the TUI tests run the real pipeline.
 type realBackend struct {
 	st *station.Station
+	hs station.HandshakeConfig // zero: the built-in server
+}
+
+// ProbeTPM opens the simulator as the real command opens the unit's TPM.
+func (b *realBackend) ProbeTPM(ctx context.Context) error {
+	dev, err := tpm.Open(ctx, "sim", tpm.WithSimulator(simulator.Open))
+	if err != nil {
+		return err
+	}
+	return dev.Close()
+}
+
+func (b *realBackend) UnlockCA(pass []byte) (time.Time, error) {
+	if err := b.st.LoadCA(pass); err != nil {
+		return time.Time{}, err
+	}
+	return b.st.CA.Issuing.NotAfter, nil
 }
 
 func (b *realBackend) CheckSerial(s string) error { return b.st.Config.SerialRule().Check(s) }
@@ -48,6 +67,7 @@ func (b *realBackend) Provision(ctx context.Context, req station.ProvisionReques
 		return station.Result{}, err
 	}
 	defer dev.Close()
+	req.Handshake = b.hs
 	return b.st.Provision(ctx, dev, req, report)
 }
 
@@ -70,8 +90,8 @@ func setup(t *testing.T) (*realBackend, Header, string) {
 	if err := golden.Build(context.Background(), filepath.Join(dir, "SN-0001.img"), golden.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	h := Header{StationID: "line-1", Operator: "alice", TPM: "sim", TPMOK: true, CAExpiry: st.CA.Issuing.NotAfter,
-		Profile: "mender", ImageTarget: filepath.Join(dir, "{serial}.img")}
+	h := Header{StationID: "line-1", Operator: "alice", TPM: "sim", CAExpiry: st.CA.Issuing.NotAfter,
+		Profile: "mender", ImageTarget: filepath.Join(dir, "{serial}.img"), Handshake: "built-in loopback server"}
 	return &realBackend{st: st}, h, dir
 }
 
@@ -97,6 +117,7 @@ func TestInvalidSerialStartsNothing(t *testing.T) {
 		t.Fatalf("%d units recorded", n)
 	}
 	// Esc clears the input and the error.
+	m = typeKeys(m, "ab/")
 	m, _ = m.Update(tea.KeyMsg{Type: tea.KeyEsc})
 	if m.(Model).input.Value() != "" || m.(Model).inputErr != "" {
 		t.Fatal("esc did not clear")
@@ -121,13 +142,26 @@ func TestQuitAsksWhileRunning(t *testing.T) {
 	b, h, _ := setup(t)
 	m := New(b, h)
 	m.phase = phaseRunning
-	nm, cmd := m.Update(tea.KeyMsg{Type: tea.KeyRunes, Runes: []rune{'q'}})
-	if nm.(Model).phase != phaseConfirmQuit || cmd != nil {
-		t.Fatal("q quit a running unit without asking")
+	nm, cmd := m.Update(tea.KeyMsg{Type: tea.KeyCtrlC})
+	if nm.(Model).confirm != confirmQuit || quits(cmd) {
+		t.Fatal("ctrl+c quit a running unit without asking")
 	}
-	nm, _ = nm.Update(tea.KeyMsg{Type: tea.KeyRunes, Runes: []rune{'n'}})
-	if nm.(Model).phase != phaseRunning {
-		t.Fatal("declining did not return to the unit")
+	if !strings.Contains(nm.View(), "ctrl+c again") {
+		t.Fatalf("no confirmation on screen:\n%s", nm.View())
+	}
+	nm, _ = nm.Update(tea.KeyMsg{Type: tea.KeyEsc})
+	if mm := nm.(Model); mm.phase != phaseRunning || mm.confirm != confirmNone || mm.cancelling {
+		t.Fatal("Esc did not drop the confirmation and return to the unit")
+	}
+	// Twice: the unit is stopped first; the program quits when it has stopped (the doneMsg).
+	nm, _ = nm.Update(tea.KeyMsg{Type: tea.KeyCtrlC})
+	nm, cmd = nm.Update(tea.KeyMsg{Type: tea.KeyCtrlC})
+	if mm := nm.(Model); !mm.quitting || !mm.cancelling || quits(cmd) {
+		t.Fatalf("second ctrl+c: quitting %v cancelling %v", mm.quitting, mm.cancelling)
+	}
+	_, cmd = nm.Update(doneMsg{run: nm.(Model).run, err: &station.StepError{Step: station.StepKey, Err: station.ErrInterrupted}})
+	if !quits(cmd) {
+		t.Fatal("the program did not quit once the unit stopped")
 	}
 }
 
@@ -147,7 +181,7 @@ func TestEventsRender(t *testing.T) {
 	}
 	m2, _ := mm.finish(doneMsg{err: &station.StepError{Serial: "SN-9", Step: station.StepImage, Err: os.ErrNotExist}})
 	v = m2.(Model).View()
-	if !strings.Contains(v, "FAILED") || !strings.Contains(v, "at image") || !strings.Contains(v, "press r") {
+	if !strings.Contains(v, "FAILED") || !strings.Contains(v, "at image") || !strings.Contains(v, "ctrl+r") {
 		t.Fatalf("view:\n%s", v)
 	}
 	if lines := strings.Count(v, "\n") + 1; lines > 24 {
@@ -203,6 +237,7 @@ func checkGolden(t *testing.T, name, got string) {
 func flow(t *testing.T, b Backend, h Header, keys string, until string) string {
 	t.Helper()
 	tm := teatest.NewTestModel(t, New(b, h), teatest.WithInitialTermSize(80, 24))
+	waitScreen(t, tm, "(answers)") // the first TPM probe has answered: the header is the same on every run
 	if keys != "" {
 		tm.Type(keys)
 		tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
@@ -241,4 +276,86 @@ func TestRunningScreen(t *testing.T) {
 		t.Fatal("no spinner on the running step")
 	}
 	checkGolden(t, "running", v)
+}
+
+// waitScreen waits until the program's output shows want.
+func waitScreen(t *testing.T, tm *teatest.TestModel, want string) {
+	t.Helper()
+	teatest.WaitFor(t, tm.Output(), func(out []byte) bool { return bytes.Contains(out, []byte(want)) },
+		teatest.WithDuration(30*time.Second), teatest.WithCheckInterval(20*time.Millisecond))
+}
+
+// hangingHandshake is a backend whose handshake goes to a server that never answers: the unit waits in its last step.
+func hangingHandshake(t *testing.T, b *realBackend) *realBackend {
+	return &realBackend{st: b.st, hs: station.HandshakeConfig{Endpoints: []string{silentEndpoint(t)}, CA: x509.NewCertPool(), CAFile: "ca/none.pem"}}
+}
+
+// Item 4: Esc stops the running unit (its context is cancelled): CANCELLED on screen, the step says cancelled, the
+// unit keeps its last state and the inventory records the interruption.
+func TestEscCancelsRunningUnit(t *testing.T) {
+	b, h, _ := setup(t)
+	hb := hangingHandshake(t, b)
+	tm := teatest.NewTestModel(t, New(hb, h), teatest.WithInitialTermSize(80, 24))
+	tm.Type("SN-0001")
+	tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
+	waitScreen(t, tm, "20 checks passed")
+	tm.Send(tea.KeyMsg{Type: tea.KeyEsc})
+	waitScreen(t, tm, "CANCELLED")
+	tm.Send(tea.KeyMsg{Type: tea.KeyCtrlC})
+	v := tm.FinalModel(t, teatest.WithFinalTimeout(10*time.Second)).View()
+	checkGolden(t, "cancelled", v)
+	checkInterrupted(t, b, "SN-0001")
+}
+
+func checkInterrupted(t *testing.T, b *realBackend, serial string) {
+	t.Helper()
+	u, err := b.st.Inv.Unit(context.Background(), serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.State != inventory.StateVerified {
+		t.Fatalf("unit %s is %s, want verified (its last completed step)", serial, u.State)
+	}
+	evs, err := b.st.Inv.Events(context.Background(), serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := evs[len(evs)-1]; last.Outcome != station.OutcomeInterrupted || last.Step != station.StepHandshake {
+		t.Fatalf("last event %+v, want interrupted at handshake", last)
+	}
+}
+
+// Item 16: a signal (Run's context) stops the running unit between steps, records it as interrupted, then quits.
+func TestSignalStopsRunningUnit(t *testing.T) {
+	b, h, _ := setup(t)
+	hb := hangingHandshake(t, b)
+	tm := teatest.NewTestModel(t, New(hb, h), teatest.WithInitialTermSize(80, 24))
+	tm.Type("SN-0001")
+	tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
+	waitScreen(t, tm, "20 checks passed")
+	tm.Send(InterruptMsg{})
+	fm := tm.FinalModel(t, teatest.WithFinalTimeout(20*time.Second)).(Model)
+	if !fm.Signalled() || fm.banner != bannerCancelled {
+		t.Fatalf("signalled %v banner %q", fm.Signalled(), fm.banner)
+	}
+	checkInterrupted(t, b, "SN-0001")
+}
+
+// Item 16: Run returns an error wrapping station.ErrInterrupted (exit 130) when its context is cancelled.
+func TestRunInterrupted(t *testing.T) {
+	b, h, _ := setup(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	in, out := &bytes.Buffer{}, &bytes.Buffer{}
+	errc := make(chan error, 1)
+	go func() { errc <- Run(ctx, b, h, tea.WithInput(in), tea.WithOutput(out), tea.WithoutRenderer()) }()
+	cancel() // before or after the program started: the same
+
+	select {
+	case err := <-errc:
+		if !errors.Is(err, station.ErrInterrupted) {
+			t.Fatalf("Run: %v, want ErrInterrupted", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return after its context was cancelled")
+	}
 }

@@ -1,0 +1,61 @@
+package tui
+
+import (
+	"errors"
+	"os"
+	"regexp"
+	"strings"
+
+	tea "github.com/charmbracelet/bubbletea"
+
+	"provision/station"
+	"provision/station/handshake"
+)
+
+// bell rings the terminal. tea.Printf would be swallowed while the alternate screen is active; a BEL moves no cursor,
+// so it can go straight to the terminal.
+func bell() tea.Msg {
+	os.Stderr.Write([]byte{'\a'})
+	return nil
+}
+
+// explain turns an error into an operator's cause and what to do.
+func explain(step string, err error) (cause, advice string) {
+	cause = shortErr(err)
+	var se *station.StepError
+	if errors.As(err, &se) {
+		cause = "at " + se.Step + ": " + shortErr(se.Err)
+	}
+	var he *handshake.Error
+	switch {
+	case errors.As(err, &he):
+		return "at handshake with " + he.Endpoint + ": " + he.Reason.Error(), handshakeAdvice(he.Reason)
+	case step == station.StepImage || step == station.StepVerify:
+		return cause, "check the unit's image or storage (plugged in? the right image?), then ctrl+r to retry"
+	case step == station.StepKey:
+		return cause, "check the unit's TPM connection, then ctrl+r to retry"
+	}
+	return cause, "ctrl+r retries; call the line engineer if it fails again"
+}
+
+func handshakeAdvice(reason error) string {
+	switch reason {
+	case handshake.ErrClientRejected:
+		return "the server does not trust the station CA: set the unit aside and call the line engineer"
+	case handshake.ErrServerUntrusted:
+		return "the server's certificate is not trusted (endpoint CA): call the line engineer"
+	case handshake.ErrUnreachable, handshake.ErrTimeout:
+		return "the test server is not reachable: check the network, then ctrl+r to retry"
+	}
+	return "ctrl+r retries; call the line engineer if it fails again"
+}
+
+var wrapRE = regexp.MustCompile(`\s+`)
+
+func shortErr(err error) string {
+	s := wrapRE.ReplaceAllString(err.Error(), " ")
+	for _, cut := range []string{": invalid serial", ": refused by the inventory"} {
+		s = strings.TrimSuffix(s, cut)
+	}
+	return s
+}
