@@ -14,6 +14,7 @@ import (
 	"provision/cmd/provision/tui"
 	"provision/image/golden"
 	"provision/inventory"
+	"provision/simulator"
 	"provision/station"
 	"provision/station/ca"
 	"provision/tpm"
@@ -56,14 +57,13 @@ func (b *tuiBackend) ProbeTPM(ctx context.Context) error {
 	if b.opening.Load() > 0 {
 		return fmt.Errorf("tpm %s: %w: no answer yet to an earlier command", b.tpmURI, tpm.ErrUnreachable)
 	}
-	d, err := b.open(ctx)
-	if err != nil {
+	if err := tpm.Probe(ctx, b.tpmURI, tpm.WithSimulator(simulator.Open)); err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("tpm %s: %w: no answer within %s", b.tpmURI, tpm.ErrUnreachable, tui.ProbeTimeout)
 		}
 		return err
 	}
-	return d.Close()
+	return nil
 }
 
 // open opens the unit's TPM but returns when ctx ends even if the TPM never answers (a socket that accepts and stays
@@ -94,6 +94,7 @@ func (b *tuiBackend) open(ctx context.Context) (*tpm.Device, error) {
 }
 
 func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest, report func(station.Event)) (station.Result, error) {
+	ctx = withLogger(ctx, b.st.Log) // the screen starts units from its own context: -v reaches the TPM this way
 	if b.makeImgs {
 		if _, err := os.Stat(req.Image); errors.Is(err, os.ErrNotExist) {
 			os.MkdirAll(filepath.Dir(req.Image), 0o755)

@@ -46,6 +46,8 @@ func handshakeAdvice(reason error) string {
 		return "the server's certificate is not trusted (endpoint CA): call the line engineer"
 	case handshake.ErrUnreachable, handshake.ErrTimeout:
 		return "the test server is not reachable: check the network, then ctrl+r to retry"
+	case handshake.ErrNameNotResolved:
+		return "the test server's name does not resolve: call the line engineer (endpoint host name or the station's DNS)"
 	}
 	return "ctrl+r retries; call the line engineer if it fails again"
 }
