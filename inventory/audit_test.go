@@ -5,8 +5,8 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/hex"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -231,9 +231,11 @@ func TestAuditDetectsTampering(t *testing.T) {
 // committed and the head is not rebuilt.
 func TestAuditWriterRefusesTamperedLog(t *testing.T) {
 	for name, tamper := range map[string]func(k *keyedDB){
-		"head removed":  func(k *keyedDB) { os.Remove(k.head) },
-		"tail removed":  func(k *keyedDB) { mustExec(t, k.db, "DELETE FROM events WHERE seq = 3") },
-		"head unsigned": func(k *keyedDB) { os.WriteFile(k.head, []byte(Head{Count: 3, Hash: mustEventHash(t, k.DB, 3)}.String()), 0o644) },
+		"head removed": func(k *keyedDB) { os.Remove(k.head) },
+		"tail removed": func(k *keyedDB) { mustExec(t, k.db, "DELETE FROM events WHERE seq = 3") },
+		"head unsigned": func(k *keyedDB) {
+			os.WriteFile(k.head, []byte(Head{Count: 3, Hash: mustEventHash(t, k.DB, 3)}.String()), 0o644)
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			k := openKeyed(t)
