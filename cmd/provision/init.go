@@ -139,28 +139,33 @@ func nextStep(g *globals, res *station.InitResult) string {
 			words = append(words, "--tpm", "soft") // no TPM device on this machine: a software key to try it
 		}
 	}
-	words = append(words, "--out", filepath.Join(os.TempDir(), "provision-bundles"))
+	words = append(words, "--out", filepath.Join(absPath(res.Dir), "bundles"))
 	for i, w := range words {
 		words[i] = shellQuote(w)
 	}
 	return strings.Join(words, " ")
 }
 
-// selfCommand is how to run this binary from a shell here: its name when PATH finds this very binary, else its path.
+// selfCommand is how to run this binary from a shell here: its name when PATH finds this very binary, else the path
+// it was started by (made absolute), else the executable's path.
 func selfCommand() string {
-	exe, err := os.Executable()
-	if err != nil {
-		return os.Args[0]
-	}
-	name := filepath.Base(os.Args[0])
-	if found, err := exec.LookPath(name); err == nil && !strings.Contains(os.Args[0], string(filepath.Separator)) {
-		a, errA := os.Stat(found)
-		b, errB := os.Stat(exe)
-		if errA == nil && errB == nil && os.SameFile(a, b) {
-			return name
+	arg0 := os.Args[0]
+	if !strings.Contains(arg0, string(filepath.Separator)) {
+		found, err := exec.LookPath(arg0)
+		exe, exeErr := os.Executable()
+		if err == nil && exeErr == nil {
+			a, errA := os.Stat(found)
+			b, errB := os.Stat(exe)
+			if errA == nil && errB == nil && os.SameFile(a, b) {
+				return arg0
+			}
 		}
+		if exeErr == nil {
+			return exe
+		}
+		return arg0
 	}
-	return exe
+	return absPath(arg0)
 }
 
 func absPath(p string) string {
