@@ -403,3 +403,18 @@ func FuzzParseSignedHead(f *testing.F) {
 		}
 	})
 }
+
+// VerifyFile on a file that is not an inventory (empty, or not SQLite) is a damaged inventory, not a pass.
+func TestVerifyFileDamaged(t *testing.T) {
+	dir := t.TempDir()
+	for name, data := range map[string]string{"empty": "", "text": "not a database at all, just some text that is long enough"} {
+		p := filepath.Join(dir, name+".db")
+		os.WriteFile(p, []byte(data), 0o644)
+		if _, err := VerifyFile(context.Background(), p, VerifyOptions{HeadPath: filepath.Join(dir, "audit.head")}); !errors.Is(err, ErrDamaged) {
+			t.Fatalf("%s: got %v, want ErrDamaged", name, err)
+		}
+		if _, err := os.Stat(p + "-wal"); err == nil {
+			t.Fatalf("%s: verify created a WAL", name)
+		}
+	}
+}

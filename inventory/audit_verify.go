@@ -63,6 +63,13 @@ func VerifyFile(ctx context.Context, path string, opt VerifyOptions) (AuditRepor
 		return AuditReport{}, fmt.Errorf("inventory: open %s: %w", path, classify(err))
 	}
 	defer tx.Rollback()
+	var tables int
+	if err := tx.QueryRowContext(ctx, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'units', 'certificates')").Scan(&tables); err != nil {
+		return AuditReport{}, fmt.Errorf("inventory: open %s: %w", path, classify(err))
+	}
+	if tables != 3 {
+		return AuditReport{}, fmt.Errorf("inventory: open %s: no inventory tables: %w", path, ErrDamaged)
+	}
 	return verifyAudit(ctx, tx, readHeadFile(opt.HeadPath), opt.Pub, false)
 }
 
