@@ -186,6 +186,9 @@ func TestAuditDetectsTampering(t *testing.T) {
 			e.Hash = chainHash(e)
 			mustExec(tb, db, "INSERT INTO events (seq, time, serial, step, outcome, prev_hash, hash) VALUES (7, '', 'U0', 'interrupted', 'interrupted', ?, ?)", prev, e.Hash)
 		}, "not covered"},
+		{"entry appended to a log whose head is empty", func(tb testing.TB, db *sql.DB, k *keyedDB) {
+			os.WriteFile(k.head, signHead(SignedHead{Head: Head{Hash: genesis}}, k.key).Marshal(), 0o644)
+		}, "not covered"},
 		{"head removed", func(tb testing.TB, db *sql.DB, k *keyedDB) { os.Remove(k.head) }, "missing"},
 		{"head truncated", func(tb testing.TB, db *sql.DB, k *keyedDB) {
 			b, _ := os.ReadFile(k.head)

@@ -116,7 +116,8 @@ func verifyAudit(ctx context.Context, q queryer, f headFile, pub ed25519.PublicK
 	problem := func(seq int64, format string, args ...any) {
 		rep.Problems = append(rep.Problems, AuditProblem{seq, fmt.Sprintf(format, args...)})
 	}
-	prev, bySeq := genesis, make(map[int64]string, len(events))
+	prev, bySeq := genesis, make(map[int64]string, len(events)+1)
+	bySeq[0] = genesis
 	for i, e := range events {
 		want := int64(i + 1)
 		switch {
