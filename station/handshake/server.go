@@ -37,7 +37,6 @@ type Server struct {
 	now      func() time.Time
 	leafMu   sync.Mutex
 	leaf     *tls.Certificate
-	renewals int
 }
 
 type serverOptions struct {
@@ -141,7 +140,6 @@ func (s *Server) certificate() (*tls.Certificate, error) {
 		return nil, fmt.Errorf("handshake: built-in server certificate: %w", err)
 	}
 	s.leaf = &tls.Certificate{Certificate: [][]byte{der, s.caCert.Raw}, PrivateKey: key, Leaf: leaf}
-	s.renewals++
 	return s.leaf, nil
 }
 
