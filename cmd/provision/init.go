@@ -71,9 +71,6 @@ init refuses to touch an existing station (exit 2); --force replaces one only wh
 					"not_after": res.Root.NotAfter.UTC().Format("2006-01-02T15:04:05Z")}, "issuing": map[string]string{
 					"sha256": ca.Fingerprint(res.Issuing), "not_after": res.Issuing.NotAfter.UTC().Format("2006-01-02T15:04:05Z")},
 					"root_key": res.RootKeyFile, "keys_encrypted": res.KeyEncrypted}
-				if res.Warnings == nil {
-					res.Warnings = []string{}
-				}
 				out["audit_pub"], out["server_ca"], out["warnings"] = res.AuditPub, res.ServerCA, initWarnings(res)
 				out["next"] = nextStep(g, res)
 				return json.NewEncoder(g.stdout).Encode(out)
