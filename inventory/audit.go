@@ -8,8 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -48,6 +46,9 @@ func (tx *Tx) Append(e Event) error {
 	err := tx.tx.QueryRowContext(tx.ctx, "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").Scan(&lastSeq, &prev)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("inventory: audit append: %w", classify(err))
+	}
+	if !tx.audit.started {
+		tx.audit.started, tx.audit.before = true, Head{Count: lastSeq, Hash: prev}
 	}
 	if e.Time.IsZero() {
 		e.Time = time.Now()
@@ -125,38 +126,40 @@ func ParseHead(b []byte) (Head, error) {
 	return Head{Count: n, Hash: f[3]}, nil
 }
 
-func (db *DB) dbHead(ctx context.Context) (Head, error) {
-	h := Head{Hash: genesis}
-	err := db.db.QueryRowContext(ctx, "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").Scan(&h.Count, &h.Hash)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return Head{}, classify(err)
-	}
-	return h, nil
-}
-
-// refreshHead moves audit.head forward to the database's last entry. It never moves it back: a head ahead of the database
-// means entries were removed, which VerifyAudit reports.
+// refreshHead is the unsigned (v1) head of a station made before audit keys, moved forward after a commit or on open,
+// as such stations always did. With an audit key it does nothing: the signed head is written around each commit
+// (sealHead, settleHead). It never writes a head for a non-empty log that has none, and never moves one back.
 func (db *DB) refreshHead(ctx context.Context) error {
-	if db.headPath == "" {
+	if db.headPath == "" || db.audit.priv != nil {
 		return nil
 	}
-	cur, err := db.dbHead(ctx)
+	cur, err := txHead(ctx, db.db)
 	if err != nil {
 		return fmt.Errorf("audit head: %w", err)
 	}
-	if b, err := os.ReadFile(db.headPath); err == nil {
-		if old, err := ParseHead(b); err == nil && old.Count >= cur.Count {
-			return nil
-		}
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("audit head: %w", err)
+	f := readHeadFile(db.headPath)
+	switch {
+	case f.v2 != nil, f.err != nil:
+		return nil // signed, or damaged: verify reports it; never overwritten here
+	case f.missing && cur.Count > 0:
+		return nil // tampering or damage: never rebuilt
+	case f.v1 != nil && f.v1.Count >= cur.Count:
+		return nil
 	}
-	// Not synced: a head that lags the log after a power loss is moved forward on the next open; only a head ahead of
-	// the log means entries were removed.
+	// Not synced: a head that lags the log after a power loss is moved forward on the next write.
 	if err := fsutil.WriteFileAtomic(db.headPath, []byte(cur.String()), 0o644); err != nil {
 		return fmt.Errorf("audit head: %w", err)
 	}
 	return nil
+}
+
+// afterCommit runs after a commit that appended events: it settles the signed head, or moves an unsigned one forward.
+func (db *DB) afterCommit(ctx context.Context, tx *Tx) error {
+	if tx.audit.sealed != nil {
+		db.settleHead(tx)
+		return nil
+	}
+	return db.refreshHead(ctx)
 }
 
 // AuditProblem is one finding of VerifyAudit.
@@ -167,56 +170,11 @@ type AuditProblem struct {
 
 // AuditReport is the result of VerifyAudit.
 type AuditReport struct {
-	Entries  int64
-	Head     Head // as recorded in audit.head (zero when not configured)
-	Problems []AuditProblem
-}
-
-// VerifyAudit recomputes the whole chain and compares it with audit.head. It returns an error wrapping ErrAudit when anything
-// does not verify: an edited entry (hash mismatch), a removed or reordered entry (sequence gap or broken link), or a removed
-// tail (the head counts more entries than the database holds, or its hash differs from the entry it names).
-func (db *DB) VerifyAudit(ctx context.Context) (AuditReport, error) {
-	var rep AuditReport
-	events, err := db.Events(ctx, "")
-	if err != nil {
-		return rep, err
-	}
-	prev, bySeq := genesis, make(map[int64]string, len(events))
-	for i, e := range events {
-		want := int64(i + 1)
-		switch {
-		case e.Seq != want:
-			rep.Problems = append(rep.Problems, AuditProblem{e.Seq, fmt.Sprintf("entry %d found where entry %d belongs (removed or reordered)", e.Seq, want)})
-		case e.PrevHash != prev:
-			rep.Problems = append(rep.Problems, AuditProblem{e.Seq, "does not link to the entry before it (removed or reordered)"})
-		case chainHash(e) != e.Hash:
-			rep.Problems = append(rep.Problems, AuditProblem{e.Seq, "content does not match its hash (edited)"})
-		}
-		prev = e.Hash
-		bySeq[e.Seq] = e.Hash
-	}
-	rep.Entries = int64(len(events))
-	if db.headPath != "" {
-		b, err := os.ReadFile(db.headPath)
-		switch {
-		case errors.Is(err, fs.ErrNotExist) && len(events) == 0:
-		case err != nil:
-			rep.Problems = append(rep.Problems, AuditProblem{0, "audit head unreadable: " + err.Error()})
-		default:
-			h, err := ParseHead(b)
-			rep.Head = h
-			switch {
-			case err != nil:
-				rep.Problems = append(rep.Problems, AuditProblem{0, "audit head: " + err.Error()})
-			case h.Count > rep.Entries:
-				rep.Problems = append(rep.Problems, AuditProblem{0, fmt.Sprintf("audit head records %d entries but the log holds %d (tail removed)", h.Count, rep.Entries)})
-			case h.Count > 0 && bySeq[h.Count] != h.Hash:
-				rep.Problems = append(rep.Problems, AuditProblem{0, fmt.Sprintf("audit head hash differs from entry %d", h.Count)})
-			}
-		}
-	}
-	if len(rep.Problems) > 0 {
-		return rep, fmt.Errorf("inventory: %d problem(s), first at entry %d: %s: %w", len(rep.Problems), rep.Problems[0].Seq, rep.Problems[0].Reason, ErrAudit)
-	}
-	return rep, nil
+	Entries     int64
+	Head        Head  // as recorded in audit.head (zero when not configured)
+	Pending     *Head // the signed pending head, when the last write committed and stopped before settling it
+	KeyID       string
+	Unsigned    bool // a station made before audit keys: the head is not signed
+	Interrupted bool // the last write committed but its process stopped before settling the head (not tampering)
+	Problems    []AuditProblem
 }

@@ -108,11 +108,13 @@ type DB struct {
 	db       *sql.DB
 	path     string
 	headPath string
+	audit    auditKeys // audit_head.go
 }
 
 type options struct {
 	create   bool
 	headPath string
+	audit    auditKeys
 }
 
 // Option configures Open.
@@ -149,7 +151,7 @@ func Open(ctx context.Context, path string, opts ...Option) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
 	}
-	db := &DB{db: sdb, path: path, headPath: o.headPath}
+	db := &DB{db: sdb, path: path, headPath: o.headPath, audit: o.audit}
 	if err := db.migrate(ctx); err != nil {
 		sdb.Close()
 		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
@@ -294,10 +296,12 @@ type Tx struct {
 	ctx      context.Context
 	tx       *sql.Tx
 	appended bool
+	audit    txAudit // audit_head.go
 }
 
 // Update runs fn in one immediate write transaction and commits it, synced, when fn returns nil.
-// When fn appended audit events, the audit head file is rewritten after the commit.
+// When fn appended audit events, the signed audit head is written before the commit (naming both the log before and
+// after it) and settled after it (audit_head.go).
 func (db *DB) Update(ctx context.Context, fn func(*Tx) error) error {
 	sqltx, err := db.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -308,11 +312,17 @@ func (db *DB) Update(ctx context.Context, fn func(*Tx) error) error {
 		sqltx.Rollback()
 		return classify(err)
 	}
+	if tx.appended {
+		if err := db.sealHead(tx); err != nil {
+			sqltx.Rollback()
+			return fmt.Errorf("inventory: %w", err)
+		}
+	}
 	if err := sqltx.Commit(); err != nil {
 		return fmt.Errorf("inventory: commit: %w", classify(err))
 	}
 	if tx.appended {
-		if err := db.refreshHead(ctx); err != nil {
+		if err := db.afterCommit(ctx, tx); err != nil {
 			return fmt.Errorf("inventory: %w", err)
 		}
 	}

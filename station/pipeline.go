@@ -468,10 +468,9 @@ func (r *run) stepHandshake(ctx context.Context) (string, error) {
 // builtinServer is the station's loopback mTLS test server, started on first use and shared by every unit.
 func (s *Station) builtinServer() (*handshake.Server, error) {
 	s.srvOnce.Do(func() {
-		clientRoots, inter := x509.NewCertPool(), x509.NewCertPool()
+		clientRoots := x509.NewCertPool()
 		clientRoots.AddCert(s.CA.Root)
-		inter.AddCert(s.CA.Issuing)
-		s.srv, s.srvErr = handshake.NewServer(s.CA.Issuing, s.CA.Signer, clientRoots, inter)
+		s.srv, s.srvErr = handshake.NewServer(clientRoots)
 	})
 	return s.srv, s.srvErr
 }

@@ -74,7 +74,11 @@ func Open(ctx context.Context, dir string, log *slog.Logger) (*Station, error) {
 	if err != nil {
 		return nil, err
 	}
-	inv, err := inventory.Open(ctx, l.Inventory(), inventory.WithAuditHead(l.AuditHead()))
+	auditOpts, err := auditOptions(l)
+	if err != nil {
+		return nil, fmt.Errorf("station %s: %w", dir, err)
+	}
+	inv, err := inventory.Open(ctx, l.Inventory(), append(auditOpts, inventory.WithAuditHead(l.AuditHead()))...)
 	if err != nil {
 		return nil, fmt.Errorf("station %s: %w", dir, err)
 	}
@@ -165,6 +169,11 @@ type InitResult struct {
 	Issuing      *x509.Certificate
 	RootKeyFile  string // empty when the root was imported
 	KeyEncrypted bool
+	AuditPub     string // the station audit public key file
+	TPM          string // the TPM URI written to station.yaml
+	ServerCA     string // server_ca as written to station.yaml
+	// Warnings are things the operator should act on (an imported issuing CA that may vouch for servers).
+	Warnings []string
 }
 
 // Init creates a station directory: CA, inventory and, last, station.yaml (so an interrupted init is simply run again).
@@ -192,7 +201,7 @@ func Init(ctx context.Context, dir string, opt InitOptions) (*InitResult, error)
 	if err := os.MkdirAll(filepath.Join(dir, "ca"), 0o700); err != nil {
 		return nil, fmt.Errorf("init %s: %w", dir, err)
 	}
-	res := &InitResult{Dir: dir, KeyEncrypted: len(opt.Passphrase) > 0}
+	res := &InitResult{Dir: dir, KeyEncrypted: len(opt.Passphrase) > 0, AuditPub: l.AuditPub(), TPM: cfg.TPM, ServerCA: cfg.ServerCA}
 	var files []pendingFile
 	if opt.ImportCert != nil || opt.ImportKey != nil || opt.ImportRoot != nil {
 		c, err := importCA(opt)
@@ -204,6 +213,11 @@ func Init(ctx context.Context, dir string, opt InitOptions) (*InitResult, error)
 			return nil, err
 		}
 		res.Root, res.Issuing = c.Root, c.Issuing
+		if !ca.ClientAuthOnly(c.Issuing) {
+			res.Warnings = append(res.Warnings, fmt.Sprintf("the imported issuing CA %q is not constrained to client authentication "+
+				"(extended key usage clientAuth only): this station's online key could issue certificates that servers' clients "+
+				"accept; ask for an issuing CA with extendedKeyUsage = clientAuth", c.Issuing.Subject.CommonName))
+		}
 		files = append(files, pendingFile{l.IssuingKey(), key, 0o600})
 		os.Remove(l.RootKey()) // a replaced station's own root key must not linger next to an imported CA
 	} else {
@@ -234,11 +248,20 @@ func Init(ctx context.Context, dir string, opt InitOptions) (*InitResult, error)
 			return nil, fmt.Errorf("init: %w", err)
 		}
 	}
-	inv, err := inventory.Open(ctx, l.Inventory(), inventory.Create(), inventory.WithAuditHead(l.AuditHead()))
+	// The audit key signs the head from the first entry on; init writes the first (empty) head.
+	auditKey, err := generateAuditKey(l)
 	if err != nil {
 		return nil, fmt.Errorf("init: %w", err)
 	}
+	inv, err := inventory.Open(ctx, l.Inventory(), inventory.Create(), inventory.WithAuditHead(l.AuditHead()), inventory.WithAuditKey(auditKey))
+	if err != nil {
+		return nil, fmt.Errorf("init: %w", err)
+	}
+	err = inv.InitHead(ctx)
 	inv.Close()
+	if err != nil {
+		return nil, fmt.Errorf("init: %w", err)
+	}
 	if err := fsutil.WriteFileSync(l.Config(), cfg.Marshal(), 0o644); err != nil {
 		return nil, fmt.Errorf("init: write %s: %w", l.Config(), err)
 	}

@@ -88,6 +88,12 @@ func Load(root, issuing *x509.Certificate, signer crypto.Signer) (*CA, error) {
 	return &CA{Root: root, Issuing: issuing, Signer: signer}, nil
 }
 
+// ClientAuthOnly reports whether the CA certificate's extended key usage allows client authentication and nothing
+// else, so nothing it issues can act as a TLS server. A CA without the extension is unconstrained.
+func ClientAuthOnly(c *x509.Certificate) bool {
+	return len(c.UnknownExtKeyUsage) == 0 && len(c.ExtKeyUsage) == 1 && c.ExtKeyUsage[0] == x509.ExtKeyUsageClientAuth
+}
+
 // Request is what the station asks the CA to certify.
 type Request struct {
 	CSR       *x509.CertificateRequest

@@ -37,8 +37,9 @@ type Generated struct {
 	RootKey crypto.Signer
 }
 
-// Generate makes a self-signed P-384 root (20 years) and a P-256 issuing CA under it (5 years, path length 0).
-// name is used in both subjects ("<name> Root CA", "<name> Issuing CA").
+// Generate makes a self-signed P-384 root (20 years) and a P-256 issuing CA under it (5 years, path length 0, extended
+// key usage clientAuth only: the station's online key can never vouch for a server). name is used in both subjects
+// ("<name> Root CA", "<name> Issuing CA").
 func Generate(name string, now time.Time) (*Generated, error) {
 	if now.IsZero() {
 		now = time.Now()
@@ -49,7 +50,7 @@ func Generate(name string, now time.Time) (*Generated, error) {
 		return nil, fmt.Errorf("ca: generate root key: %w", err)
 	}
 	root, err := caCert(pkix.Name{CommonName: name + " Root CA", Organization: []string{name}}, rootKey.Public(), nil, rootKey,
-		now.Add(-Backdate), now.Add(RootLifetime), -1)
+		now.Add(-Backdate), now.Add(RootLifetime), -1, nil)
 	if err != nil {
 		return nil, fmt.Errorf("ca: generate root: %w", err)
 	}
@@ -58,7 +59,7 @@ func Generate(name string, now time.Time) (*Generated, error) {
 		return nil, fmt.Errorf("ca: generate issuing key: %w", err)
 	}
 	iss, err := caCert(pkix.Name{CommonName: name + " Issuing CA", Organization: []string{name}}, issKey.Public(), root, rootKey,
-		now.Add(-Backdate), now.Add(IssuingLifetime), 0)
+		now.Add(-Backdate), now.Add(IssuingLifetime), 0, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth})
 	if err != nil {
 		return nil, fmt.Errorf("ca: generate issuing CA: %w", err)
 	}
@@ -69,8 +70,10 @@ func Generate(name string, now time.Time) (*Generated, error) {
 	return &Generated{CA: c, RootKey: rootKey}, nil
 }
 
-// caCert makes a CA certificate; parent nil means self-signed. maxPathLen -1 means unlimited.
-func caCert(subject pkix.Name, pub crypto.PublicKey, parent *x509.Certificate, signer crypto.Signer, nb, na time.Time, maxPathLen int) (*x509.Certificate, error) {
+// caCert makes a CA certificate; parent nil means self-signed. maxPathLen -1 means unlimited. eku, when not empty,
+// constrains what the CA's certificates may be used for (RFC 5280 leaves it to verifiers; Go, OpenSSL and most TLS
+// stacks apply it down the chain).
+func caCert(subject pkix.Name, pub crypto.PublicKey, parent *x509.Certificate, signer crypto.Signer, nb, na time.Time, maxPathLen int, eku []x509.ExtKeyUsage) (*x509.Certificate, error) {
 	serial, err := RandomSerial()
 	if err != nil {
 		return nil, err
@@ -89,6 +92,7 @@ func caCert(subject pkix.Name, pub crypto.PublicKey, parent *x509.Certificate, s
 		IsCA:                  true,
 		SubjectKeyId:          ski,
 		SignatureAlgorithm:    signatureAlgorithm(signer.Public()),
+		ExtKeyUsage:           eku,
 	}
 	switch {
 	case maxPathLen == 0:

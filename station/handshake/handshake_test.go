@@ -85,9 +85,7 @@ func ecKey() crypto.Signer { k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Rea
 
 func builtin(t *testing.T, ca *testCA) *Server {
 	t.Helper()
-	inter := x509.NewCertPool()
-	inter.AddCert(ca.issuing)
-	s, err := NewServer(ca.issuing, ca.key, ca.pool(), inter)
+	s, err := NewServer(ca.pool())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -374,9 +372,7 @@ func TestHTTPSWithOpenSSL(t *testing.T) {
 
 func BenchmarkBuiltin(b *testing.B) {
 	ca := newTestCA(b, "station")
-	inter := x509.NewCertPool()
-	inter.AddCert(ca.issuing)
-	srv, err := NewServer(ca.issuing, ca.key, ca.pool(), inter)
+	srv, err := NewServer(ca.pool())
 	if err != nil {
 		b.Fatal(err)
 	}

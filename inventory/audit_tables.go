@@ -1,0 +1,122 @@
+package inventory
+
+import (
+	"context"
+	"fmt"
+)
+
+// stateAfter is what an event says about its unit's state: the states the unit may be in when this is its last
+// state-changing event, or nil when the event changes nothing (validate, csr, interrupted, unknown steps).
+func stateAfter(e Event) []string {
+	switch e.Outcome {
+	case "failed":
+		return []string{StateFailed}
+	case "shippable":
+		return []string{StateShippable}
+	case "ok":
+		switch e.Step {
+		case "key":
+			return []string{StateKeyed}
+		case "sign": // certified by `unit`; still keyed in `enroll`, whose bundle event certifies it
+			return []string{StateCertified, StateKeyed}
+		case "image":
+			return []string{StateImaged}
+		case "verify":
+			return []string{StateVerified}
+		case "bundle":
+			return []string{StateCertified}
+		}
+	}
+	return nil
+}
+
+// checkTables checks the units and certificates tables against the log: every unit has events and the state its last
+// state-changing event leaves; every certificate has its issuing event (sign, ok, same fingerprint and unit); every
+// event names a recorded unit, and a recorded certificate when it names one.
+func checkTables(ctx context.Context, q queryer, events []Event, problem func(int64, string, ...any)) error {
+	units := map[string]string{}
+	rows, err := q.QueryContext(ctx, "SELECT serial, state FROM units ORDER BY serial")
+	if err != nil {
+		return fmt.Errorf("inventory: units: %w", classify(err))
+	}
+	var order []string
+	for rows.Next() {
+		var s, st string
+		if err := rows.Scan(&s, &st); err != nil {
+			rows.Close()
+			return fmt.Errorf("inventory: units: %w", classify(err))
+		}
+		units[s] = st
+		order = append(order, s)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("inventory: units: %w", classify(err))
+	}
+	type cert struct{ serial, unit, sha string }
+	var certs []cert
+	known := map[string]bool{}
+	rows, err = q.QueryContext(ctx, "SELECT serial, unit, sha256 FROM certificates ORDER BY rowid")
+	if err != nil {
+		return fmt.Errorf("inventory: certificates: %w", classify(err))
+	}
+	for rows.Next() {
+		var c cert
+		if err := rows.Scan(&c.serial, &c.unit, &c.sha); err != nil {
+			rows.Close()
+			return fmt.Errorf("inventory: certificates: %w", classify(err))
+		}
+		certs = append(certs, c)
+		known[c.sha] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("inventory: certificates: %w", classify(err))
+	}
+
+	issued := map[[2]string]bool{} // unit, fingerprint
+	lastState := map[string]Event{}
+	hasEvents := map[string]bool{}
+	reported := map[string]bool{}
+	for _, e := range events {
+		hasEvents[e.Serial] = true
+		if _, ok := units[e.Serial]; !ok && !reported[e.Serial] {
+			reported[e.Serial] = true
+			problem(e.Seq, "names unit %s, which the units table does not hold (record removed)", e.Serial)
+		}
+		if e.CertSHA256 != "" && !known[e.CertSHA256] {
+			problem(e.Seq, "names certificate %.16s…, which the certificates table does not hold (record removed or altered)", e.CertSHA256)
+		}
+		if e.Step == "sign" && e.Outcome == "ok" && e.CertSHA256 != "" {
+			issued[[2]string{e.Serial, e.CertSHA256}] = true
+		}
+		if stateAfter(e) != nil {
+			lastState[e.Serial] = e
+		}
+	}
+	for _, s := range order {
+		if !hasEvents[s] {
+			problem(0, "unit %s has a record but no audit entries (inserted without the log)", s)
+			continue
+		}
+		e, ok := lastState[s]
+		if !ok {
+			continue
+		}
+		allowed := stateAfter(e)
+		match := false
+		for _, st := range allowed {
+			match = match || st == units[s]
+		}
+		if !match {
+			problem(e.Seq, "unit %s is %s in the units table, but its last state-changing entry (%s %s) leaves it %s (record changed without the log)",
+				s, units[s], e.Step, e.Outcome, allowed[0])
+		}
+	}
+	for _, c := range certs {
+		if !issued[[2]string{c.unit, c.sha}] {
+			problem(0, "certificate %s of unit %s (%.16s…) has no issuing entry in the log (inserted or altered without the log)", c.serial, c.unit, c.sha)
+		}
+	}
+	return nil
+}
