@@ -350,3 +350,39 @@ func TestBatchImageModes(t *testing.T) {
 		t.Errorf("golden image mode changed to %o", m)
 	}
 }
+
+// --fail-fast takes no new unit after a failure: the rest are not_started (no state), exit 1 (not 130: nobody
+// interrupted the batch).
+func TestBatchFailFast(t *testing.T) {
+	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	dir := t.TempDir()
+	st := filepath.Join(dir, "station")
+	mustCLI(t, st, "init", "--id", "batch")
+	good := filepath.Join(dir, "good.img")
+	mustCLI(t, st, "sample-image", good)
+	junk := filepath.Join(dir, "junk.img")
+	os.WriteFile(junk, []byte("not an image"), 0o644)
+	targets := filepath.Join(dir, "targets.csv")
+	os.WriteFile(targets, []byte(fmt.Sprintf("serial,image\nFF-0001,%s\nFF-0002,%s\n", junk, good)), 0o644)
+	reports := filepath.Join(dir, "reports")
+	_, errs, code := cli(t, st, "batch", "--targets", targets, "--out", reports, "--workers", "1", "--fail-fast")
+	if code != 1 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	rep := readReportView(t, reports)
+	if len(rep.Units) != 2 || rep.Units[0].Status != "failed" || rep.Units[1].Status != "not_started" || rep.Units[1].State != "" {
+		t.Fatalf("%+v", rep.Units)
+	}
+	if m := mustStat(t, junk).Mode().Perm(); m != 0o600 {
+		t.Errorf("target image mode %o, want 600", m)
+	}
+}
+
+func mustStat(t *testing.T, p string) os.FileInfo {
+	t.Helper()
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi
+}
