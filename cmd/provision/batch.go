@@ -190,23 +190,21 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			run := start.UTC().Format(rfc3339)
 			prog := newProgress(g.stderr, len(units), asJSON)
 			enc := json.NewEncoder(g.stdout)
+			rows := newBatchRows(earlier, run, hash)
 			results, err := st.Batch(ctx, dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
 				Profile: profile, Handshake: hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
 				Operator: operatorName(operator)}, func(r station.BatchResult) {
 				prog.add(r)
+				row := rows.add(r)
 				if asJSON {
-					enc.Encode(toBatchJSON(r, run))
+					enc.Encode(row)
 				}
 			})
 			prog.finish()
 			if err != nil {
 				return err
 			}
-			rows := make([]batchUnitJSON, 0, len(results))
-			for _, r := range results {
-				rows = append(rows, toBatchJSON(r, run))
-			}
-			rep := mergeReport(ctx, st, earlier, rows, hash)
+			rep := rows.report(ctx, st, earlier, results)
 			rep.Summary.MS = time.Since(start).Milliseconds()
 			if err := writeReports(reportDir, rep); err != nil {
 				return err
@@ -220,7 +218,7 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				}
 				fmt.Fprintf(g.stdout, "%d ok, %d failed, %d skipped%s in %s; report: %s\n", sum.OK, sum.Failed, sum.Skipped,
 					stopped, time.Since(start).Round(time.Millisecond), reportFile)
-				for _, u := range rep.Units[:len(rows)] {
+				for _, u := range rep.Units[:len(results)] {
 					if u.Status == station.BatchFailed {
 						fmt.Fprintf(g.stdout, "✗ %s  %s\n", u.Serial, u.Error)
 					}

@@ -95,26 +95,49 @@ func readEarlierReport(dir string) (batchReport, string, error) {
 	return batchReport{}, fmt.Sprintf("batch: earlier report %s is unreadable (%v): moved to %s", p, err, aside), nil
 }
 
-// mergeReport builds the report of this run on top of the earlier one: this run's units in list order, each row
-// keeping the earlier image hash when this run did not change the image (same image, same active certificate); then
-// the earlier rows of units not in this run, with their state refreshed from the inventory. With hash, a kept row that
-// has no hash gets one.
-func mergeReport(ctx context.Context, st *station.Station, earlier batchReport, rows []batchUnitJSON, hash bool) batchReport {
-	prev := make(map[string]batchUnitJSON, len(earlier.Units))
+// batchRows turns results into report rows as they come, on top of the earlier report: a unit this run did not
+// give a new image keeps the earlier image hash (same image, same active certificate); with hash, a skipped unit
+// that has none gets one.
+type batchRows struct {
+	prev map[string]batchUnitJSON
+	rows map[string]batchUnitJSON
+	run  string
+	hash bool
+}
+
+func newBatchRows(earlier batchReport, run string, hash bool) *batchRows {
+	b := &batchRows{prev: make(map[string]batchUnitJSON, len(earlier.Units)), rows: map[string]batchUnitJSON{}, run: run, hash: hash}
 	for _, u := range earlier.Units {
-		prev[u.Serial] = u
+		b.prev[u.Serial] = u
 	}
-	rep := batchReport{Units: make([]batchUnitJSON, 0, len(rows)+len(earlier.Units))}
-	inRun := make(map[string]bool, len(rows))
-	for _, u := range rows {
+	return b
+}
+
+// add makes and keeps the row of one result (called once per unit).
+func (b *batchRows) add(r station.BatchResult) batchUnitJSON {
+	u := toBatchJSON(r, b.run)
+	if p, ok := b.prev[u.Serial]; ok && u.Status != station.BatchOK && u.SHA256 == "" && u.Image != "" &&
+		u.Image == p.Image && sameCert(u.Certificate, p.Certificate) {
+		u.SHA256 = p.SHA256
+	}
+	if b.hash && u.Status == station.BatchSkipped && u.SHA256 == "" && u.Image != "" {
+		u.SHA256, _ = station.ImageSHA256(u.Image)
+	}
+	b.rows[u.Serial] = u
+	return u
+}
+
+// report is this run's rows in list order, then the earlier rows of units not in this run, with their state
+// refreshed from the inventory.
+func (b *batchRows) report(ctx context.Context, st *station.Station, earlier batchReport, results []station.BatchResult) batchReport {
+	rep := batchReport{Units: make([]batchUnitJSON, 0, len(results)+len(earlier.Units))}
+	inRun := make(map[string]bool, len(results))
+	for _, r := range results {
+		u, ok := b.rows[r.Serial]
+		if !ok {
+			u = b.add(r)
+		}
 		inRun[u.Serial] = true
-		if p, ok := prev[u.Serial]; ok && u.Status != station.BatchOK && u.SHA256 == "" && u.Image != "" &&
-			u.Image == p.Image && sameCert(u.Certificate, p.Certificate) {
-			u.SHA256 = p.SHA256
-		}
-		if hash && u.Status == station.BatchSkipped && u.SHA256 == "" && u.Image != "" {
-			u.SHA256, _ = station.ImageSHA256(u.Image)
-		}
 		rep.Summary.add(u.Status)
 		rep.Units = append(rep.Units, u)
 	}
