@@ -216,7 +216,7 @@ func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, s
 	done := func(status string, err error) BatchResult {
 		r.Status, r.Err, r.Duration = status, err, time.Since(start)
 		if status == BatchOK && opt.Hash && r.Image != "" && ctx.Err() == nil {
-			if r.SHA256, err = fileSHA256(r.Image); err != nil {
+			if r.SHA256, err = ImageSHA256(r.Image); err != nil {
 				r.Status, r.Err = BatchFailed, fmt.Errorf("image %s is shippable but could not be read back for its hash: %w", r.Image, err)
 			}
 		}

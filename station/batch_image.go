@@ -139,7 +139,8 @@ func cloneInto(ctx context.Context, in, out *os.File, size int64) error {
 	return nil
 }
 
-func fileSHA256(p string) (string, error) {
+// ImageSHA256 is the SHA-256 of a whole image file, lowercase hex.
+func ImageSHA256(p string) (string, error) {
 	f, err := os.Open(p)
 	if err != nil {
 		return "", err
@@ -152,8 +153,6 @@ func fileSHA256(p string) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// ImageSHA256 is the SHA-256 of a whole image file, lowercase hex.
-func ImageSHA256(p string) (string, error) { return fileSHA256(p) }
 
 // RemoveStalePartials deletes <serial>.img.partial files of units that are not shippable: images an interrupted run
 // left unfinished (they are rebuilt from the golden image). Call it only while holding the directory's lock.
