@@ -2,19 +2,12 @@ package station
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"provision/inventory"
 	"provision/tpm"
@@ -28,243 +21,261 @@ type BatchUnit struct {
 
 // BatchOptions configure Batch.
 type BatchOptions struct {
-	Golden    string // cloned per unit to OutDir/<serial>.img
-	OutDir    string
-	Workers   int
-	Profile   string
-	Handshake HandshakeConfig // Station.HandshakeConfig, as unit and tui use it
-	FailFast  bool
-	Hash      bool // SHA-256 of every finished image (reads it whole)
-	Operator  string
+	Golden      string // cloned per unit to OutDir/<serial>.img
+	OutDir      string
+	Workers     int
+	Profile     string
+	Handshake   HandshakeConfig // Station.HandshakeConfig, as unit and tui use it
+	FailFast    bool            // take no new unit after the first failure (running ones finish)
+	Hash        bool            // SHA-256 of every finished image (reads it whole)
+	Reprovision bool            // provision shippable units again (new key and certificate, the old one superseded)
+	Operator    string
 }
+
+// Batch statuses: what happened to a unit in this run (BatchResult.Status; report.json "status").
+const (
+	BatchOK          = "ok"          // provisioned in this run: shippable
+	BatchFailed      = "failed"      // a step failed (Err names it); the next run retries the unit
+	BatchSkipped     = "skipped"     // already shippable: not provisioned again (Detail says why)
+	BatchNotStarted  = "not_started" // the batch stopped (interrupt or fail-fast) before the unit was taken
+	BatchInterrupted = "interrupted" // stopped between steps by an interrupt; the next run resumes it
+)
 
 // BatchResult is one unit's outcome.
 type BatchResult struct {
-	Serial   string
-	Status   string // "ok", "failed", "skipped"
-	Image    string
-	SHA256   string
-	Result   Result
-	Err      error
-	Duration time.Duration
+	Serial string
+	Status string // BatchOK, BatchFailed, BatchSkipped, BatchNotStarted or BatchInterrupted
+	// State is the unit's state in the inventory after this run ("" when the inventory has no record of the unit).
+	State  string
+	Detail string // why a unit was skipped, or how it finished
+	Image  string // the unit's image, when there is one: the finished <serial>.img, or the --targets image
+	SHA256 string // of the image, with BatchOptions.Hash
+	// Certificate is the unit's active certificate in the inventory after this run (zero when it has none).
+	Certificate inventory.Certificate
+	Result      Result // the pipeline's run (zero when the unit did not run)
+	Err         error
+	Duration    time.Duration
 }
 
-// Batch provisions units with a pool of workers, calling report as each finishes. A unit already shippable whose image
-// is in place is skipped; a failed or interrupted one is resumed. A cloned image is written as <serial>.img.partial,
-// synced, and renamed to <serial>.img only once the unit is shippable. The golden image is only ever read.
-// Cancelling ctx stops taking new units; running ones stop between steps, resumable.
-func (s *Station) Batch(ctx context.Context, dev *tpm.Device, units []BatchUnit, opt BatchOptions, report func(BatchResult)) []BatchResult {
+// Why units were not started.
+var (
+	errBatchInterrupted = errors.New("not started: the batch was interrupted")
+	errBatchFailFast    = errors.New("not started: the batch stopped at the first failure")
+)
+
+// Batch provisions units with a pool of workers, calling report as each is settled (from one goroutine at a time).
+// Results are in the order of units.
+//
+// A unit already shippable is skipped, unless opt.Reprovision: it is never provisioned a second time by accident. A
+// failed or interrupted one is resumed. A cloned image is created 0600 as <serial>.img.partial (whatever the golden
+// image's mode), synced, and renamed to <serial>.img only once the unit is shippable; the golden image is only read.
+// The caller owns opt.OutDir for the run (PrepareOutDir, LockOutDir).
+//
+// Cancelling ctx stops taking new units (they are BatchNotStarted); a running unit stops between steps
+// (BatchInterrupted, recorded in the inventory as interrupted, resumable). With opt.FailFast the first failure stops
+// taking new units too, while running units finish. The error is set only when the inventory cannot be read at all.
+func (s *Station) Batch(ctx context.Context, dev *tpm.Device, units []BatchUnit, opt BatchOptions, report func(BatchResult)) ([]BatchResult, error) {
 	if opt.Workers < 1 {
 		opt.Workers = 1
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	if report == nil {
+		report = func(BatchResult) {}
+	}
 	results := make([]BatchResult, len(units))
-	jobs := make(chan int)
+	settled := make([]bool, len(units))
 	var mu sync.Mutex
+	settle := func(i int, r BatchResult) {
+		mu.Lock()
+		defer mu.Unlock()
+		results[i], settled[i] = r, true
+		report(r)
+	}
+
+	// Units already shippable are settled first, without touching them.
+	var todo []int
+	shippable := make([]bool, len(units))
+	for i, u := range units {
+		if ctx.Err() != nil {
+			break
+		}
+		unit, err := s.Inv.Unit(ctx, u.Serial)
+		switch {
+		case errors.Is(err, inventory.ErrNotFound):
+		case err != nil && ctx.Err() != nil:
+		case err != nil:
+			return nil, fmt.Errorf("batch: %w", err)
+		}
+		shippable[i] = err == nil && unit.State == inventory.StateShippable
+		if shippable[i] && !opt.Reprovision {
+			if r, done := s.batchShippable(ctx, u, opt); done {
+				settle(i, r)
+				continue
+			}
+		}
+		todo = append(todo, i)
+	}
+
+	var stopOnce sync.Once
+	stop := make(chan struct{})
+	jobs := make(chan int)
 	var wg sync.WaitGroup
 	for w := 0; w < opt.Workers; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := range jobs {
-				r := s.batchUnit(ctx, dev, units[i], opt)
-				mu.Lock()
-				results[i] = r
-				if report != nil {
-					report(r)
+				select {
+				case <-stop:
+					continue // settled as not started below
+				default:
 				}
-				mu.Unlock()
-				if r.Status == "failed" && opt.FailFast {
-					cancel()
+				if ctx.Err() != nil {
+					continue
+				}
+				r := s.batchUnit(ctx, dev, units[i], shippable[i], opt)
+				s.batchRecord(ctx, &r)
+				settle(i, r)
+				if r.Status == BatchFailed && opt.FailFast {
+					stopOnce.Do(func() { close(stop) })
 				}
 			}
 		}()
 	}
 feed:
-	for i := range units {
+	for _, i := range todo {
 		select {
 		case jobs <- i:
 		case <-ctx.Done():
-			for j := i; j < len(units); j++ {
-				results[j] = BatchResult{Serial: units[j].Serial, Status: "skipped", Err: ctx.Err()}
-			}
+			break feed
+		case <-stop:
 			break feed
 		}
 	}
 	close(jobs)
 	wg.Wait()
-	return results
+
+	why := errBatchFailFast
+	if ctx.Err() != nil {
+		why = errBatchInterrupted
+	}
+	for i, u := range units {
+		if !settled[i] {
+			r := BatchResult{Serial: u.Serial, Status: BatchNotStarted, Err: why}
+			if u.Target != "" {
+				r.Image = u.Target
+			}
+			s.batchRecord(ctx, &r)
+			settle(i, r)
+		}
+	}
+	return results, nil
 }
 
-func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, opt BatchOptions) BatchResult {
+// batchShippable settles a unit the inventory says is shippable, without provisioning it again. done is false when the
+// unit needs a worker: an earlier run stopped between marking it shippable and renaming its image.
+func (s *Station) batchShippable(ctx context.Context, u BatchUnit, opt BatchOptions) (r BatchResult, done bool) {
+	r = BatchResult{Serial: u.Serial, Status: BatchSkipped}
+	switch {
+	case u.Target != "":
+		r.Image, r.Detail = u.Target, "already shippable: not provisioned again (reprovision to do it again)"
+	default:
+		final := filepath.Join(opt.OutDir, u.Serial+".img")
+		if _, err := os.Stat(final + ".partial"); err == nil {
+			return r, false
+		}
+		if _, err := os.Stat(final); err == nil {
+			r.Image, r.Detail = final, "already shippable, image in place"
+			if err := privateImage(final); err != nil {
+				r.Status, r.Err = BatchFailed, err
+			}
+		} else {
+			r.Detail = "already shippable (provisioned elsewhere; its image is not in " + opt.OutDir + "): not provisioned again (reprovision to make a new image)"
+		}
+	}
+	s.batchRecord(ctx, &r)
+	return r, true
+}
+
+// batchRecord fills the unit's state and active certificate from the inventory, even after ctx was cancelled.
+func (s *Station) batchRecord(ctx context.Context, r *BatchResult) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if u, err := s.Inv.Unit(rctx, r.Serial); err == nil {
+		r.State = u.State
+	} else if !errors.Is(err, inventory.ErrNotFound) {
+		r.State = r.Result.State
+	}
+	if c, err := s.Inv.ActiveCertificate(rctx, r.Serial); err == nil {
+		r.Certificate = c
+	}
+}
+
+func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, shippable bool, opt BatchOptions) BatchResult {
 	start := time.Now()
 	r := BatchResult{Serial: u.Serial}
 	done := func(status string, err error) BatchResult {
 		r.Status, r.Err, r.Duration = status, err, time.Since(start)
-		if err == nil && opt.Hash && r.Image != "" {
-			r.SHA256, r.Err = fileSHA256(r.Image)
-			if r.Err != nil {
-				r.Status = "failed"
+		if status == BatchOK && opt.Hash && r.Image != "" && ctx.Err() == nil {
+			if r.SHA256, err = ImageSHA256(r.Image); err != nil {
+				r.Status, r.Err = BatchFailed, fmt.Errorf("image %s is shippable but could not be read back for its hash: %w", r.Image, err)
 			}
 		}
 		return r
 	}
-	if err := ctx.Err(); err != nil {
-		return done("skipped", err)
-	}
-	unit, uerr := s.Inv.Unit(ctx, u.Serial)
-	shippable := uerr == nil && unit.State == inventory.StateShippable
-	if u.Target != "" {
-		r.Image = u.Target
-		if shippable {
-			return done("skipped", nil)
+	outcome := func(err error) string {
+		if errors.Is(err, ErrInterrupted) || (ctx.Err() != nil && errors.Is(err, context.Canceled)) {
+			return BatchInterrupted
 		}
-		res, err := s.Provision(ctx, dev, ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Image: u.Target, Profile: opt.Profile,
-			Handshake: opt.Handshake, Operator: opt.Operator}, nil)
+		return BatchFailed
+	}
+	req := ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Profile: opt.Profile, Handshake: opt.Handshake,
+		Operator: opt.Operator, Reprovision: shippable && opt.Reprovision}
+	if u.Target != "" {
+		r.Image, req.Image = u.Target, u.Target
+		if err := privateImage(u.Target); err != nil {
+			return done(BatchFailed, err)
+		}
+		res, err := s.Provision(ctx, dev, req, nil)
 		r.Result = res
 		if err != nil {
-			return done("failed", err)
+			return done(outcome(err), err)
 		}
-		return done("ok", nil)
+		return done(BatchOK, nil)
 	}
 	final := filepath.Join(opt.OutDir, u.Serial+".img")
 	partial := final + ".partial"
-	r.Image = final
-	if shippable {
-		if _, err := os.Stat(final); err == nil {
-			return done("skipped", nil)
-		}
-		// Shippable but not renamed: the run stopped between the two. The partial image passed; check it again, then
-		// finish the rename.
-		if _, err := os.Stat(partial); err == nil {
-			if _, err := s.VerifyImage(ctx, partial, u.Serial, VerifyOptions{Profile: opt.Profile}); err == nil {
-				return done("ok", publish(partial, final))
+	if shippable && !opt.Reprovision {
+		// Shippable but not renamed: an earlier run stopped between the two. The partial image passed; check it
+		// again, then finish the rename. If it no longer verifies, the unit is still not provisioned again by accident.
+		if _, err := s.VerifyImage(ctx, partial, u.Serial, VerifyOptions{Profile: opt.Profile}); err != nil {
+			if ctx.Err() != nil {
+				return done(BatchInterrupted, fmt.Errorf("%w while checking %s: %w", ErrInterrupted, partial, context.Cause(ctx)))
 			}
+			return done(BatchFailed, fmt.Errorf("unit %s is shippable but the image an earlier run left, %s, fails verification (%v): reprovision to make a new one", u.Serial, partial, err))
 		}
+		if err := publish(partial, final); err != nil {
+			return done(BatchFailed, err)
+		}
+		r.Image, r.Detail = final, "already shippable: finished the rename of the image an earlier run verified"
+		return done(BatchOK, nil)
 	}
 	os.Remove(partial)
-	if err := CloneImage(opt.Golden, partial); err != nil {
-		os.Remove(partial)
-		return done("failed", fmt.Errorf("clone %s: %w", opt.Golden, err))
+	if err := CloneImage(ctx, opt.Golden, partial); err != nil {
+		if ctx.Err() != nil {
+			return done(BatchInterrupted, fmt.Errorf("%w while cloning the golden image (nothing recorded): %w", ErrInterrupted, context.Cause(ctx)))
+		}
+		return done(BatchFailed, fmt.Errorf("clone %s: %w", opt.Golden, err))
 	}
-	res, err := s.Provision(ctx, dev, ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Image: partial, Profile: opt.Profile,
-		Handshake: opt.Handshake, Operator: opt.Operator, Reprovision: shippable}, nil)
+	req.Image = partial
+	res, err := s.Provision(ctx, dev, req, nil)
 	r.Result = res
 	if err != nil {
 		os.Remove(partial)
-		return done("failed", err)
+		return done(outcome(err), err)
 	}
-	return done("ok", publish(partial, final))
-}
-
-// publish renames a finished image to its final name, durably. Provision already synced the image's content.
-func publish(partial, final string) error {
-	if err := os.Rename(partial, final); err != nil {
-		return err
+	if err := publish(partial, final); err != nil {
+		return done(BatchFailed, err)
 	}
-	d, err := os.Open(filepath.Dir(final))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-// CloneImage copies src to a new file dst: a reflink where the file system shares blocks (btrfs, XFS), otherwise a
-// sparse copy of only the data regions (SEEK_DATA/SEEK_HOLE, copy_file_range), never reading or writing the holes.
-func CloneImage(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	st, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	if !st.Mode().IsRegular() {
-		return fmt.Errorf("%s is not a regular file", src)
-	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, st.Mode().Perm())
-	if err != nil {
-		return err
-	}
-	err = cloneInto(in, out, st.Size())
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(dst)
-	}
-	return err
-}
-
-func cloneInto(in, out *os.File, size int64) error {
-	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) == nil {
-		return nil
-	}
-	if err := out.Truncate(size); err != nil {
-		return err
-	}
-	ifd, ofd := int(in.Fd()), int(out.Fd())
-	var off int64
-	for off < size {
-		data, err := unix.Seek(ifd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			break // only a hole is left
-		}
-		if err != nil {
-			return fmt.Errorf("seek data: %w", err)
-		}
-		hole, err := unix.Seek(ifd, data, unix.SEEK_HOLE)
-		if err != nil {
-			return fmt.Errorf("seek hole: %w", err)
-		}
-		src, dst := data, data
-		for src < hole {
-			n, err := unix.CopyFileRange(ifd, &src, ofd, &dst, int(min(hole-src, 1<<30)), 0)
-			if err != nil {
-				return fmt.Errorf("copy_file_range: %w", err)
-			}
-			if n == 0 {
-				return io.ErrUnexpectedEOF
-			}
-		}
-		off = hole
-	}
-	return nil
-}
-
-func fileSHA256(p string) (string, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// RemoveStalePartials deletes <serial>.img.partial files of units that are not shippable: images an interrupted run
-// left unfinished (they are rebuilt from the golden image).
-func (s *Station) RemoveStalePartials(ctx context.Context, outDir string) {
-	entries, err := os.ReadDir(outDir)
-	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		name := e.Name()
-		if e.Type()&fs.ModeType != 0 || !strings.HasSuffix(name, ".img.partial") {
-			continue
-		}
-		serial := name[:len(name)-len(".img.partial")]
-		if u, err := s.Inv.Unit(ctx, serial); err == nil && u.State == inventory.StateShippable {
-			continue
-		}
-		os.Remove(filepath.Join(outDir, name))
-	}
+	r.Image = final
+	return done(BatchOK, nil)
 }

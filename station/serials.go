@@ -32,6 +32,10 @@ func (e *SerialFileError) Error() string {
 			parts = append(parts, fmt.Sprintf("and %d more", len(e.Lines)-10))
 			break
 		}
+		if l.Line == 0 {
+			parts = append(parts, l.Reason) // the file as a whole
+			continue
+		}
 		parts = append(parts, fmt.Sprintf("line %d: %s", l.Line, l.Reason))
 	}
 	return fmt.Sprintf("%s: %d bad line(s): %s", e.Name, len(e.Lines), strings.Join(parts, "; "))
@@ -43,7 +47,8 @@ func (e *SerialFileError) Unwrap() error { return ErrSerialFile }
 const MaxSerialFile = 64 << 20
 
 // ParseSerialList reads a list of units: either one serial per line (blank lines and lines starting with '#' are
-// skipped), or CSV whose header has a "serial" column; the other columns become unit fields for templates (names are
+// skipped), or CSV whose header has a "serial" column (a first line that is just "serial", in any case, is the header
+// of a one-column list); the other columns become unit fields for templates (names are
 // lowercased; they must be letters, digits and '_'). Every line is checked against rule, duplicates included, and all
 // problems are reported together, before anything is done.
 func ParseSerialList(name string, r io.Reader, rule *SerialRule) ([]UnitRequest, error) {
@@ -57,7 +62,8 @@ func ParseSerialList(name string, r io.Reader, rule *SerialRule) ([]UnitRequest,
 	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf")) // a BOM from spreadsheet exports
 	var units []UnitRequest
 	var bad []LineError
-	if header, ok := csvHeader(data); ok {
+	header, isCSV := csvHeader(data)
+	if isCSV {
 		units, bad = parseCSV(data, header)
 	} else {
 		units, bad = parseLines(data)
@@ -83,7 +89,11 @@ func ParseSerialList(name string, r io.Reader, rule *SerialRule) ([]UnitRequest,
 		return nil, &SerialFileError{Name: name, Lines: bad}
 	}
 	if len(units) == 0 {
-		return nil, &SerialFileError{Name: name, Lines: []LineError{{0, "no serials"}}}
+		reason := "no serials"
+		if isCSV {
+			reason = "only a header line, no serials"
+		}
+		return nil, &SerialFileError{Name: name, Lines: []LineError{{0, reason}}}
 	}
 	for i := range units {
 		units[i].line = 0
@@ -109,6 +119,10 @@ func csvHeader(data []byte) ([]string, bool) {
 			continue
 		}
 		if !strings.Contains(line, ",") {
+			// A one-column list whose first line is "serial" (any case): a header, not a unit called "serial".
+			if strings.EqualFold(strings.Trim(line, "\" \t"), "serial") {
+				return []string{"serial"}, true
+			}
 			return nil, false
 		}
 		rec, err := csv.NewReader(strings.NewReader(line)).Read()

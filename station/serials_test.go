@@ -25,6 +25,13 @@ func TestParseSerialList(t *testing.T) {
 		{name: "csv short row", in: "serial,mac\nSN-001\n", badLines: []int{2}},
 		{name: "csv bad column name", in: "serial,MAC address\nSN-001,aa\n", badLines: []int{1}},
 		{name: "empty", in: "# nothing\n", badLines: []int{0}},
+		// A one-column list with a header line: the header is not a unit called "serial" (any case, CRLF, BOM).
+		{name: "one column with header", in: "serial\nSN-001\nSN-002\n", want: []string{"SN-001", "SN-002"}},
+		{name: "one column header CRLF", in: "Serial\r\nSN-001\r\n\r\nSN-002\r\n", want: []string{"SN-001", "SN-002"}},
+		{name: "one column header BOM", in: "\xef\xbb\xbf# units\nSERIAL \r\nSN-001\r\n", want: []string{"SN-001"}},
+		{name: "header only CRLF", in: "serial\r\n", badLines: []int{0}},
+		{name: "header only", in: "Serial", badLines: []int{0}},
+		{name: "serial later in a plain list is a unit", in: "SN-001\nserial\n", want: []string{"SN-001", "serial"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -45,6 +52,9 @@ func TestParseSerialList(t *testing.T) {
 					if got[i] != tt.badLines[i] {
 						t.Fatalf("bad lines %v, want %v (%v)", got, tt.badLines, err)
 					}
+				}
+				if strings.Contains(tt.in, "serial") && !strings.Contains(tt.in, "SN-") && !strings.Contains(err.Error(), "only a header") {
+					t.Errorf("header-only list: %v does not say so", err)
 				}
 				if strings.Contains(err.Error(), "\n") {
 					t.Errorf("error is not one line: %q", err)

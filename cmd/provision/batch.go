@@ -2,10 +2,8 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/csv"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -17,47 +15,8 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
-	"provision/internal/fsutil"
 	"provision/station"
 )
-
-type batchUnitJSON struct {
-	Serial      string     `json:"serial"`
-	State       string     `json:"state"`
-	Status      string     `json:"status"`
-	Image       string     `json:"image"`
-	SHA256      string     `json:"sha256,omitempty"`
-	Certificate *certJSON  `json:"certificate,omitempty"`
-	Steps       []stepJSON `json:"steps"`
-	MS          int64      `json:"ms"`
-	Error       string     `json:"error,omitempty"`
-}
-
-type batchReport struct {
-	Units   []batchUnitJSON `json:"units"`
-	Summary struct {
-		OK      int   `json:"ok"`
-		Failed  int   `json:"failed"`
-		Skipped int   `json:"skipped"`
-		MS      int64 `json:"ms"`
-	} `json:"summary"`
-}
-
-func toBatchJSON(r station.BatchResult) batchUnitJSON {
-	u := toUnitJSON(r.Result, r.Err)
-	out := batchUnitJSON{Serial: r.Serial, State: u.State, Status: r.Status, Image: r.Image, SHA256: r.SHA256,
-		Certificate: u.Certificate, Steps: u.Steps, MS: r.Duration.Milliseconds(), Error: u.Error}
-	if out.State == "" && r.Status == "skipped" {
-		out.State = "shippable"
-	}
-	if r.Status == "skipped" {
-		out.Steps = []stepJSON{}
-		if r.Err != nil {
-			out.Error = "not started: " + r.Err.Error()
-		}
-	}
-	return out
-}
 
 // parseTargets reads a --targets CSV: serial,image per line (header optional).
 func parseTargets(name string, data []byte, rule *station.SerialRule) ([]station.BatchUnit, error) {
@@ -113,7 +72,7 @@ func newBatchCmd(g *globals) *cobra.Command {
 	var (
 		serials, golden, out, tpmURI, profile, targets, operator string
 		workers                                                  int
-		asJSON, failFast, hash                                   bool
+		asJSON, failFast, hash, reprovision                      bool
 		hf                                                       handshakeFlags
 	)
 	c := &cobra.Command{
@@ -123,15 +82,22 @@ func newBatchCmd(g *globals) *cobra.Command {
 certificate, image written and verified, handshake test) and recorded in the inventory:
   DIR/<serial>.img     cloned from GOLDEN (a reflink where the file system supports it, else a sparse copy of the data
                        regions only), personalised in place, verified; written as <serial>.img.partial, synced, and
-                       renamed only when the unit is shippable. The golden image is never modified.
-  DIR/report.json      {"units":[{serial,state,status,image,certificate,steps,ms,error}],"summary":{ok,failed,skipped,ms}}
+                       renamed only when the unit is shippable. The golden image is never modified. Images are 0600
+                       in a 0700 DIR (they hold the units' keys; an existing DIR is made 0700).
+  DIR/report.json      {"units":[{serial,state,status,image,sha256,certificate,steps,ms,error,detail,run}],
+                        "summary":{ok,failed,skipped,not_started,interrupted,earlier,ms}}
   DIR/report.csv       one row per unit (with --targets, --out only says where the reports go; default: here)
---serials FILE: one serial per line, or CSV with a "serial" column whose other columns fill {name} placeholders in the
-subject and templates. Every line is checked first: any bad line is exit 2, listing each, before anything is written.
+status is what this run did: ok, failed, skipped (already shippable), not_started (the batch stopped before it),
+interrupted (stopped between steps; resumes next time); state is the unit's state in the inventory. A rerun keeps
+the rows of earlier runs (certificate, image, hash).
+--serials FILE: one serial per line (a first line "serial" is a header), or CSV with a "serial" column whose other
+columns fill {name} placeholders in the subject and templates. Every line is checked first: any bad line is exit 2,
+listing each, before anything is written.
 --targets FILE (CSV serial,image) personalises existing per-unit images or block devices in place instead of cloning.
 Keys are software keys by default (no unit is present); --tpm sim for CI, or a TPM that travels with the image.
-Running it again skips finished units and retries failed ones. Ctrl-C stops cleanly: running units stop between steps
-and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first failure.`,
+Running it again skips shippable units (--reprovision does them again) and retries failed ones. One batch at a time
+per DIR: a second one is refused (exit 4). Ctrl-C stops cleanly: running units stop between steps and resume next
+time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast takes no new unit after a failure.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := hf.check("batch"); err != nil {
@@ -169,9 +135,6 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 				if gs, err := os.Stat(golden); err != nil || !gs.Mode().IsRegular() {
 					return usagef("batch: --image %s: not a readable golden image file", golden)
 				}
-				if err := os.MkdirAll(out, 0o755); err != nil {
-					return fmt.Errorf("batch: --out: %w", err)
-				}
 			} else {
 				data, err := os.ReadFile(targets)
 				if err != nil {
@@ -180,12 +143,24 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 				if units, err = parseTargets(targets, data, st.Config.SerialRule()); err != nil {
 					return fmt.Errorf("batch: %w", err)
 				}
-				if out != "" {
-					if err := os.MkdirAll(out, 0o755); err != nil {
-						return fmt.Errorf("batch: --out: %w", err)
-					}
+			}
+			reportDir := out
+			if reportDir == "" {
+				reportDir = "."
+			} else {
+				was, err := station.PrepareOutDir(out)
+				if err != nil {
+					return &exitError{code: exitStation, err: fmt.Errorf("batch: --out: %w", err)}
+				}
+				if was != 0 {
+					fmt.Fprintf(g.stderr, "batch: --out %s was %04o: made 0700, the images hold device keys\n", out, was)
 				}
 			}
+			lock, err := station.LockOutDir(reportDir)
+			if err != nil {
+				return &exitError{code: exitStation, err: fmt.Errorf("batch: %w", err)}
+			}
+			defer lock.Release()
 			if tpmURI, err = tpmFlag("batch", tpmURI, "soft"); err != nil {
 				return err
 			}
@@ -204,52 +179,58 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 			if err != nil {
 				return err
 			}
+			earlier, warning, err := readEarlierReport(reportDir)
+			if err != nil {
+				return err
+			}
+			if warning != "" {
+				fmt.Fprintln(g.stderr, warning)
+			}
+			start := time.Now()
+			run := start.UTC().Format(rfc3339)
 			prog := newProgress(g.stderr, len(units), asJSON)
 			enc := json.NewEncoder(g.stdout)
-			start := time.Now()
-			results := st.Batch(ctx, dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers, Profile: profile,
-				Handshake: hc, FailFast: failFast, Hash: hash, Operator: operatorName(operator)}, func(r station.BatchResult) {
+			rows := newBatchRows(earlier, run, hash)
+			results, err := st.Batch(ctx, dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
+				Profile: profile, Handshake: hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
+				Operator: operatorName(operator)}, func(r station.BatchResult) {
 				prog.add(r)
+				row := rows.add(r)
 				if asJSON {
-					enc.Encode(toBatchJSON(r))
+					enc.Encode(row)
 				}
 			})
 			prog.finish()
-			rep := batchReport{Units: []batchUnitJSON{}}
-			for _, r := range results {
-				rep.Units = append(rep.Units, toBatchJSON(r))
-				switch r.Status {
-				case "ok":
-					rep.Summary.OK++
-				case "failed":
-					rep.Summary.Failed++
-				default:
-					rep.Summary.Skipped++
-				}
+			if err != nil {
+				return err
 			}
+			rep := rows.report(ctx, st, earlier, results)
 			rep.Summary.MS = time.Since(start).Milliseconds()
-			reportDir := out
-			if reportDir == "" {
-				reportDir = "."
-			}
 			if err := writeReports(reportDir, rep); err != nil {
 				return err
 			}
+			sum := rep.Summary
+			reportFile := filepath.Join(reportDir, "report.json")
 			if !asJSON {
-				fmt.Fprintf(g.stdout, "%d ok, %d failed, %d skipped in %s; report: %s\n", rep.Summary.OK, rep.Summary.Failed,
-					rep.Summary.Skipped, time.Since(start).Round(time.Millisecond), filepath.Join(reportDir, "report.json"))
-				for _, u := range rep.Units {
-					if u.Status == "failed" {
+				stopped := ""
+				if sum.Interrupted+sum.NotStarted > 0 {
+					stopped = fmt.Sprintf(", %d interrupted, %d not started", sum.Interrupted, sum.NotStarted)
+				}
+				fmt.Fprintf(g.stdout, "%d ok, %d failed, %d skipped%s in %s; report: %s\n", sum.OK, sum.Failed, sum.Skipped,
+					stopped, time.Since(start).Round(time.Millisecond), reportFile)
+				for _, u := range rep.Units[:len(results)] {
+					if u.Status == station.BatchFailed {
 						fmt.Fprintf(g.stdout, "✗ %s  %s\n", u.Serial, u.Error)
 					}
 				}
 			}
-			if errors.Is(ctx.Err(), context.Canceled) {
-				return &exitError{code: exitFailed, err: errors.New("batch: interrupted: run the same command again to finish")}
+			if ctx.Err() != nil && sum.Interrupted+sum.NotStarted > 0 {
+				return fmt.Errorf("batch: %w: %d interrupted, %d not started (see %s): run the same command again to finish",
+					station.ErrInterrupted, sum.Interrupted, sum.NotStarted, reportFile)
 			}
-			if rep.Summary.Failed > 0 {
-				return &exitError{code: exitFailed, err: fmt.Errorf("batch: %d of %d units failed (see %s)", rep.Summary.Failed,
-					len(units), filepath.Join(reportDir, "report.json"))}
+			if sum.Failed > 0 {
+				return &exitError{code: exitFailed, err: fmt.Errorf("batch: %d of %d units failed (see %s)", sum.Failed,
+					len(units), reportFile)}
 			}
 			return nil
 		},
@@ -265,34 +246,10 @@ and resume next time. Exit 1 if any unit failed; --fail-fast stops at the first 
 	hf.register(f)
 	f.StringVar(&operator, "operator", "", "operator recorded with each unit")
 	f.BoolVar(&asJSON, "json", false, "one JSON line per unit on stdout")
-	f.BoolVar(&failFast, "fail-fast", false, "stop at the first failed unit")
+	f.BoolVar(&failFast, "fail-fast", false, "take no new unit after the first failure (running ones finish)")
 	f.BoolVar(&hash, "hash", false, "add each image's SHA-256 to the report (reads every image whole)")
+	f.BoolVar(&reprovision, "reprovision", false, "provision shippable units again (new key and certificate; the old one is superseded)")
 	return c
-}
-
-func writeReports(dir string, rep batchReport) error {
-	js, err := json.MarshalIndent(rep, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := fsutil.WriteFileSync(filepath.Join(dir, "report.json"), append(js, '\n'), 0o644); err != nil {
-		return fmt.Errorf("batch: report: %w", err)
-	}
-	var buf bytes.Buffer
-	w := csv.NewWriter(&buf)
-	w.Write([]string{"serial", "status", "state", "image", "certificate_serial", "certificate_sha256", "image_sha256", "ms", "error"})
-	for _, u := range rep.Units {
-		var cs, ch string
-		if u.Certificate != nil {
-			cs, ch = u.Certificate.Serial, u.Certificate.SHA256
-		}
-		w.Write([]string{u.Serial, u.Status, u.State, u.Image, cs, ch, u.SHA256, fmt.Sprint(u.MS), u.Error})
-	}
-	w.Flush()
-	if err := fsutil.WriteFileSync(filepath.Join(dir, "report.csv"), buf.Bytes(), 0o644); err != nil {
-		return fmt.Errorf("batch: report: %w", err)
-	}
-	return nil
 }
 
 // progress shows a bar with ETA on a terminal (stderr), else a plain line every few seconds; nothing with --json.
@@ -301,6 +258,7 @@ type progress struct {
 	w                    io.Writer
 	tty, quiet           bool
 	total, ok, fail, skp int
+	stop                 int // interrupted or not started
 	start, last          time.Time
 }
 
@@ -317,17 +275,19 @@ func (p *progress) add(r station.BatchResult) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch r.Status {
-	case "ok":
+	case station.BatchOK:
 		p.ok++
-	case "failed":
+	case station.BatchFailed:
 		p.fail++
-	default:
+	case station.BatchSkipped:
 		p.skp++
+	default:
+		p.stop++
 	}
 	if p.quiet {
 		return
 	}
-	done := p.ok + p.fail + p.skp
+	done := p.ok + p.fail + p.skp + p.stop
 	el := time.Since(p.start)
 	eta := time.Duration(0)
 	if done > 0 {

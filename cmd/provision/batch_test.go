@@ -91,11 +91,27 @@ func TestBatch(t *testing.T) {
 				}
 			}
 			err := cmd.Wait()
-			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
-				t.Fatalf("interrupted batch: %v", err)
+			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 130 {
+				t.Fatalf("interrupted batch: %v, want exit 130", err)
 			}
 			if len(firstRun) >= 24 {
 				t.Fatal("the interrupt came too late to test anything")
+			}
+			// The report says what happened: finished units ok, the running ones interrupted, the rest not started
+			// (with no state: the inventory never saw them).
+			notStarted := 0
+			for _, u := range readReportView(t, out).Units {
+				switch {
+				case u.Status == "ok" && firstRun[u.Serial] && u.State == "shippable":
+				case u.Status == "interrupted" && !firstRun[u.Serial] && u.State != "shippable":
+				case u.Status == "not_started" && !firstRun[u.Serial] && u.State == "" && u.Certificate == nil:
+					notStarted++
+				default:
+					t.Errorf("after the interrupt: %+v", u)
+				}
+			}
+			if notStarted == 0 {
+				t.Error("no unit reported not_started")
 			}
 			entries, _ := os.ReadDir(out)
 			for _, e := range entries {
