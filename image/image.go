@@ -677,7 +677,15 @@ func (im *Image) Apply(ctx context.Context, writes []Write) (err error) {
 	}
 	// Every target has room, before the first byte is written.
 	for _, t := range targets {
-		if err := checkSpace(t.fsys, t.writes, fmt.Sprintf("image %s partition %d", im.path, t.part.Number)); err != nil {
+		where := fmt.Sprintf("image %s partition %d", im.path, t.part.Number)
+		files := make([]plannedFile, len(t.writes))
+		for i, w := range t.writes {
+			files[i] = plannedFile{w.Path, int64(len(w.Data))}
+			if err := checkParents(t.fsys, w.Path, where); err != nil {
+				return err
+			}
+		}
+		if err := checkSpace(t.fsys, files, where); err != nil {
 			return err
 		}
 	}
@@ -775,8 +783,14 @@ type spaceUser interface {
 	need(path string, size int64, newDirs map[string]bool) (bytes, inodes int64, err error)
 }
 
+// plannedFile is a file an edit writes: its path and size.
+type plannedFile struct {
+	path string
+	size int64
+}
+
 // checkSpace adds up what all writes to one file system need and compares it with what is free.
-func checkSpace(fsys FS, writes []Write, where string) error {
+func checkSpace(fsys FS, writes []plannedFile, where string) error {
 	su, ok := fsys.(spaceUser)
 	if !ok {
 		return nil
@@ -788,7 +802,7 @@ func checkSpace(fsys FS, writes []Write, where string) error {
 	var needBytes, needInodes int64
 	newDirs := map[string]bool{}
 	for _, w := range writes {
-		b, i, err := su.need(w.Path, int64(len(w.Data)), newDirs)
+		b, i, err := su.need(w.path, w.size, newDirs)
 		if err != nil {
 			return err
 		}
