@@ -39,6 +39,7 @@ import (
 
 	"github.com/diskfs/go-diskfs/partition/gpt"
 	"github.com/diskfs/go-diskfs/partition/mbr"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -128,21 +129,45 @@ func WithJournalDir(dir string) OpenOption { return func(o *openOptions) { o.jou
 // withCommitHook runs fn at each stage of a commit (tests: kill the writer at many points).
 func withCommitHook(fn func(string) error) OpenOption { return func(o *openOptions) { o.hook = fn } }
 
-// JournalPath is where the undo journal of an image lives.
+// JournalPath is where the undo journal of an image lives (see overlay.go): beside the real file (symbolic links
+// resolved) as "<file>.provision-undo", or in journalDir: a file's named after its resolved path, a block device's
+// after its major:minor numbers ("dev-8-16.provision-undo"), whatever path reaches it.
 func JournalPath(imagePath, journalDir string) string {
-	abs, err := filepath.Abs(imagePath)
-	if err != nil {
-		abs = imagePath
+	real := resolvePath(imagePath)
+	var id identity
+	var st unix.Stat_t
+	if unix.Stat(real, &st) == nil {
+		id = identityOf(&st)
 	}
-	if journalDir == "" {
-		return abs + ".provision-undo"
+	return journalPathFor(real, id, journalDir)
+}
+
+// resolvePath is the absolute path of the image with every symbolic link resolved (as given, made absolute, when
+// that fails).
+func resolvePath(p string) string {
+	if real, err := filepath.EvalSymlinks(p); err == nil {
+		p = real
 	}
-	// The device's name, told apart from others of that name by a hash of the whole path.
-	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(abs), crc32.ChecksumIEEE([]byte(abs))))
+	if abs, err := filepath.Abs(p); err == nil {
+		p = abs
+	}
+	return p
+}
+
+func journalPathFor(real string, id identity, journalDir string) string {
+	switch {
+	case journalDir == "":
+		return real + ".provision-undo"
+	case id.kind == identDevice:
+		return filepath.Join(journalDir, fmt.Sprintf("dev-%d-%d.provision-undo", unix.Major(id.dev), unix.Minor(id.dev)))
+	}
+	// The file's name, told apart from others of that name by a hash of its whole resolved path.
+	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(real), crc32.ChecksumIEEE([]byte(real))))
 }
 
 // Open opens an image file or block device under an exclusive lock (shared for ReadOnly), rolls back an edit a crash
-// interrupted, and reads the partition table. It writes nothing else.
+// interrupted (refusing, with ErrUndoJournal, a journal the image has changed since: see overlay.go), and reads the
+// partition table. It writes nothing else. A file with several hard links is refused for writing.
 func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -163,11 +188,21 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 	if isDev && o.journalDir == "" {
 		return nil, fmt.Errorf("image %s: a block device needs a journal directory on persistent storage (WithJournalDir)", path)
 	}
-	journal := JournalPath(path, o.journalDir)
+	real := resolvePath(path)
 	f, err := openLocked(path, isDev, !o.readOnly)
 	if err != nil {
 		return nil, err
 	}
+	ident, nlink, err := identify(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("image %s: stat: %w", path, err)
+	}
+	if !isDev && nlink > 1 && !o.readOnly {
+		f.Close()
+		return nil, fmt.Errorf("image %s: the file has %d hard links, and an interrupted edit could not be rolled back through the other names: edit a copy (cp) or remove the other links", path, nlink)
+	}
+	journal := journalPathFor(real, ident, o.journalDir)
 	// Checked under the lock: a writer that held it may have died mid-commit.
 	if _, err := os.Stat(journal); err == nil {
 		if o.readOnly {
@@ -175,10 +210,14 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 			if f, err = openLocked(path, isDev, true); err != nil {
 				return nil, fmt.Errorf("%w (an interrupted edit must be rolled back first)", err)
 			}
+			if ident, _, err = identify(f); err != nil {
+				f.Close()
+				return nil, fmt.Errorf("image %s: stat: %w", path, err)
+			}
 		}
 		size, err := f.Seek(0, io.SeekEnd)
 		if err == nil {
-			_, err = recoverJournal(f, size, journal)
+			_, err = recoverJournal(f, size, ident, journal, false)
 		}
 		if err == nil && o.readOnly {
 			err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
@@ -193,7 +232,7 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 		f.Close()
 		return nil, fmt.Errorf("image %s: size: %w", path, err)
 	}
-	im := &Image{path: path, f: f, readOnly: o.readOnly, ov: &overlay{f: f, size: size, journal: journal, hook: o.hook}}
+	im := &Image{path: path, f: f, readOnly: o.readOnly, ov: &overlay{f: f, size: size, ident: ident, journal: journal, hook: o.hook}}
 	if im.table, im.parts, err = ReadTable(im.ov, size); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("image %s: %w", path, err)
