@@ -21,7 +21,7 @@ import (
 
 // The crash child: PROVISION_CRASH_CHILD=<image> and either PROVISION_CRASH_AT=<n> (SIGKILL itself at the n-th
 // commit stage), PROVISION_CRASH_STAGE=<name> (at the first stage of that name) or PROVISION_CRASH_LOOP=1 (edit in a
-// loop until the parent kills it).
+// loop until the parent kills it); PROVISION_CRASH_JOURNAL_DIR=<dir> opens WithJournalDir(dir).
 func crashChild() {
 	img := os.Getenv("PROVISION_CRASH_CHILD")
 	at, _ := strconv.Atoi(os.Getenv("PROVISION_CRASH_AT"))
@@ -37,7 +37,11 @@ func crashChild() {
 	}
 	ctx := context.Background()
 	for version := 1; ; version++ {
-		im, err := Open(ctx, img, withCommitHook(hook))
+		opts := []OpenOption{withCommitHook(hook)}
+		if dir := os.Getenv("PROVISION_CRASH_JOURNAL_DIR"); dir != "" {
+			opts = append(opts, WithJournalDir(dir))
+		}
+		im, err := Open(ctx, img, opts...)
 		if err != nil {
 			panic(err)
 		}

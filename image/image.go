@@ -5,12 +5,16 @@
 // O_EXCL, which the kernel refuses while it is mounted) and refuses what is not a partitioned disk image or whose table
 // is damaged or truncated. FS refuses a file system with errors (ext: superblock not clean, errors recorded, journal
 // needing recovery, bad checksums; FAT: dirty bits set, FAT copies differing). Apply checks every write and every
-// target, including free blocks and inodes, before anything is written.
+// target, including free blocks and inodes, before anything is written; Check runs the same checks on a planned edit
+// without writing (a pre-flight before the data exists).
 //
 // Crash safety. Every edit goes through a transactional overlay (overlay.go): nothing reaches the image before a
 // commit (Apply, Commit, Close), and then all of it or none of it does, across a kill or power loss: the original of
-// every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo", or a directory
-// given with WithJournalDir), and Open rolls back an edit a crash interrupted. Apply reads every file back before the
+// every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo" beside the real
+// file, symbolic links resolved, or in a directory given with WithJournalDir, where a block device's is named by its
+// major:minor numbers), and Open rolls back an edit a crash interrupted. A journal is replayed only onto the image it
+// was written for, as the interrupted edit left it; one the image has changed since is renamed aside, not replayed
+// (ErrUndoJournal). Apply reads every file back before the
 // commit and again from the image after the pages are written, rolling back on a mismatch. Only changed pages are
 // written, so the cost of an edit does not grow with the image.
 //
@@ -122,8 +126,9 @@ type OpenOption func(*openOptions)
 // access for that moment).
 func ReadOnly() OpenOption { return func(o *openOptions) { o.readOnly = true } }
 
-// WithJournalDir keeps the undo journal in dir. Default: next to a regular image file ("<image>.provision-undo");
-// a block device needs a directory on persistent storage (not /dev).
+// WithJournalDir keeps the undo journal in dir (see JournalPath). Default: beside a regular image file, symbolic links
+// resolved ("<image>.provision-undo"); a block device needs a directory on persistent storage (not /dev). Use the
+// same directory for every open of an image, whichever path reaches it.
 func WithJournalDir(dir string) OpenOption { return func(o *openOptions) { o.journalDir = dir } }
 
 // withCommitHook runs fn at each stage of a commit (tests: kill the writer at many points).

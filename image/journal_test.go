@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -202,4 +203,67 @@ func TestJournalPathBlockDevice(t *testing.T) {
 			t.Errorf("JournalPath(%s) = %s, want %s", p, got, want)
 		}
 	}
+}
+
+// attachLoop attaches img to a free loop device for the test (skipping where loop devices cannot be attached: not
+// root, or a container without them).
+func attachLoop(t *testing.T, img string) string {
+	t.Helper()
+	requireTool(t, "losetup")
+	if os.Geteuid() != 0 {
+		t.Skip("attaching a loop device needs root")
+	}
+	out, err := exec.Command("losetup", "-f", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Skipf("cannot attach a loop device here: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+// A block device reached through another name (a /dev/disk/by-id link) finds the journal an interrupted edit
+// through its /dev name left in the station's journal directory.
+func TestJournalBlockDevice(t *testing.T) {
+	img, pristine := crashImage(t)
+	dev := attachLoop(t, img)
+	link := filepath.Join(t.TempDir(), "usb-Generic_Flash_0123-0:0")
+	if err := os.Symlink(dev, link); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	journal := JournalPath(link, dir)
+	if journal != JournalPath(dev, dir) || !strings.HasPrefix(filepath.Base(journal), "dev-") {
+		t.Fatalf("journal names %s and %s", journal, JournalPath(dev, dir))
+	}
+	runCrashChild(t, dev, 0, "PROVISION_CRASH_STAGE=image-synced", "PROVISION_CRASH_JOURNAL_DIR="+dir)
+	if _, err := os.Stat(journal); err != nil {
+		t.Fatalf("no journal for the device: %v", err)
+	}
+	open(t, link, WithJournalDir(dir)).Close()
+	if sha(t, img) != sha(t, pristine) {
+		t.Fatal("not rolled back through the other name")
+	}
+	if _, err := os.Stat(journal); err == nil {
+		t.Fatal("journal left behind")
+	}
+	applyVersion(t, link, 2, WithJournalDir(dir))
+	im := open(t, dev, WithJournalDir(dir), ReadOnly())
+	got, err := func() ([]byte, error) {
+		defer im.Close()
+		fsys, err := im.FS(context.Background(), sel(t, im, "4"))
+		if err != nil {
+			return nil, err
+		}
+		defer fsys.Close()
+		return fsys.ReadFile("/mender/new/cert.pem")
+	}()
+	if err != nil || string(got) != "V2:cert" {
+		t.Fatalf("read back %q, %v", got, err)
+	}
+	fsck(t, img)
 }
