@@ -159,6 +159,18 @@ func resolvePath(p string) string {
 	return p
 }
 
+// legacyJournalPath is where versions before journal format 3 kept the journal: named after the path as given.
+func legacyJournalPath(imagePath, journalDir string) string {
+	abs, err := filepath.Abs(imagePath)
+	if err != nil {
+		abs = imagePath
+	}
+	if journalDir == "" {
+		return abs + ".provision-undo"
+	}
+	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(abs), crc32.ChecksumIEEE([]byte(abs))))
+}
+
 func journalPathFor(real string, id identity, journalDir string) string {
 	switch {
 	case journalDir == "":
@@ -208,8 +220,15 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 		return nil, fmt.Errorf("image %s: the file has %d hard links, and an interrupted edit could not be rolled back through the other names: edit a copy (cp) or remove the other links", path, nlink)
 	}
 	journal := journalPathFor(real, ident, o.journalDir)
-	// Checked under the lock: a writer that held it may have died mid-commit.
-	if _, err := os.Stat(journal); err == nil {
+	// Checked under the lock: a writer that held it may have died mid-commit. Earlier versions named the journal
+	// after the path as given: such a journal is rolled back too (after the same checks).
+	var found []string
+	for _, j := range []string{journal, legacyJournalPath(path, o.journalDir)} {
+		if _, err := os.Stat(j); err == nil && (len(found) == 0 || found[0] != j) {
+			found = append(found, j)
+		}
+	}
+	if len(found) > 0 {
 		if o.readOnly {
 			f.Close()
 			if f, err = openLocked(path, isDev, true); err != nil {
@@ -221,8 +240,10 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 			}
 		}
 		size, err := f.Seek(0, io.SeekEnd)
-		if err == nil {
-			_, err = recoverJournal(f, size, ident, journal, false)
+		for _, j := range found {
+			if err == nil {
+				_, err = recoverJournal(f, size, ident, j, false)
+			}
 		}
 		if err == nil && o.readOnly {
 			err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)

@@ -93,6 +93,33 @@ func TestJournalIdentity(t *testing.T) {
 		}
 	})
 
+	t.Run("journal an earlier version left under the link's name", func(t *testing.T) {
+		legacy := link + ".provision-undo"
+		copyRange(t, pristine, img, 0, -1)
+		interrupted(t, img)
+		os.Rename(journal, legacy)
+		open(t, link).Close()
+		if sha(t, img) != sha(t, pristine) {
+			t.Fatal("not rolled back")
+		}
+		if _, err := os.Stat(legacy); err == nil {
+			t.Fatal("journal left behind")
+		}
+		// The bug this replaces: an edit through the real path did not see it, and it was replayed over that edit.
+		interrupted(t, img)
+		os.Rename(journal, legacy)
+		applyVersion(t, img, 2)
+		if _, err := Open(context.Background(), link); !errors.Is(err, ErrUndoJournal) {
+			t.Fatalf("got %v, want ErrUndoJournal", err)
+		}
+		if kept := staleJournals(t, legacy); len(kept) != 1 {
+			t.Fatalf("kept aside: %v", kept)
+		}
+		if v := afterCrash(t, link); v != 2 {
+			t.Fatalf("version %d, want 2", v)
+		}
+	})
+
 	t.Run("stale journal is kept aside, not replayed", func(t *testing.T) {
 		for _, tc := range []struct {
 			name   string
@@ -141,6 +168,7 @@ func TestJournalIdentity(t *testing.T) {
 				if !errors.Is(err, ErrUndoJournal) {
 					t.Fatalf("got %v, want ErrUndoJournal", err)
 				}
+				t.Log(err)
 				kept := staleJournals(t, journal)
 				if len(kept) != 1 {
 					t.Fatalf("journals kept aside: %v", kept)

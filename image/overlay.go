@@ -37,7 +37,8 @@ const pageSize = 4096
 // The journal belongs to the real image, not to the name it was opened by: symbolic links are resolved (the journal
 // of a file lies beside the file itself; with a journal directory, it is named after the resolved path, and a block
 // device's after its major:minor numbers, "dev-8-16.provision-undo"), and a file with several hard links is refused
-// for writing (its journal would not be found through the other names). A complete journal is replayed only onto
+// for writing (its journal would not be found through the other names). Open also looks for a journal under the
+// name earlier versions used (the path as given, unresolved). A complete journal is replayed only onto
 // the image it was written for, as that edit left it: the same file (inode; a file system's device number can change
 // across a reboot, so it is recorded but not compared) or device (major:minor), the same size, the same first page
 // when the edit did not change it, and every 512-byte sector of every journaled page holding either its original or
