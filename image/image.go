@@ -8,15 +8,15 @@
 // target, including free blocks and inodes, before anything is written; Check runs the same checks on a planned edit
 // without writing (a pre-flight before the data exists).
 //
-// Crash safety. Every edit goes through a transactional overlay (overlay.go): nothing reaches the image before a
-// commit (Apply, Commit, Close), and then all of it or none of it does, across a kill or power loss: the original of
-// every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo" beside the real
-// file, symbolic links resolved, or in a directory given with WithJournalDir, where a block device's is named by its
-// major:minor numbers), and Open rolls back an edit a crash interrupted. A journal is replayed only onto the image it
-// was written for, as the interrupted edit left it; one the image has changed since is renamed aside, not replayed
-// (ErrUndoJournal). Apply reads every file back before the
-// commit and again from the image after the pages are written, rolling back on a mismatch. Only changed pages are
-// written, so the cost of an edit does not grow with the image.
+// Crash safety. Every edit goes through a transactional overlay (overlay.go; its journal: journal.go): nothing reaches
+// the image before a commit (Apply, Commit, Close), and then all of it or none of it does, across a kill or power loss:
+// the original of every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo"
+// beside the real file, symbolic links resolved, or in a directory given with WithJournalDir, where a block device's is
+// named by its major:minor numbers), and Open rolls back an edit a crash interrupted. A journal is replayed only onto
+// the image it was written for, as the interrupted edit left it; one the image has changed since is renamed aside, not
+// replayed (ErrUndoJournal). Apply reads every file back before the commit and again from the image after the pages are
+// written, rolling back on a mismatch. Only changed pages are written, so the cost of an edit does not grow with the
+// image.
 //
 // FAT keeps no modes or owners: WriteFile ignores them and Stat reports 0644 (directories 0755), root. Symbolic links
 // are not followed when writing: a parent directory that is a link is refused (on a device it may point into another
@@ -36,14 +36,12 @@ import (
 	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 
 	"github.com/diskfs/go-diskfs/partition/gpt"
 	"github.com/diskfs/go-diskfs/partition/mbr"
-	"golang.org/x/sys/unix"
 )
 
 var (
@@ -133,54 +131,6 @@ func WithJournalDir(dir string) OpenOption { return func(o *openOptions) { o.jou
 
 // withCommitHook runs fn at each stage of a commit (tests: kill the writer at many points).
 func withCommitHook(fn func(string) error) OpenOption { return func(o *openOptions) { o.hook = fn } }
-
-// JournalPath is where the undo journal of an image lives (see overlay.go): beside the real file (symbolic links
-// resolved) as "<file>.provision-undo", or in journalDir: a file's named after its resolved path, a block device's
-// after its major:minor numbers ("dev-8-16.provision-undo"), whatever path reaches it.
-func JournalPath(imagePath, journalDir string) string {
-	real := resolvePath(imagePath)
-	var id identity
-	var st unix.Stat_t
-	if unix.Stat(real, &st) == nil {
-		id = identityOf(&st)
-	}
-	return journalPathFor(real, id, journalDir)
-}
-
-// resolvePath is the absolute path of the image with every symbolic link resolved (as given, made absolute, when
-// that fails).
-func resolvePath(p string) string {
-	if real, err := filepath.EvalSymlinks(p); err == nil {
-		p = real
-	}
-	if abs, err := filepath.Abs(p); err == nil {
-		p = abs
-	}
-	return p
-}
-
-// legacyJournalPath is where versions before journal format 3 kept the journal: named after the path as given.
-func legacyJournalPath(imagePath, journalDir string) string {
-	abs, err := filepath.Abs(imagePath)
-	if err != nil {
-		abs = imagePath
-	}
-	if journalDir == "" {
-		return abs + ".provision-undo"
-	}
-	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(abs), crc32.ChecksumIEEE([]byte(abs))))
-}
-
-func journalPathFor(real string, id identity, journalDir string) string {
-	switch {
-	case journalDir == "":
-		return real + ".provision-undo"
-	case id.kind == identDevice:
-		return filepath.Join(journalDir, fmt.Sprintf("dev-%d-%d.provision-undo", unix.Major(id.dev), unix.Minor(id.dev)))
-	}
-	// The file's name, told apart from others of that name by a hash of its whole resolved path.
-	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(real), crc32.ChecksumIEEE([]byte(real))))
-}
 
 // Open opens an image file or block device under an exclusive lock (shared for ReadOnly), rolls back an edit a crash
 // interrupted (refusing, with ErrUndoJournal, a journal the image has changed since: see overlay.go), and reads the
