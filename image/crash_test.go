@@ -3,8 +3,10 @@ package image
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -19,7 +21,7 @@ import (
 
 // The crash child: PROVISION_CRASH_CHILD=<image> and either PROVISION_CRASH_AT=<n> (SIGKILL itself at the n-th
 // commit stage), PROVISION_CRASH_STAGE=<name> (at the first stage of that name) or PROVISION_CRASH_LOOP=1 (edit in a
-// loop until the parent kills it).
+// loop until the parent kills it); PROVISION_CRASH_JOURNAL_DIR=<dir> opens WithJournalDir(dir).
 func crashChild() {
 	img := os.Getenv("PROVISION_CRASH_CHILD")
 	at, _ := strconv.Atoi(os.Getenv("PROVISION_CRASH_AT"))
@@ -35,7 +37,11 @@ func crashChild() {
 	}
 	ctx := context.Background()
 	for version := 1; ; version++ {
-		im, err := Open(ctx, img, withCommitHook(hook))
+		opts := []OpenOption{withCommitHook(hook)}
+		if dir := os.Getenv("PROVISION_CRASH_JOURNAL_DIR"); dir != "" {
+			opts = append(opts, WithJournalDir(dir))
+		}
+		im, err := Open(ctx, img, opts...)
 		if err != nil {
 			panic(err)
 		}
@@ -246,15 +252,28 @@ func TestUndoJournal(t *testing.T) {
 		copyRange(t, other, img, 0, -1)
 		before := sha(t, img)
 		os.WriteFile(journal, full, 0o600)
-		defer os.Remove(journal)
 		if _, err := Open(context.Background(), img); !errors.Is(err, ErrUndoJournal) {
 			t.Fatalf("got %v, want ErrUndoJournal", err)
 		}
 		if sha(t, img) != before {
 			t.Fatal("image changed")
 		}
-		if _, err := os.Stat(journal); err != nil {
-			t.Fatal("the journal was removed")
+		kept := staleJournals(t, journal)
+		if len(kept) != 1 {
+			t.Fatalf("the journal was not kept aside: %v", kept)
+		}
+		os.Remove(kept[0])
+	})
+	t.Run("format 2 journal still rolls back", func(t *testing.T) {
+		copyRange(t, edited, img, 0, -1)
+		j, ok := parseJournal(full)
+		if !ok {
+			t.Fatal("journal not complete")
+		}
+		os.WriteFile(journal, journalV2(t, j, img), 0o600)
+		open(t, img).Close()
+		if sha(t, img) != want {
+			t.Fatal("not rolled back")
 		}
 	})
 }
@@ -310,7 +329,8 @@ func TestBadMediaRollsBack(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		_, _, recs, ok := parseJournal(data)
+		j, ok := parseJournal(data)
+		recs := j.recs
 		if !ok {
 			return errors.New("journal not complete at image-synced")
 		}
@@ -386,4 +406,33 @@ func TestJournalDir(t *testing.T) {
 	if sha(t, img) != before {
 		t.Fatal("not rolled back from the journal directory")
 	}
+}
+
+// journalV2 writes j in the earlier format 2 (see overlay.go), with the new pages' CRCs taken from the image.
+func journalV2(tb testing.TB, j undoJournal, img string) []byte {
+	tb.Helper()
+	f := mustOpenFile(tb, img)
+	be := binary.BigEndian
+	out := []byte(journalMagicV2)
+	out = be.AppendUint64(out, uint64(j.size))
+	out = be.AppendUint32(out, pageSize)
+	out = be.AppendUint32(out, uint32(len(j.recs)))
+	out = be.AppendUint32(out, j.first)
+	out = be.AppendUint32(out, crc32.Checksum(out, crcTable))
+	for _, r := range j.recs {
+		cur := make([]byte, len(r.orig))
+		if _, err := f.ReadAt(cur, r.idx*pageSize); err != nil {
+			tb.Fatal(err)
+		}
+		rec := be.AppendUint64(nil, uint64(r.idx))
+		rec = be.AppendUint32(rec, uint32(len(r.orig)))
+		rec = be.AppendUint32(rec, r.origCRC)
+		rec = be.AppendUint32(rec, crc32.Checksum(cur, crcTable))
+		rec = be.AppendUint32(rec, crc32.Checksum(rec, crcTable))
+		out = append(append(out, rec...), r.orig...)
+	}
+	sum := crc32.Checksum(out, crcTable)
+	out = append(out, "COMMIT\x00\x00"...)
+	out = be.AppendUint32(out, uint32(len(j.recs)))
+	return be.AppendUint32(out, sum)
 }

@@ -2,10 +2,15 @@ package image_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log"
+	"os"
+	"path/filepath"
 
 	"provision/image"
+	"provision/image/golden"
 )
 
 // Write a unit's certificate and key into the data partition and a setting into both root file systems of an A/B
@@ -64,4 +69,36 @@ func ExampleImage_FS() {
 		log.Fatal(err)
 	}
 	fmt.Printf("%d bytes, mode %v, owner %d:%d\n", len(conf), info.Mode, info.UID, info.GID)
+}
+
+// Check a planned edit before its data exists (a pre-flight: before a key or certificate is made), writing nothing.
+func ExampleCheck() {
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("", "example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	img := filepath.Join(dir, "unit.img")
+	if err := golden.Build(ctx, img, golden.Options{BootMiB: 33, RootfsMiB: 24, DataMiB: 16}); err != nil {
+		log.Fatal(err)
+	}
+	plan := []image.Planned{
+		{Select: "label=data", Path: "/mender/mender-cert.pem", Size: 4096},
+		{Select: "label=data", Path: "/mender/mender-cert-private.pem", Size: 4096},
+		{Select: "2", Path: "/etc/mender/mender.conf", Size: 512, MustExist: true}, // a JSON merge: grows by up to 512 bytes
+		{Select: "3", Path: "/etc/mender/mender.conf", Size: 512, MustExist: true},
+	}
+	fmt.Println(image.Check(ctx, img, plan))
+	err = image.Check(ctx, img, []image.Planned{{Select: "label=data", Path: "/payload.bin", Size: 1 << 30}})
+	fmt.Println(errors.Is(err, image.ErrNoSpace))
+	err = image.Check(ctx, img, []image.Planned{{Select: "label=data", Path: "/etc/app.json", Size: 10, MustExist: true}})
+	fmt.Println(errors.Is(err, fs.ErrNotExist))
+	err = image.Check(ctx, img, []image.Planned{{Select: "label=cache", Path: "/x", Size: 1}})
+	fmt.Println(errors.Is(err, image.ErrNoPartition))
+	// Output:
+	// <nil>
+	// true
+	// true
+	// true
 }

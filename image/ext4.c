@@ -3,6 +3,7 @@
 // transactional overlay decides when and how bytes reach the image.
 #include "ext4.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -331,4 +332,13 @@ errcode_t prov_remove(ext2_filsys fs, const char *dirpath, const char *name) {
 	return ext2fs_write_inode(fs, ino, &inode);
 }
 
-const char *prov_error(errcode_t err) { return error_message(err); }
+static pthread_once_t prov_error_once = PTHREAD_ONCE_INIT;
+
+static void prov_error_init(void) { add_error_table(&et_ext2_error_table); }
+
+// prov_error is libext2fs's message for err. com_err knows a table only once it is registered (e2fsprogs' tools
+// call add_error_table at start); without it every code reads "Unknown code ext2 N".
+const char *prov_error(errcode_t err) {
+	pthread_once(&prov_error_once, prov_error_init);
+	return error_message(err);
+}

@@ -28,23 +28,41 @@ type ext4FS struct {
 	where    string
 }
 
-// ext4Err wraps a libext2fs error code with the operation and maps it to the package's sentinels.
+// ext4Err wraps a libext2fs error code with the operation, the library's own words for it (com_err), advice for
+// the common ones, and the package's sentinel.
 func ext4Err(op, where string, code C.errcode_t) error {
-	e := fmt.Errorf("%s: ext4: %s: %s", where, op, C.GoString(C.prov_error(code)))
+	msg := C.GoString(C.prov_error(code))
+	var sentinel error
+	advice := ""
 	switch code {
 	case C.EXT2_ET_FILE_NOT_FOUND:
-		return fmt.Errorf("%w: %w", e, fs.ErrNotExist)
+		sentinel = fs.ErrNotExist
 	case C.EXT2_ET_BLOCK_ALLOC_FAIL, C.EXT2_ET_INODE_ALLOC_FAIL, C.EXT2_ET_RES_GDT_BLOCKS:
-		return fmt.Errorf("%w: %w", e, ErrNoSpace)
-	case C.EXT2_ET_BAD_MAGIC, C.EXT2_ET_UNSUPP_FEATURE, C.EXT2_ET_RO_UNSUPP_FEATURE, C.EXT2_ET_UNIMPLEMENTED,
-		C.EXT2_ET_JOURNAL_UNSUPP_VERSION:
-		return fmt.Errorf("%w: %w", e, ErrUnsupportedFS)
+		sentinel, advice = ErrNoSpace, "free space in the partition or use a larger image"
+	case C.EXT2_ET_BAD_MAGIC:
+		sentinel, advice = ErrUnsupportedFS, "not an ext2/3/4 file system: check the partition selector"
+	case C.EXT2_ET_UNSUPP_FEATURE, C.EXT2_ET_RO_UNSUPP_FEATURE, C.EXT2_ET_UNIMPLEMENTED, C.EXT2_ET_JOURNAL_UNSUPP_VERSION:
+		sentinel, advice = ErrUnsupportedFS, "the file system uses a feature this station's libext2fs cannot write: compare dumpe2fs -h with the station's e2fsprogs, or make the file system with the station's mke2fs"
 	case C.EXT2_ET_SB_CSUM_INVALID, C.EXT2_ET_BAD_DESC_SIZE, C.EXT2_ET_GDESC_BAD_BLOCK_MAP, C.EXT2_ET_GDESC_BAD_INODE_MAP,
 		C.EXT2_ET_GDESC_BAD_INODE_TABLE, C.EXT2_ET_CORRUPT_SUPERBLOCK, C.EXT2_ET_BAD_INODE_NUM, C.EXT2_ET_BAD_BLOCK_NUM,
 		C.EXT2_ET_INODE_CSUM_INVALID, C.EXT2_ET_INODE_BITMAP_CSUM_INVALID, C.EXT2_ET_BLOCK_BITMAP_CSUM_INVALID,
 		C.EXT2_ET_EXTENT_CSUM_INVALID, C.EXT2_ET_DIR_CSUM_INVALID, C.EXT2_ET_EXT_ATTR_CSUM_INVALID,
-		C.EXT2_ET_DIR_CORRUPTED, C.EXT2_ET_EXTENT_HEADER_BAD, C.EXT2_ET_DIR_NO_SPACE_FOR_CSUM:
-		return fmt.Errorf("%w: %w", e, ErrFSErrors)
+		C.EXT2_ET_DIR_CORRUPTED, C.EXT2_ET_EXTENT_HEADER_BAD, C.EXT2_ET_DIR_NO_SPACE_FOR_CSUM, C.EXT2_ET_GDESC_READ,
+		C.EXT2_ET_CORRUPT_JOURNAL_SB:
+		sentinel, advice = ErrFSErrors, "the file system is damaged: check it with e2fsck -f (on a copy of the image first)"
+	case C.EXT2_ET_SHORT_READ:
+		advice = "the partition is shorter than the file system says, or the device failed a read: is the image whole (not truncated) and the device healthy?"
+	case C.EXT2_ET_SHORT_WRITE:
+		advice = "a write fell outside the partition: the file system is larger than its partition"
+	case C.EXT2_ET_FILE_TOO_BIG:
+		advice = "files over 64 MiB are not read or written"
+	}
+	e := fmt.Errorf("%s: ext4: %s: %s", where, op, msg)
+	if advice != "" {
+		e = fmt.Errorf("%w (%s)", e, advice)
+	}
+	if sentinel != nil {
+		return fmt.Errorf("%w: %w", e, sentinel)
 	}
 	return e
 }

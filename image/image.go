@@ -5,14 +5,18 @@
 // O_EXCL, which the kernel refuses while it is mounted) and refuses what is not a partitioned disk image or whose table
 // is damaged or truncated. FS refuses a file system with errors (ext: superblock not clean, errors recorded, journal
 // needing recovery, bad checksums; FAT: dirty bits set, FAT copies differing). Apply checks every write and every
-// target, including free blocks and inodes, before anything is written.
+// target, including free blocks and inodes, before anything is written; Check runs the same checks on a planned edit
+// without writing (a pre-flight before the data exists).
 //
-// Crash safety. Every edit goes through a transactional overlay (overlay.go): nothing reaches the image before a
-// commit (Apply, Commit, Close), and then all of it or none of it does, across a kill or power loss: the original of
-// every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo", or a directory
-// given with WithJournalDir), and Open rolls back an edit a crash interrupted. Apply reads every file back before the
-// commit and again from the image after the pages are written, rolling back on a mismatch. Only changed pages are
-// written, so the cost of an edit does not grow with the image.
+// Crash safety. Every edit goes through a transactional overlay (overlay.go; its journal: journal.go): nothing reaches
+// the image before a commit (Apply, Commit, Close), and then all of it or none of it does, across a kill or power loss:
+// the original of every changed 4 KiB page is written to an undo journal and synced first ("<image>.provision-undo"
+// beside the real file, symbolic links resolved, or in a directory given with WithJournalDir, where a block device's is
+// named by its major:minor numbers), and Open rolls back an edit a crash interrupted. A journal is replayed only onto
+// the image it was written for, as the interrupted edit left it; one the image has changed since is renamed aside, not
+// replayed (ErrUndoJournal). Apply reads every file back before the commit and again from the image after the pages are
+// written, rolling back on a mismatch. Only changed pages are written, so the cost of an edit does not grow with the
+// image.
 //
 // FAT keeps no modes or owners: WriteFile ignores them and Stat reports 0644 (directories 0755), root. Symbolic links
 // are not followed when writing: a parent directory that is a link is refused (on a device it may point into another
@@ -32,7 +36,6 @@ import (
 	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -121,28 +124,17 @@ type OpenOption func(*openOptions)
 // access for that moment).
 func ReadOnly() OpenOption { return func(o *openOptions) { o.readOnly = true } }
 
-// WithJournalDir keeps the undo journal in dir. Default: next to a regular image file ("<image>.provision-undo");
-// a block device needs a directory on persistent storage (not /dev).
+// WithJournalDir keeps the undo journal in dir (see JournalPath). Default: beside a regular image file, symbolic links
+// resolved ("<image>.provision-undo"); a block device needs a directory on persistent storage (not /dev). Use the
+// same directory for every open of an image, whichever path reaches it.
 func WithJournalDir(dir string) OpenOption { return func(o *openOptions) { o.journalDir = dir } }
 
 // withCommitHook runs fn at each stage of a commit (tests: kill the writer at many points).
 func withCommitHook(fn func(string) error) OpenOption { return func(o *openOptions) { o.hook = fn } }
 
-// JournalPath is where the undo journal of an image lives.
-func JournalPath(imagePath, journalDir string) string {
-	abs, err := filepath.Abs(imagePath)
-	if err != nil {
-		abs = imagePath
-	}
-	if journalDir == "" {
-		return abs + ".provision-undo"
-	}
-	// The device's name, told apart from others of that name by a hash of the whole path.
-	return filepath.Join(journalDir, fmt.Sprintf("%s-%08x.provision-undo", filepath.Base(abs), crc32.ChecksumIEEE([]byte(abs))))
-}
-
 // Open opens an image file or block device under an exclusive lock (shared for ReadOnly), rolls back an edit a crash
-// interrupted, and reads the partition table. It writes nothing else.
+// interrupted (refusing, with ErrUndoJournal, a journal the image has changed since: see overlay.go), and reads the
+// partition table. It writes nothing else. A file with several hard links is refused for writing.
 func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -163,22 +155,45 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 	if isDev && o.journalDir == "" {
 		return nil, fmt.Errorf("image %s: a block device needs a journal directory on persistent storage (WithJournalDir)", path)
 	}
-	journal := JournalPath(path, o.journalDir)
+	real := resolvePath(path)
 	f, err := openLocked(path, isDev, !o.readOnly)
 	if err != nil {
 		return nil, err
 	}
-	// Checked under the lock: a writer that held it may have died mid-commit.
-	if _, err := os.Stat(journal); err == nil {
+	ident, nlink, err := identify(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("image %s: stat: %w", path, err)
+	}
+	if !isDev && nlink > 1 && !o.readOnly {
+		f.Close()
+		return nil, fmt.Errorf("image %s: the file has %d hard links, and an interrupted edit could not be rolled back through the other names: edit a copy (cp) or remove the other links", path, nlink)
+	}
+	journal := journalPathFor(real, ident, o.journalDir)
+	// Checked under the lock: a writer that held it may have died mid-commit. Earlier versions named the journal
+	// after the path as given: such a journal is rolled back too (after the same checks).
+	var found []string
+	for _, j := range []string{journal, legacyJournalPath(path, o.journalDir)} {
+		if _, err := os.Stat(j); err == nil && (len(found) == 0 || found[0] != j) {
+			found = append(found, j)
+		}
+	}
+	if len(found) > 0 {
 		if o.readOnly {
 			f.Close()
 			if f, err = openLocked(path, isDev, true); err != nil {
 				return nil, fmt.Errorf("%w (an interrupted edit must be rolled back first)", err)
 			}
+			if ident, _, err = identify(f); err != nil {
+				f.Close()
+				return nil, fmt.Errorf("image %s: stat: %w", path, err)
+			}
 		}
 		size, err := f.Seek(0, io.SeekEnd)
-		if err == nil {
-			_, err = recoverJournal(f, size, journal)
+		for _, j := range found {
+			if err == nil {
+				_, err = recoverJournal(f, size, ident, j, false)
+			}
 		}
 		if err == nil && o.readOnly {
 			err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
@@ -193,7 +208,7 @@ func Open(ctx context.Context, path string, opts ...OpenOption) (*Image, error) 
 		f.Close()
 		return nil, fmt.Errorf("image %s: size: %w", path, err)
 	}
-	im := &Image{path: path, f: f, readOnly: o.readOnly, ov: &overlay{f: f, size: size, journal: journal, hook: o.hook}}
+	im := &Image{path: path, f: f, readOnly: o.readOnly, ov: &overlay{f: f, size: size, ident: ident, journal: journal, hook: o.hook}}
 	if im.table, im.parts, err = ReadTable(im.ov, size); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("image %s: %w", path, err)
@@ -677,7 +692,15 @@ func (im *Image) Apply(ctx context.Context, writes []Write) (err error) {
 	}
 	// Every target has room, before the first byte is written.
 	for _, t := range targets {
-		if err := checkSpace(t.fsys, t.writes, fmt.Sprintf("image %s partition %d", im.path, t.part.Number)); err != nil {
+		where := fmt.Sprintf("image %s partition %d", im.path, t.part.Number)
+		files := make([]plannedFile, len(t.writes))
+		for i, w := range t.writes {
+			files[i] = plannedFile{w.Path, int64(len(w.Data))}
+			if err := checkParents(t.fsys, w.Path, where); err != nil {
+				return err
+			}
+		}
+		if err := checkSpace(t.fsys, files, where); err != nil {
 			return err
 		}
 	}
@@ -775,8 +798,14 @@ type spaceUser interface {
 	need(path string, size int64, newDirs map[string]bool) (bytes, inodes int64, err error)
 }
 
+// plannedFile is a file an edit writes: its path and size.
+type plannedFile struct {
+	path string
+	size int64
+}
+
 // checkSpace adds up what all writes to one file system need and compares it with what is free.
-func checkSpace(fsys FS, writes []Write, where string) error {
+func checkSpace(fsys FS, writes []plannedFile, where string) error {
 	su, ok := fsys.(spaceUser)
 	if !ok {
 		return nil
@@ -788,7 +817,7 @@ func checkSpace(fsys FS, writes []Write, where string) error {
 	var needBytes, needInodes int64
 	newDirs := map[string]bool{}
 	for _, w := range writes {
-		b, i, err := su.need(w.Path, int64(len(w.Data)), newDirs)
+		b, i, err := su.need(w.path, w.size, newDirs)
 		if err != nil {
 			return err
 		}

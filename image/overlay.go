@@ -1,14 +1,10 @@
 package image
 
 import (
-	"bufio"
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -33,31 +29,17 @@ const pageSize = 4096
 // back (rollback); an incomplete one means step 2 never started (it starts only after the journal is synced), so it is
 // dropped. Either way the image is as it was before the edit.
 //
-// Journal format (big endian): header = magic, image size (8), page size (4), record count (4), CRC-32C of the
-// image's first page as it was (the partition table, with the disk's identifier; it tells this image from another of
-// the same size), CRC-32C of those;
-// each record = page index (8), length (4), CRC of the original (4), CRC of the new content (4), CRC of these 20
-// bytes (4), then the original bytes; trailer = "COMMIT\0\0", record count (4), CRC of everything before the trailer.
+// Where the journal lives, when it is replayed, and its format: journal.go.
 type overlay struct {
 	mu      sync.Mutex
 	f       *os.File
 	size    int64
+	ident   identity
 	journal string
 	dirty   map[int64][]byte // page index -> new content
 	hook    func(stage string) error
 	broken  error // a commit failed after the image was touched: no more commits through this handle
 }
-
-var crcTable = crc32.MakeTable(crc32.Castagnoli)
-
-const (
-	journalMagic  = "PROVUNDO2\n"
-	journalHeader = len(journalMagic) + 24
-)
-
-// ErrUndoJournal: an undo journal was found that does not belong to the image (the image was replaced or resized
-// after an interrupted edit). The journal is left in place; remove it by hand once the image is known to be good.
-var ErrUndoJournal = errors.New("undo journal does not match the image")
 
 // readPage reads page idx of the image as it is on disk (zero-filled past the end).
 func (o *overlay) readPage(idx int64) ([]byte, error) {
@@ -251,186 +233,11 @@ func dropCached(f *os.File, idxs []int64) {
 // fail handles an error after the image may have been touched: roll back now from the journal; if that fails too,
 // the journal stays for the next Open, and this handle refuses further commits.
 func (o *overlay) fail(err error) error {
-	if _, rerr := recoverJournal(o.f, o.size, o.journal); rerr != nil {
+	if _, rerr := recoverJournal(o.f, o.size, o.ident, o.journal, true); rerr != nil {
 		o.broken = fmt.Errorf("%w (rolling back failed as well: %v; the next open rolls back)", err, rerr)
 		return o.broken
 	}
 	return fmt.Errorf("%w (the edit was rolled back)", err)
-}
-
-// writeJournal is step 1 of commit: the originals, durably.
-func (o *overlay) writeJournal(idxs []int64) error {
-	jf, err := os.OpenFile(o.journal, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	defer jf.Close()
-	sum := crc32.New(crcTable)
-	bw := bufio.NewWriterSize(jf, 1<<16)
-	w := io.MultiWriter(bw, sum)
-	first, err := o.readPage(0)
-	if err != nil {
-		return fmt.Errorf("read first page: %w", err)
-	}
-	hdr := make([]byte, 0, journalHeader)
-	hdr = append(hdr, journalMagic...)
-	hdr = binary.BigEndian.AppendUint64(hdr, uint64(o.size))
-	hdr = binary.BigEndian.AppendUint32(hdr, pageSize)
-	hdr = binary.BigEndian.AppendUint32(hdr, uint32(len(idxs)))
-	hdr = binary.BigEndian.AppendUint32(hdr, crc32.Checksum(first[:o.pageLen(0)], crcTable))
-	hdr = binary.BigEndian.AppendUint32(hdr, crc32.Checksum(hdr, crcTable))
-	w.Write(hdr)
-	for _, idx := range idxs {
-		orig, err := o.readPage(idx)
-		if err != nil {
-			return fmt.Errorf("read original: %w", err)
-		}
-		n := o.pageLen(idx)
-		rec := make([]byte, 0, 24)
-		rec = binary.BigEndian.AppendUint64(rec, uint64(idx))
-		rec = binary.BigEndian.AppendUint32(rec, uint32(n))
-		rec = binary.BigEndian.AppendUint32(rec, crc32.Checksum(orig[:n], crcTable))
-		rec = binary.BigEndian.AppendUint32(rec, crc32.Checksum(o.dirty[idx][:n], crcTable))
-		rec = binary.BigEndian.AppendUint32(rec, crc32.Checksum(rec, crcTable))
-		w.Write(rec)
-		w.Write(orig[:n])
-		if err := o.stage("journal-record"); err != nil {
-			return err
-		}
-	}
-	trailer := []byte("COMMIT\x00\x00")
-	trailer = binary.BigEndian.AppendUint32(trailer, uint32(len(idxs)))
-	trailer = binary.BigEndian.AppendUint32(trailer, sum.Sum32())
-	bw.Write(trailer)
-	if err := bw.Flush(); err != nil {
-		return err
-	}
-	if err := jf.Sync(); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(o.journal))
-}
-
-type journalRecord struct {
-	idx          int64
-	origCRC, now uint32
-	orig         []byte
-}
-
-// parseJournal returns the records of a complete journal, or ok=false for an incomplete or torn one.
-func parseJournal(data []byte) (size int64, first uint32, recs []journalRecord, ok bool) {
-	hl := journalHeader
-	if len(data) < hl+16 || string(data[:len(journalMagic)]) != journalMagic {
-		return 0, 0, nil, false
-	}
-	hdr := data[:hl]
-	if crc32.Checksum(hdr[:hl-4], crcTable) != binary.BigEndian.Uint32(hdr[hl-4:]) {
-		return 0, 0, nil, false
-	}
-	size = int64(binary.BigEndian.Uint64(hdr[len(journalMagic):]))
-	if binary.BigEndian.Uint32(hdr[len(journalMagic)+8:]) != pageSize {
-		return 0, 0, nil, false
-	}
-	count := binary.BigEndian.Uint32(hdr[len(journalMagic)+12:])
-	first = binary.BigEndian.Uint32(hdr[len(journalMagic)+16:])
-	trailer := data[len(data)-16:]
-	body := data[:len(data)-16]
-	if string(trailer[:8]) != "COMMIT\x00\x00" || binary.BigEndian.Uint32(trailer[8:12]) != count ||
-		crc32.Checksum(body, crcTable) != binary.BigEndian.Uint32(trailer[12:16]) {
-		return 0, 0, nil, false
-	}
-	rest := body[hl:]
-	for len(rest) >= 24 {
-		rec := rest[:24]
-		if crc32.Checksum(rec[:20], crcTable) != binary.BigEndian.Uint32(rec[20:24]) {
-			return 0, 0, nil, false
-		}
-		n := int(binary.BigEndian.Uint32(rec[8:12]))
-		if n > pageSize || len(rest) < 24+n {
-			return 0, 0, nil, false
-		}
-		r := journalRecord{
-			idx:     int64(binary.BigEndian.Uint64(rec[0:8])),
-			origCRC: binary.BigEndian.Uint32(rec[12:16]),
-			now:     binary.BigEndian.Uint32(rec[16:20]),
-			orig:    rest[24 : 24+n],
-		}
-		if crc32.Checksum(r.orig, crcTable) != r.origCRC || r.idx < 0 || r.idx*pageSize+int64(n) > size {
-			return 0, 0, nil, false
-		}
-		recs = append(recs, r)
-		rest = rest[24+n:]
-	}
-	if len(rest) != 0 || len(recs) != int(count) {
-		return 0, 0, nil, false
-	}
-	return size, first, recs, true
-}
-
-// recoverJournal rolls back an interrupted commit. It reports whether it wrote anything. A complete journal whose
-// pages are neither the originals nor the new content it recorded belongs to another image: ErrUndoJournal.
-func recoverJournal(f *os.File, size int64, journal string) (bool, error) {
-	data, err := os.ReadFile(journal)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("undo journal %s: %w", journal, err)
-	}
-	jsize, first, recs, complete := parseJournal(data)
-	if complete {
-		if jsize != size {
-			return false, fmt.Errorf("undo journal %s was written for an image of %d bytes, this one has %d: %w", journal, jsize, size, ErrUndoJournal)
-		}
-		if len(recs) == 0 || recs[0].idx != 0 { // the first page was not part of the edit: it must be as it was
-			page := make([]byte, min(pageSize, size))
-			if _, err := f.ReadAt(page, 0); err != nil {
-				return false, fmt.Errorf("undo journal: read image: %w", err)
-			}
-			if crc32.Checksum(page, crcTable) != first {
-				return false, fmt.Errorf("undo journal %s: the image's partition table is not the one the journal was written for: %w", journal, ErrUndoJournal)
-			}
-		}
-		// Pages that are neither old nor new: torn by the crash (a few at most) or a different image.
-		foreign := 0
-		cur := make([]byte, pageSize)
-		for _, r := range recs {
-			n, err := f.ReadAt(cur[:len(r.orig)], r.idx*pageSize)
-			if err != nil && !errors.Is(err, io.EOF) {
-				return false, fmt.Errorf("undo journal: read image: %w", err)
-			}
-			if c := crc32.Checksum(cur[:n], crcTable); n != len(r.orig) || (c != r.origCRC && c != r.now) {
-				foreign++
-			}
-		}
-		if foreign > 1 && foreign*2 > len(recs) {
-			return false, fmt.Errorf("undo journal %s: %d of %d pages match neither the original nor the edit: %w", journal, foreign, len(recs), ErrUndoJournal)
-		}
-		for _, r := range recs {
-			if _, err := f.WriteAt(r.orig, r.idx*pageSize); err != nil {
-				return false, fmt.Errorf("roll back interrupted edit: %w", err)
-			}
-		}
-		if err := f.Sync(); err != nil {
-			return false, fmt.Errorf("roll back interrupted edit: %w", err)
-		}
-	}
-	if err := os.Remove(journal); err != nil {
-		return false, fmt.Errorf("undo journal: %w", err)
-	}
-	if err := syncDir(filepath.Dir(journal)); err != nil {
-		return false, fmt.Errorf("undo journal: %w", err)
-	}
-	return complete, nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // section is a partition's window onto the overlay.
