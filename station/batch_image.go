@@ -153,7 +153,6 @@ func ImageSHA256(p string) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-
 // RemoveStalePartials deletes <serial>.img.partial files of units that are not shippable: images an interrupted run
 // left unfinished (they are rebuilt from the golden image). Call it only while holding the directory's lock.
 func (s *Station) RemoveStalePartials(ctx context.Context, outDir string) {

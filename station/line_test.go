@@ -6,10 +6,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"provision/image"
 	"provision/image/golden"
 	"provision/inventory"
 	"provision/simulator"
@@ -191,5 +193,108 @@ func TestInterruptBetweenSteps(t *testing.T) {
 	}
 	if n := activeCount(t, s, "SN-INT-1"); n != 1 {
 		t.Fatalf("%d active certificates", n)
+	}
+}
+
+// Everything that would make the image step refuse a unit is found in validate, before any key or certificate exists:
+// a retry of a bad image issues nothing (before: the key and certificate were made, then the image step failed).
+func TestPreflightBeforeKey(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	ctx := context.Background()
+	dir := t.TempDir()
+	corrupt := filepath.Join(dir, "corrupt.img")
+	junk := make([]byte, 4<<20)
+	for i := range junk {
+		junk[i] = byte(i*7 + i>>9)
+	}
+	os.WriteFile(corrupt, junk, 0o644)
+	simulator.RequireTool(t, golden.Tools...)
+	full := filepath.Join(dir, "full.img")
+	if err := golden.Build(ctx, full, golden.Options{BootMiB: 33, RootfsMiB: 24, DataMiB: 16, FillData: true}); err != nil {
+		t.Fatal(err)
+	}
+	fillPartition(t, full, 4, 1<<10) // leave 1 KiB: less than the key and certificate files need
+
+	good := goldenImage(t)
+	withConfig := func(t *testing.T, from, to string) {
+		data := strings.Replace(string(s.Config.Marshal()), from, to, 1)
+		c, err := ParseConfig("station.yaml", []byte(data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := s.Config
+		s.Config = c
+		t.Cleanup(func() { s.Config = old })
+	}
+	for _, tc := range []struct {
+		name, image, profile, want string
+		config                     func(t *testing.T)
+	}{
+		{name: "missing image", image: filepath.Join(dir, "nope.img"), want: "no such file"},
+		{name: "corrupt image", image: corrupt, want: "not a disk image"},
+		{name: "full image", image: full, want: "free"},
+		{name: "unknown profile", image: good, profile: "nosuch", want: "nosuch"},
+		{name: "wrong layout", image: good, profile: "odd", want: "label=nosuch", config: func(t *testing.T) {
+			withConfig(t, "\nprofile: ", "\nprofiles:\n  odd:\n    base: mender\n    partitions:\n      data: {select: \"label=nosuch\", mount: /data}\nprofile: ")
+		}},
+		{name: "unusable server_ca", image: good, want: "server_ca", config: func(t *testing.T) {
+			withConfig(t, `server_ca: "ca/root.crt"`, `server_ca: "ca/missing.pem"`)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.config != nil {
+				tc.config(t)
+			}
+			serial := "SN-PRE-" + strings.ReplaceAll(tc.name, " ", "-")
+			for try := 0; try < 2; try++ { // the operator's retry issues nothing either
+				var steps []string
+				_, err := s.Provision(ctx, d, ProvisionRequest{Serial: serial, Image: tc.image, Profile: tc.profile}, func(e Event) {
+					steps = append(steps, e.Step+":"+e.Status)
+				})
+				if err == nil || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("got %v, want an error mentioning %q", err, tc.want)
+				}
+				if last := steps[len(steps)-1]; last != "validate:failed" {
+					t.Fatalf("steps %v: want the unit to stop at validate", steps)
+				}
+			}
+			if certs, _ := s.Inv.Certificates(ctx, serial); len(certs) != 0 {
+				t.Fatalf("%d certificates issued for a unit that failed validate", len(certs))
+			}
+		})
+	}
+	if _, err := s.HandshakeConfig([]string{"mqtts://broker.example"}, ""); !errors.Is(err, ErrEndpoint) || !strings.Contains(err.Error(), "no port") {
+		t.Fatalf("endpoint without a port: %v", err)
+	}
+}
+
+// fillPartition writes a filler file into partition n so that about leave bytes stay free.
+func fillPartition(t *testing.T, img string, n int, leave int64) {
+	t.Helper()
+	ctx := context.Background()
+	im, err := image.Open(ctx, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	p, err := im.Select(strconv.Itoa(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fsys, err := im.FS(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	free, _, err := fsys.Free()
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := free - leave - 4096 // the filler's own extent blocks
+	if err := fsys.WriteFile("/preflight-filler.bin", make([]byte, size), 0o644, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := fsys.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

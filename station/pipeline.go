@@ -222,6 +222,9 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	start := time.Now()
 	r.report(Event{Serial: r.req.Serial, Step: StepValidate, Status: StatusStarted})
+	if ctx.Err() != nil {
+		return false, r.interrupted(ctx, StepValidate, 0)
+	}
 	fail := func(err error) (bool, error) {
 		r.res.Steps = append(r.res.Steps, StepResult{Name: StepValidate, Status: StatusFailed, Duration: time.Since(start), Err: err})
 		r.report(Event{Serial: r.req.Serial, Step: StepValidate, Status: StatusFailed, Err: err, Duration: time.Since(start)})
@@ -234,6 +237,9 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 		return fail(err)
 	}
 	unit, err := r.s.Inv.Unit(ctx, r.req.Serial)
+	if err != nil && ctx.Err() != nil {
+		return false, r.interrupted(ctx, StepValidate, time.Since(start))
+	}
 	if err != nil && !errors.Is(err, inventory.ErrNotFound) {
 		return fail(err)
 	}
@@ -255,6 +261,14 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 			r.req.Serial, unit.Updated.Local().Format("2006-01-02 15:04"), unit.Operator, ErrRefused))
 	case !r.req.Reprovision && resumable(unit):
 		resume = r.loadFromImage(ctx)
+	}
+	if !resume {
+		if err := r.preflight(ctx); err != nil {
+			if ctx.Err() != nil {
+				return false, r.interrupted(ctx, StepValidate, time.Since(start))
+			}
+			return fail(err)
+		}
 	}
 	r.res.State = unit.State
 	r.res.Steps = append(r.res.Steps, StepResult{Name: StepValidate, Status: StatusOK, Duration: time.Since(start)})
@@ -291,7 +305,7 @@ func (r *run) loadFromImage(ctx context.Context) bool {
 	if err != nil {
 		return false
 	}
-	keyPEM, certPEM, err := readIdentity(ctx, r.req.Image, plan)
+	keyPEM, certPEM, err := readIdentity(ctx, r.req.Image, plan, r.s.ImageOptions(r.req.Image)...)
 	if err != nil {
 		return false
 	}
@@ -476,8 +490,8 @@ func (s *Station) builtinServer() (*handshake.Server, error) {
 }
 
 // readIdentity reads the key file and certificate file a plan writes, from the first partition each goes to.
-func readIdentity(ctx context.Context, imagePath string, plan *Plan) (keyPEM, certPEM []byte, err error) {
-	im, err := image.Open(ctx, imagePath, image.ReadOnly())
+func readIdentity(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
+	im, err := image.Open(ctx, imagePath, append(opts, image.ReadOnly())...)
 	if err != nil {
 		return nil, nil, err
 	}

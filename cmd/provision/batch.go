@@ -118,6 +118,9 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				return err
 			}
 			defer st.Exit() // one-shot command: see Station.Exit
+			if _, err := st.Config.ResolveProfile(profile); err != nil {
+				return usageError{fmt.Errorf("batch: %w", err)}
+			}
 			var units []station.BatchUnit
 			if serials != "" {
 				f, err := os.Open(serials)

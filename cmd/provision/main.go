@@ -81,7 +81,7 @@ func exitCode(err error) int {
 		return exitRefused
 	case errors.Is(err, station.ErrNotInitialised), errors.Is(err, station.ErrCA), errors.Is(err, tpm.ErrUnreachable),
 		errors.Is(err, tpm.ErrLockout), errors.Is(err, tpm.ErrBadURI), errors.Is(err, inventory.ErrLocked),
-		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound):
+		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound), errors.Is(err, station.ErrOutDirBusy):
 		return exitStation
 	}
 	return exitInternal
@@ -113,6 +113,8 @@ func advice(err error) string {
 		return "the TPM is out of object memory: power-cycle the unit or flush its transient objects"
 	case errors.Is(err, inventory.ErrLocked):
 		return "another provision process is using this station; wait for it or stop it"
+	case errors.Is(err, inventory.ErrAudit):
+		return "run `provision audit verify` to see what does not match; restore audit.head from backup if it was lost"
 	case errors.Is(err, inventory.ErrDamaged):
 		return "restore inventory.db from backup; do not delete it, it is the record of issued certificates"
 	case errors.Is(err, station.ErrImage):
