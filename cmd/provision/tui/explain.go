@@ -30,7 +30,7 @@ func explain(step string, err error) (cause, advice string) {
 	switch {
 	case errors.As(err, &he):
 		return "at handshake with " + he.Endpoint + ": " + he.Reason.Error(), handshakeAdvice(he.Reason)
-	case step == station.StepImage || step == station.StepVerify:
+	case step == station.StepImage || step == station.StepVerify || errors.Is(err, station.ErrImage):
 		return cause, "check the unit's image or storage (plugged in? the right image?), then ctrl+r to retry"
 	case step == station.StepKey:
 		return cause, "check the unit's TPM connection, then ctrl+r to retry"
