@@ -267,6 +267,15 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 			if ctx.Err() != nil {
 				return false, r.interrupted(ctx, StepValidate, time.Since(start))
 			}
+			// Recorded (the supervisor sees the attempt and its cause), except over a shippable unit being
+			// re-provisioned: a wrong image named for it changes nothing about the unit that shipped.
+			if unit.State != inventory.StateShippable {
+				d := time.Since(start)
+				if rerr := r.record(ctx, inventory.StateFailed, StepValidate, err, inventory.Event{Step: StepValidate,
+					Outcome: "failed", Detail: err.Error(), MS: d.Milliseconds()}); rerr != nil {
+					return fail(errors.Join(err, rerr))
+				}
+			}
 			return fail(err)
 		}
 	}
