@@ -3,21 +3,13 @@ package station
 import (
 	"context"
 	"crypto"
-	"crypto/rand"
-	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
-	"provision/image"
 	"provision/inventory"
-	"provision/station/ca"
-	"provision/station/handshake"
 	"provision/tpm"
 )
 
@@ -37,6 +29,8 @@ type run struct {
 	csr     *x509.CertificateRequest
 	plan    *Plan
 	unclaim func() // drops the run's claim on the serial (claimUnit)
+	m       machine
+	sink    sink
 }
 
 // Provision runs a unit through validate, key, csr, sign, image, verify and handshake, recording each step's outcome in
@@ -59,7 +53,14 @@ func (s *Station) Provision(ctx context.Context, dev *tpm.Device, req ProvisionR
 		}
 		front(e)
 	}
-	r := &run{s: s, dev: dev, req: req, report: report, res: Result{Serial: req.Serial, State: inventory.StateNew}}
+	r := &run{s: s, dev: dev, req: req, report: report, res: Result{Serial: req.Serial, State: inventory.StateNew},
+		m: unitSteps, sink: imageSink{}}
+	if s.machine != nil {
+		r.m = s.machine
+	}
+	if s.sink != nil {
+		r.sink = s.sink
+	}
 	defer r.closeKey()
 	defer r.release()
 	err := r.pipeline(ctx)
@@ -86,26 +87,49 @@ func (r *run) pipeline(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	steps := []struct {
-		name string
-		fn   func(context.Context) (string, error)
-	}{
-		{StepKey, r.stepKey}, {StepCSR, r.stepCSR}, {StepSign, r.stepSign}, {StepImage, r.stepImage},
-		{StepVerify, r.stepVerify}, {StepHandshake, r.stepHandshake},
+	// Where the run starts: a resumed unit reuses what its sink holds and goes on from the step after delivery.
+	from := StepKey
+	if resume {
+		from = StepVerify
 	}
-	for _, st := range steps {
-		if resume && (st.name == StepKey || st.name == StepCSR || st.name == StepSign || st.name == StepImage) {
-			r.skip(st.name, "done in an earlier run")
+	fns := r.stepFuncs()
+	prev := StepValidate
+	skipped := func(step string) bool { return resume && r.m.index(step) < r.m.index(from) }
+	for _, d := range r.m[1:] {
+		if skipped(d.Name) {
+			r.skip(d.Name, "done in an earlier run")
 			continue
 		}
-		if ctx.Err() != nil {
-			return r.interrupted(ctx, st.name, 0)
+		if !r.m.canFollow(prev, d.Name, skipped) {
+			return fmt.Errorf("state machine: %s may not follow %s", d.Name, prev) // a table mistake, caught by its tests
 		}
-		if err := r.step(ctx, st.name, st.fn); err != nil {
+		if ctx.Err() != nil {
+			return r.interrupted(ctx, d.Name, 0)
+		}
+		fn := fns[d.Name]
+		if fn == nil {
+			return fmt.Errorf("state machine: no function for step %s", d.Name)
+		}
+		if err := r.step(ctx, d, fn); err != nil {
 			return err
 		}
+		prev = d.Name
 	}
-	return r.record(ctx, inventory.StateShippable, "", nil, inventory.Event{Step: StepHandshake, Outcome: "shippable"})
+	return nil
+}
+
+// stepFuncs binds each step of the table to what it does for this run.
+func (r *run) stepFuncs() map[string]func(context.Context) (string, error) {
+	fns := map[string]func(context.Context) (string, error){
+		StepKey: r.stepKey, StepCSR: r.stepCSR, StepSign: r.stepSign,
+		StepImage:     func(ctx context.Context) (string, error) { return r.sink.deliver(ctx, r) },
+		StepVerify:    func(ctx context.Context) (string, error) { return r.sink.check(ctx, r) },
+		StepHandshake: r.stepHandshake,
+	}
+	for name, fn := range r.s.extraSteps {
+		fns[name] = func(ctx context.Context) (string, error) { return fn(ctx, r) }
+	}
+	return fns
 }
 
 // interrupted ends a run whose context was cancelled (Esc, Ctrl-C, SIGTERM) before or during step: the step is reported
@@ -140,35 +164,54 @@ func (r *run) skip(step, why string) {
 	r.report(Event{Serial: r.req.Serial, Step: step, Status: StatusSkipped, Detail: why})
 }
 
-// step runs one step: reports it, times it, records the outcome.
-func (r *run) step(ctx context.Context, name string, fn func(context.Context) (string, error)) error {
+// step runs one step: reports it, times it, and records its outcome through the table: the state its success leads
+// to (when it changes anything) or failed.
+func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (string, error)) error {
+	name := d.Name
 	r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusStarted})
 	start := time.Now()
 	detail, err := fn(ctx)
-	d := time.Since(start)
+	took := time.Since(start)
 	if err != nil && ctx.Err() != nil {
-		return r.interrupted(ctx, name, d)
+		return r.interrupted(ctx, name, took)
 	}
 	if err != nil {
 		if isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged) {
-			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: d, Err: err})
-			r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: d})
+			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: took, Err: err})
+			r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: took})
 			return &StepError{Serial: r.req.Serial, Step: name, Err: err}
 		}
 		se := &StepError{Serial: r.req.Serial, Step: name, Err: err}
-		r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: d, Err: err})
-		r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: d})
+		r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: took, Err: err})
+		r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: took})
 		// Record the failure with a fresh context: a cancelled run must still leave its record consistent.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		if rerr := r.record(rctx, inventory.StateFailed, name, err, inventory.Event{Step: name, Outcome: "failed", Detail: err.Error(), MS: d.Milliseconds()}); rerr != nil {
+		failed, _ := r.m.after(r.res.State, name, false)
+		if rerr := r.record(rctx, failed, name, err, inventory.Event{Step: name, Outcome: "failed", Detail: err.Error(), MS: took.Milliseconds()}); rerr != nil {
 			return errors.Join(se, rerr)
 		}
 		r.res.State = inventory.StateFailed
 		return se
 	}
-	r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusOK, Duration: d})
-	r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusOK, Detail: detail, Duration: d})
+	if d.Success != "" {
+		state, err := r.m.after(r.res.State, name, true)
+		if err != nil {
+			return err
+		}
+		outcome := d.Outcome
+		if outcome == "" {
+			outcome = "ok"
+		}
+		if err := r.record(ctx, state, "", nil, inventory.Event{Step: name, Outcome: outcome, Detail: detail, MS: took.Milliseconds()}); err != nil {
+			se := &StepError{Serial: r.req.Serial, Step: name, Err: err}
+			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: took, Err: err})
+			r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: took})
+			return se
+		}
+	}
+	r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusOK, Duration: took})
+	r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusOK, Detail: detail, Duration: took})
 	return nil
 }
 
@@ -259,11 +302,11 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	case unit.State == inventory.StateShippable && !r.req.Reprovision:
 		return fail(fmt.Errorf("unit %s is already provisioned (shippable since %s, operator %s): use --reprovision to do it again: %w",
 			r.req.Serial, unit.Updated.Local().Format("2006-01-02 15:04"), unit.Operator, ErrRefused))
-	case !r.req.Reprovision && resumable(unit):
-		resume = r.loadFromImage(ctx)
+	case !r.req.Reprovision && r.m.startsFrom(unit.State, unit.FailedStep) != StepKey:
+		resume = r.sink.reload(ctx, r)
 	}
 	if !resume {
-		if err := r.preflight(ctx); err != nil {
+		if err := r.sink.preflight(ctx, r); err != nil {
 			if ctx.Err() != nil {
 				return false, r.interrupted(ctx, StepValidate, time.Since(start))
 			}
@@ -290,269 +333,4 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	}
 	r.report(Event{Serial: r.req.Serial, Step: StepValidate, Status: StatusOK, Detail: detail, Duration: time.Since(start)})
 	return resume, nil
-}
-
-// resumable: the unit's image was written in an earlier run.
-func resumable(u inventory.Unit) bool {
-	switch u.State {
-	case inventory.StateImaged, inventory.StateVerified:
-		return true
-	case inventory.StateFailed:
-		return u.FailedStep == StepVerify || u.FailedStep == StepHandshake
-	}
-	return false
-}
-
-// loadFromImage reuses the key and certificate an earlier run wrote into the image, when the certificate is the unit's
-// active one and the key loads on this TPM. Any doubt means starting over.
-func (r *run) loadFromImage(ctx context.Context) bool {
-	active, err := r.s.Inv.ActiveCertificate(ctx, r.req.Serial)
-	if err != nil {
-		return false
-	}
-	plan, err := r.planFor(Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: tpm.KindSoft})
-	if err != nil {
-		return false
-	}
-	keyPEM, certPEM, err := readIdentity(ctx, r.req.Image, plan, r.s.ImageOptions(r.req.Image)...)
-	if err != nil {
-		return false
-	}
-	certs, err := ca.ParseCerts(certPEM)
-	if err != nil || ca.Fingerprint(certs[0]) != active.SHA256 {
-		return false
-	}
-	switch pemType(keyPEM) {
-	case "TSS2 PRIVATE KEY":
-		if r.dev.Kind() != tpm.KindTPM {
-			return false
-		}
-		k, err := tpm.LoadKeyFile(ctx, r.dev, keyPEM)
-		if err != nil {
-			return false
-		}
-		r.key, r.closeFn, r.keyKind = k, k.Close, tpm.KindTPM
-	default:
-		signer, err := ca.ParseKey(keyPEM, nil)
-		if err != nil {
-			return false
-		}
-		r.key, r.keyKind = signer, tpm.KindSoft
-	}
-	if !publicEqual(r.key.Public(), certs[0].PublicKey) {
-		r.closeKey()
-		r.key = nil
-		return false
-	}
-	if r.pubSHA, err = publicSHA256(r.key.Public()); err != nil {
-		r.closeKey()
-		r.key = nil
-		return false
-	}
-	r.keyPEM = keyPEM
-	r.res.Certificate, r.res.CertSHA256, r.res.KeyKind = certs[0], active.SHA256, r.keyKind
-	return true
-}
-
-func (r *run) planFor(m Material) (*Plan, error) {
-	name := r.req.Profile
-	if name == "" {
-		name = r.s.Config.Profile
-	}
-	prof, err := r.s.Config.ResolveProfile(name)
-	if err != nil {
-		return nil, err
-	}
-	return prof.Plan(name, r.s.Layout.Dir, m)
-}
-
-func (r *run) stepKey(ctx context.Context) (string, error) {
-	alg, err := tpm.ParseAlgorithm(r.s.Config.Key.Algorithm)
-	if err != nil {
-		return "", err
-	}
-	k, err := r.dev.CreateKey(ctx, alg)
-	if err != nil {
-		return "", err
-	}
-	r.key, r.closeFn, r.keyKind = k, k.Close, k.Kind()
-	r.res.KeyKind = k.Kind()
-	if r.pubSHA, err = publicSHA256(k.Public()); err != nil {
-		return "", err
-	}
-	if r.keyPEM, err = k.PEM(); err != nil {
-		return "", fmt.Errorf("export key file: %w", err)
-	}
-	detail := fmt.Sprintf("%s %s key %s", k.Kind(), alg, r.pubSHA[:16])
-	return detail, r.record(ctx, inventory.StateKeyed, "", nil, inventory.Event{Step: StepKey, Detail: detail})
-}
-
-func (r *run) stepCSR(ctx context.Context) (string, error) {
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: r.subject,
-		URIs: []*url.URL{SerialURI(r.req.Serial)}}, r.signer(ctx))
-	if err != nil {
-		return "", err
-	}
-	r.csr, err = x509.ParseCertificateRequest(der)
-	return r.subject.String(), err
-}
-
-func (r *run) stepSign(ctx context.Context) (string, error) {
-	cert, err := r.s.CA.Sign(ca.Request{CSR: r.csr, Subject: r.subject, URIs: []*url.URL{SerialURI(r.req.Serial)},
-		Validity: time.Duration(r.s.Config.Certificate.ValidityDays) * 24 * time.Hour, PublicKey: r.key.Public()})
-	if err != nil {
-		if errors.Is(err, ca.ErrExpired) {
-			return "", fmt.Errorf("%w: %w", ErrCA, err)
-		}
-		return "", err
-	}
-	r.res.Certificate, r.res.CertSHA256 = cert, ca.Fingerprint(cert)
-	detail := "certificate " + CertSerial(cert)
-	return detail, r.record(ctx, inventory.StateCertified, "", nil, inventory.Event{Step: StepSign, Detail: detail})
-}
-
-func (r *run) material() (Material, error) {
-	serverCA, err := r.s.ServerCA()
-	if err != nil {
-		return Material{}, err
-	}
-	return Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
-		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA, Key: r.keyPEM}, nil
-}
-
-func (r *run) stepImage(ctx context.Context) (string, error) {
-	m, err := r.material()
-	if err != nil {
-		return "", err
-	}
-	plan, err := r.planFor(m)
-	if err != nil {
-		return "", err
-	}
-	r.plan = plan
-	if err := Inject(ctx, r.req.Image, plan, r.s.ImageOptions(r.req.Image)...); err != nil {
-		return "", err
-	}
-	detail := fmt.Sprintf("%d files, profile %s, synced", len(plan.Files)+len(plan.Merges), plan.Profile)
-	if plan.OpenSSL.Form != "" {
-		detail += "; TPM OpenSSL " + plan.OpenSSL.String()
-	}
-	return detail, r.record(ctx, inventory.StateImaged, "", nil, inventory.Event{Step: StepImage, Detail: r.req.Image})
-}
-
-func (r *run) stepVerify(ctx context.Context) (string, error) {
-	checks, err := r.s.VerifyImage(ctx, r.req.Image, r.req.Serial, VerifyOptions{Profile: r.req.Profile})
-	if err != nil {
-		for _, c := range checks {
-			if !c.OK {
-				return "", fmt.Errorf("%s: %s: %w", c.Name, c.Detail, err)
-			}
-		}
-		return "", err
-	}
-	detail := fmt.Sprintf("%d checks passed", len(checks))
-	return detail, r.record(ctx, inventory.StateVerified, "", nil, inventory.Event{Step: StepVerify, Detail: detail})
-}
-
-func (r *run) stepHandshake(ctx context.Context) (string, error) {
-	client := handshake.Client{Certificate: r.res.Certificate, Chain: []*x509.Certificate{r.s.CA.Issuing}, Key: r.signer(ctx),
-		ClientID: r.req.Serial}
-	hc := r.req.Handshake
-	if len(hc.Endpoints) == 0 {
-		srv, err := r.s.builtinServer()
-		if err != nil {
-			return "", err
-		}
-		done := srv.Expect(r.res.Certificate)
-		defer done()
-		res, err := handshake.Test(ctx, srv.URL(), srv.Roots(), client, hc.options()...)
-		if err != nil {
-			return "", err
-		}
-		r.res.Handshakes = append(r.res.Handshakes, HandshakeResult(res))
-		return fmt.Sprintf("%s %s %s", res.Endpoint, res.TLSVersion, res.Detail), nil
-	}
-	roots := hc.CA
-	if roots == nil {
-		return "", fmt.Errorf("no CA to verify %s with (Station.HandshakeConfig resolves it): %w", hc.Endpoints[0], ErrEndpoint)
-	}
-	detail := ""
-	for _, ep := range hc.Endpoints {
-		res, err := handshake.Test(ctx, ep, roots, client, hc.options()...)
-		if err != nil {
-			return "", err
-		}
-		r.res.Handshakes = append(r.res.Handshakes, HandshakeResult(res))
-		detail += fmt.Sprintf("%s %s %s; ", res.Endpoint, res.TLSVersion, res.Detail)
-	}
-	return detail[:len(detail)-2], nil
-}
-
-// builtinServer is the station's loopback mTLS test server, started on first use and shared by every unit.
-func (s *Station) builtinServer() (*handshake.Server, error) {
-	s.srvOnce.Do(func() {
-		clientRoots := x509.NewCertPool()
-		clientRoots.AddCert(s.CA.Root)
-		s.srv, s.srvErr = handshake.NewServer(clientRoots)
-	})
-	return s.srv, s.srvErr
-}
-
-// readIdentity reads the key file and certificate file a plan writes, from the first partition each goes to.
-func readIdentity(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
-	im, err := image.Open(ctx, imagePath, append(opts, image.ReadOnly())...)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer im.Close()
-	parts, err := resolvePartitions(im, plan)
-	if err != nil {
-		return nil, nil, err
-	}
-	v := &verifier{im: im, ctx: ctx}
-	for _, f := range plan.Files {
-		switch {
-		case f.From == "key" && keyPEM == nil:
-			keyPEM, err = v.read(parts[f.Part].parts[0], f.Path)
-		case (f.From == "cert" || f.From == "cert+chain") && certPEM == nil:
-			certPEM, err = v.read(parts[f.Part].parts[0], f.Path)
-		}
-		if err != nil {
-			return nil, nil, err
-		}
-	}
-	if keyPEM == nil || certPEM == nil {
-		return nil, nil, errors.New("profile writes no key or no certificate")
-	}
-	return keyPEM, certPEM, nil
-}
-
-// pemType is the type of the first PEM block.
-func pemType(b []byte) string {
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return ""
-	}
-	return blk.Type
-}
-
-// publicSHA256 is the SHA-256 of a public key's PKIX DER, lowercase hex: the unit's key fingerprint.
-func publicSHA256(pub crypto.PublicKey) (string, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return "", err
-	}
-	sum := sha256.Sum256(der)
-	return hex.EncodeToString(sum[:]), nil
-}
-
-// signer is the unit's key bound to ctx where the key supports it (TPM keys): a cancelled run stops a signature in
-// flight instead of waiting for the TPM's command timeout.
-func (r *run) signer(ctx context.Context) crypto.Signer {
-	if k, ok := r.key.(interface {
-		WithContext(context.Context) crypto.Signer
-	}); ok {
-		return k.WithContext(ctx)
-	}
-	return r.key
 }

@@ -52,6 +52,11 @@ type Station struct {
 	CA     *ca.CA // nil until LoadCA
 	Log    *slog.Logger
 
+	// Test hooks: another step table, a step's function, another sink (nil: the unit table, the image sink).
+	machine    machine
+	extraSteps map[string]func(context.Context, *run) (string, error)
+	sink       sink
+
 	srvOnce sync.Once // the built-in handshake server, started on first use
 	srv     *handshake.Server
 	srvErr  error

@@ -1,0 +1,171 @@
+package station
+
+import (
+	"context"
+	"encoding/pem"
+	"errors"
+	"fmt"
+
+	"provision/image"
+	"provision/station/ca"
+	"provision/tpm"
+)
+
+// sink is where a unit's identity goes and how it is checked there: the image step delivers it, the verify step checks
+// it, a resumed run reloads the key and certificate delivered earlier, and validate's pre-flight finds, before any key
+// exists, what would make delivery refuse. unit, tui and batch deliver into the unit's image (imageSink); tests use a
+// sink of their own.
+type sink interface {
+	preflight(ctx context.Context, r *run) error
+	deliver(ctx context.Context, r *run) (detail string, err error)
+	check(ctx context.Context, r *run) (detail string, err error)
+	reload(ctx context.Context, r *run) bool
+}
+
+// imageSink delivers into the unit's disk image (raw file or block device) as its profile says.
+type imageSink struct{}
+
+func (imageSink) preflight(ctx context.Context, r *run) error { return r.preflight(ctx) }
+
+// loadFromImage reuses the key and certificate an earlier run wrote into the image, when the certificate is the unit's
+// active one and the key loads on this TPM. Any doubt means starting over.
+func (imageSink) reload(ctx context.Context, r *run) bool {
+	active, err := r.s.Inv.ActiveCertificate(ctx, r.req.Serial)
+	if err != nil {
+		return false
+	}
+	plan, err := r.planFor(Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: tpm.KindSoft})
+	if err != nil {
+		return false
+	}
+	keyPEM, certPEM, err := readIdentity(ctx, r.req.Image, plan, r.s.ImageOptions(r.req.Image)...)
+	if err != nil {
+		return false
+	}
+	certs, err := ca.ParseCerts(certPEM)
+	if err != nil || ca.Fingerprint(certs[0]) != active.SHA256 {
+		return false
+	}
+	switch pemType(keyPEM) {
+	case "TSS2 PRIVATE KEY":
+		if r.dev.Kind() != tpm.KindTPM {
+			return false
+		}
+		k, err := tpm.LoadKeyFile(ctx, r.dev, keyPEM)
+		if err != nil {
+			return false
+		}
+		r.key, r.closeFn, r.keyKind = k, k.Close, tpm.KindTPM
+	default:
+		signer, err := ca.ParseKey(keyPEM, nil)
+		if err != nil {
+			return false
+		}
+		r.key, r.keyKind = signer, tpm.KindSoft
+	}
+	if !publicEqual(r.key.Public(), certs[0].PublicKey) {
+		r.closeKey()
+		r.key = nil
+		return false
+	}
+	if r.pubSHA, err = publicSHA256(r.key.Public()); err != nil {
+		r.closeKey()
+		r.key = nil
+		return false
+	}
+	r.keyPEM = keyPEM
+	r.res.Certificate, r.res.CertSHA256, r.res.KeyKind = certs[0], active.SHA256, r.keyKind
+	return true
+}
+
+func (r *run) planFor(m Material) (*Plan, error) {
+	name := r.req.Profile
+	if name == "" {
+		name = r.s.Config.Profile
+	}
+	prof, err := r.s.Config.ResolveProfile(name)
+	if err != nil {
+		return nil, err
+	}
+	return prof.Plan(name, r.s.Layout.Dir, m)
+}
+
+func (r *run) material() (Material, error) {
+	serverCA, err := r.s.ServerCA()
+	if err != nil {
+		return Material{}, err
+	}
+	return Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
+		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA, Key: r.keyPEM}, nil
+}
+
+func (imageSink) deliver(ctx context.Context, r *run) (string, error) {
+	m, err := r.material()
+	if err != nil {
+		return "", err
+	}
+	plan, err := r.planFor(m)
+	if err != nil {
+		return "", err
+	}
+	r.plan = plan
+	if err := Inject(ctx, r.req.Image, plan, r.s.ImageOptions(r.req.Image)...); err != nil {
+		return "", err
+	}
+	detail := fmt.Sprintf("%d files, profile %s, synced", len(plan.Files)+len(plan.Merges), plan.Profile)
+	if plan.OpenSSL.Form != "" {
+		detail += "; TPM OpenSSL " + plan.OpenSSL.String()
+	}
+	return detail, nil
+}
+
+func (imageSink) check(ctx context.Context, r *run) (string, error) {
+	checks, err := r.s.VerifyImage(ctx, r.req.Image, r.req.Serial, VerifyOptions{Profile: r.req.Profile})
+	if err != nil {
+		for _, c := range checks {
+			if !c.OK {
+				return "", fmt.Errorf("%s: %s: %w", c.Name, c.Detail, err)
+			}
+		}
+		return "", err
+	}
+	return fmt.Sprintf("%d checks passed", len(checks)), nil
+}
+
+// readIdentity reads the key file and certificate file a plan writes, from the first partition each goes to.
+func readIdentity(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
+	im, err := image.Open(ctx, imagePath, append(opts, image.ReadOnly())...)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer im.Close()
+	parts, err := resolvePartitions(im, plan)
+	if err != nil {
+		return nil, nil, err
+	}
+	v := &verifier{im: im, ctx: ctx}
+	for _, f := range plan.Files {
+		switch {
+		case f.From == "key" && keyPEM == nil:
+			keyPEM, err = v.read(parts[f.Part].parts[0], f.Path)
+		case (f.From == "cert" || f.From == "cert+chain") && certPEM == nil:
+			certPEM, err = v.read(parts[f.Part].parts[0], f.Path)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+	}
+	if keyPEM == nil || certPEM == nil {
+		return nil, nil, errors.New("profile writes no key or no certificate")
+	}
+	return keyPEM, certPEM, nil
+}
+
+// pemType is the type of the first PEM block.
+func pemType(b []byte) string {
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return ""
+	}
+	return blk.Type
+}
