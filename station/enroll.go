@@ -213,8 +213,9 @@ func (s *Station) enrollGroup(ctx context.Context, dev *tpm.Device, alg tpm.Algo
 			if p.res.Err != nil {
 				u.State, u.FailedStep, u.Error = inventory.StateFailed, StepBundle, p.failed.Err.Error()
 			} else {
-				u.State, u.FailedStep, u.Error = inventory.StateCertified, "", ""
-				p.res.State = inventory.StateCertified
+				u.State, _ = enrollSteps.after(u.State, StepBundle, true) // stays certified, now with its bundle
+				u.FailedStep, u.Error = "", ""
+				p.res.State = u.State
 			}
 			if err := tx.PutUnit(u); err != nil {
 				return err
@@ -340,12 +341,13 @@ func (s *Station) prepare(ctx context.Context, dev *tpm.Device, alg tpm.Algorith
 	}
 	p.keyFile = key.FileName()
 	p.steps = append(p.steps, s.event(u.Serial, StepSign, "ok", "certificate "+CertSerial(cert), start, opt, p.res.CertSHA256))
-	p.res.State = inventory.StateKeyed
+	p.res.State, _ = enrollSteps.after(inventory.StateKeyed, StepSign, true)
 	return p, nil
 }
 
-// checkRefusal refuses a unit that finished enrolling and holds an active certificate, unless reprovisioning.
-// A unit that is new, keyed (interrupted) or failed is enrolled again.
+// checkRefusal refuses a unit whose active certificate was delivered (its bundle written: certified with a "bundle ok"
+// entry last; or imaged and later), unless reprovisioning. A unit that is new, keyed or failed, or certified by a run
+// interrupted before its bundle was durable, is enrolled again (a new key; the undelivered certificate is superseded).
 func (s *Station) checkRefusal(ctx context.Context, serial string, reprovision bool) error {
 	unit, err := s.Inv.Unit(ctx, serial)
 	if errors.Is(err, inventory.ErrNotFound) {
@@ -368,6 +370,15 @@ func (s *Station) checkRefusal(ctx context.Context, serial string, reprovision b
 	if reprovision {
 		return nil
 	}
+	if unit.State == inventory.StateCertified {
+		evs, err := s.Inv.Events(ctx, serial)
+		if err != nil {
+			return err
+		}
+		if n := len(evs); n == 0 || evs[n-1].Step != StepBundle || evs[n-1].Outcome != "ok" || evs[n-1].CertSHA256 != cert.SHA256 {
+			return nil // never delivered: start over
+		}
+	}
 	return fmt.Errorf("unit %s is %s and holds active certificate %s (expires %s): use --reprovision to replace it: %w",
 		serial, unit.State, cert.Serial, cert.NotAfter.Format(time.DateOnly), ErrRefused)
 }
@@ -380,7 +391,7 @@ func (s *Station) record(tx *inventory.Tx, p *prepared, opt EnrollOptions) error
 	if p.failed != nil {
 		u.State, u.FailedStep, u.Error = inventory.StateFailed, p.failed.Step, p.failed.Err.Error()
 	} else {
-		u.State = inventory.StateKeyed
+		u.State, _ = enrollSteps.after(inventory.StateKeyed, StepSign, true) // certified: the certificate is recorded
 	}
 	if err := tx.PutUnit(u); err != nil {
 		return err

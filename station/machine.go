@@ -41,6 +41,16 @@ var unitSteps = []stepDef{
 	{StepHandshake, inventory.StateShippable, "shippable"},
 }
 
+// enrollSteps is the table for `provision enroll`, whose identity goes into a bundle directory: the unit ends certified,
+// its bundle on stable storage (the bundle step records an event and leaves the state as it is).
+var enrollSteps = machine{
+	{StepValidate, "", ""},
+	{StepKey, inventory.StateKeyed, ""},
+	{StepCSR, "", ""},
+	{StepSign, inventory.StateCertified, ""},
+	{StepBundle, "", ""},
+}
+
 // machine is a table of steps in order.
 type machine []stepDef
 

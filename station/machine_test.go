@@ -345,3 +345,43 @@ func TestRunnerWithAddedStep(t *testing.T) {
 		t.Fatalf("last event %s %s", last.Step, last.Status)
 	}
 }
+
+// One meaning per state, whichever command reached it: a unit the pipeline left certified (its certificate recorded,
+// never delivered) is enrolled again by enroll, which ends it certified with its bundle; only then does enroll refuse
+// it; and the pipeline starts such a unit over from its key.
+func TestStatesMeanTheSameForEnrollAndUnit(t *testing.T) {
+	s, _, d := machineStation(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.Provision(ctx, d, ProvisionRequest{Serial: "SM-BOTH-1"}, func(e Event) {
+		if e.Step == StepSign && e.Status == StatusOK {
+			cancel()
+		}
+	})
+	cancel()
+	if st := unitState(t, s, "SM-BOTH-1"); st != inventory.StateCertified {
+		t.Fatalf("interrupted after sign: %s, want certified", st)
+	}
+	out := t.TempDir()
+	r := enrollOne(t, s, d, "SM-BOTH-1", out, false)
+	if r.Err != nil || r.State != inventory.StateCertified {
+		t.Fatalf("enroll of an undelivered certified unit: %+v", r)
+	}
+	evs, _ := s.Inv.Events(context.Background(), "SM-BOTH-1")
+	if e := evs[len(evs)-1]; e.Step != StepBundle || e.Outcome != "ok" || e.CertSHA256 != r.CertSHA256 {
+		t.Fatalf("last entry %s %s, want the bundle of the new certificate", e.Step, e.Outcome)
+	}
+	if r2 := enrollOne(t, s, d, "SM-BOTH-1", out, false); !errors.Is(r2.Err, ErrRefused) {
+		t.Fatalf("second enroll: %v, want refused", r2.Err)
+	}
+	var ran []string
+	if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SM-BOTH-1"}, func(e Event) {
+		if e.Status == StatusOK {
+			ran = append(ran, e.Step)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if ran[1] != StepKey || activeCount(t, s, "SM-BOTH-1") != 1 {
+		t.Fatalf("unit after enroll ran %v", ran)
+	}
+}
