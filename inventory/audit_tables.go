@@ -17,7 +17,7 @@ func stateAfter(e Event) []string {
 		switch e.Step {
 		case "key":
 			return []string{StateKeyed}
-		case "sign": // certified by `unit`; still keyed in `enroll`, whose bundle event certifies it
+		case "sign": // certified; stations before the one state machine left enroll's units keyed until the bundle
 			return []string{StateCertified, StateKeyed}
 		case "image":
 			return []string{StateImaged}
