@@ -23,7 +23,7 @@ import (
 // runner (Station.Provision) records every state change through it.
 
 // stepDef is one row of the table: a step, the state its success leads to ("" = unchanged) and the audit outcome it
-// records ("" = "ok").
+// records ("" = "ok"). A step with neither records nothing on success (validate, csr).
 type stepDef struct {
 	Name    string
 	Success string
@@ -48,7 +48,7 @@ var enrollSteps = machine{
 	{StepKey, inventory.StateKeyed, ""},
 	{StepCSR, "", ""},
 	{StepSign, inventory.StateCertified, ""},
-	{StepBundle, "", ""},
+	{StepBundle, "", "ok"}, // an entry of its own: the bundle of this certificate is on stable storage
 }
 
 // machine is a table of steps in order.

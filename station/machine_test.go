@@ -114,6 +114,10 @@ func (f *fakeSink) failing(step string) error {
 
 func (f *fakeSink) preflight(ctx context.Context, r *run) error { return f.failing("preflight") }
 
+func (f *fakeSink) refuse(ctx context.Context, r *run, u inventory.Unit) error {
+	return imageSink{}.refuse(ctx, r, u)
+}
+
 func (f *fakeSink) deliver(ctx context.Context, r *run) (string, error) {
 	if err := f.failing(StepImage); err != nil {
 		return "", err

@@ -31,6 +31,14 @@ type run struct {
 	unclaim func() // drops the run's claim on the serial (claimUnit)
 	m       machine
 	sink    sink
+	keyFile string // the key file's name in a bundle (device.tss2.pem or device.key)
+	ekSHA   string // SHA-256 of the TPM's EK certificate, when it has one (enroll records it)
+	bundle  string // where the bundle sink put the unit's bundle
+	// deferred: record() queues its writes in pending instead of committing each (enroll commits a group at once).
+	deferred bool
+	pending  []func(*inventory.Tx) error
+	last     string            // the last step this run completed
+	skipped  func(string) bool // steps a resumed run leaves out
 }
 
 // Provision runs a unit through validate, key, csr, sign, image, verify and handshake, recording each step's outcome in
@@ -53,18 +61,23 @@ func (s *Station) Provision(ctx context.Context, dev *tpm.Device, req ProvisionR
 		}
 		front(e)
 	}
-	r := &run{s: s, dev: dev, req: req, report: report, res: Result{Serial: req.Serial, State: inventory.StateNew},
-		m: unitSteps, sink: imageSink{}}
+	m, snk := machine(unitSteps), sink(imageSink{})
 	if s.machine != nil {
-		r.m = s.machine
+		m = s.machine
 	}
 	if s.sink != nil {
-		r.sink = s.sink
+		snk = s.sink
 	}
+	r := s.newRun(dev, req, m, snk, report)
 	defer r.closeKey()
 	defer r.release()
 	err := r.pipeline(ctx)
 	return r.res, err
+}
+
+// newRun prepares one unit's run through table m, delivering to snk.
+func (s *Station) newRun(dev *tpm.Device, req ProvisionRequest, m machine, snk sink, report func(Event)) *run {
+	return &run{s: s, dev: dev, req: req, report: report, res: Result{Serial: req.Serial, State: inventory.StateNew}, m: m, sink: snk}
 }
 
 func (r *run) release() {
@@ -82,39 +95,58 @@ func (r *run) closeKey() {
 	clear(r.keyPEM)
 }
 
-func (r *run) pipeline(ctx context.Context) error {
+func (r *run) pipeline(ctx context.Context) error { return r.runUntil(ctx, "") }
+
+// runUntil validates the unit, then runs the table's steps in order up to and including until ("" = to the end).
+func (r *run) runUntil(ctx context.Context, until string) error {
 	resume, err := r.validate(ctx)
 	if err != nil {
 		return err
 	}
+	r.last = StepValidate
 	// Where the run starts: a resumed unit reuses what its sink holds and goes on from the step after delivery.
 	from := StepKey
 	if resume {
 		from = StepVerify
 	}
-	fns := r.stepFuncs()
-	prev := StepValidate
-	skipped := func(step string) bool { return resume && r.m.index(step) < r.m.index(from) }
+	r.skipped = func(step string) bool { return resume && r.m.index(step) < r.m.index(from) }
 	for _, d := range r.m[1:] {
-		if skipped(d.Name) {
+		if r.skipped(d.Name) {
 			r.skip(d.Name, "done in an earlier run")
 			continue
 		}
-		if !r.m.canFollow(prev, d.Name, skipped) {
-			return fmt.Errorf("state machine: %s may not follow %s", d.Name, prev) // a table mistake, caught by its tests
-		}
-		if ctx.Err() != nil {
-			return r.interrupted(ctx, d.Name, 0)
-		}
-		fn := fns[d.Name]
-		if fn == nil {
-			return fmt.Errorf("state machine: no function for step %s", d.Name)
-		}
-		if err := r.step(ctx, d, fn); err != nil {
+		if err := r.next(ctx, d.Name); err != nil {
 			return err
 		}
-		prev = d.Name
+		if d.Name == until {
+			return nil
+		}
 	}
+	return nil
+}
+
+// next runs step right after the run's last one, as the table allows (enroll runs its bundle step this way, after
+// its group's first commit).
+func (r *run) next(ctx context.Context, step string) error {
+	skipped := r.skipped
+	if skipped == nil {
+		skipped = func(string) bool { return false }
+	}
+	if !r.m.canFollow(r.last, step, skipped) {
+		return fmt.Errorf("state machine: %s may not follow %s", step, r.last) // a table mistake, caught by its tests
+	}
+	i := r.m.index(step)
+	if ctx.Err() != nil {
+		return r.interrupted(ctx, step, 0)
+	}
+	fn := r.stepFuncs()[step]
+	if fn == nil {
+		return fmt.Errorf("state machine: no function for step %s", step)
+	}
+	if err := r.step(ctx, r.m[i], fn); err != nil {
+		return err
+	}
+	r.last = step
 	return nil
 }
 
@@ -125,6 +157,7 @@ func (r *run) stepFuncs() map[string]func(context.Context) (string, error) {
 		StepImage:     func(ctx context.Context) (string, error) { return r.sink.deliver(ctx, r) },
 		StepVerify:    func(ctx context.Context) (string, error) { return r.sink.check(ctx, r) },
 		StepHandshake: r.stepHandshake,
+		StepBundle:    func(ctx context.Context) (string, error) { return r.sink.deliver(ctx, r) },
 	}
 	for name, fn := range r.s.extraSteps {
 		fns[name] = func(ctx context.Context) (string, error) { return fn(ctx, r) }
@@ -142,7 +175,7 @@ func (r *run) interrupted(ctx context.Context, step string, d time.Duration) err
 	se := &StepError{Serial: r.req.Serial, Step: step, Err: cause}
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	err := r.s.Inv.Update(rctx, func(tx *inventory.Tx) error {
+	write := func(tx *inventory.Tx) error {
 		if _, err := tx.Unit(r.req.Serial); err != nil {
 			if errors.Is(err, inventory.ErrNotFound) {
 				return nil // nothing was recorded for this unit yet: nothing to resume
@@ -152,8 +185,12 @@ func (r *run) interrupted(ctx context.Context, step string, d time.Duration) err
 		return tx.Append(inventory.Event{Serial: r.req.Serial, Step: step, Outcome: OutcomeInterrupted,
 			Detail: "stopped by the operator or a signal; run the unit again to resume", MS: d.Milliseconds(),
 			Operator: r.req.Operator, Station: r.s.Config.StationID})
-	})
-	if err != nil {
+	}
+	if r.deferred {
+		r.pending = append(r.pending, write)
+		return se
+	}
+	if err := r.s.Inv.Update(rctx, write); err != nil {
 		return errors.Join(se, err)
 	}
 	return se
@@ -194,7 +231,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 		r.res.State = inventory.StateFailed
 		return se
 	}
-	if d.Success != "" {
+	if d.Success != "" || d.Outcome != "" { // a state change, or an entry of its own (enroll's bundle)
 		state, err := r.m.after(r.res.State, name, true)
 		if err != nil {
 			return err
@@ -203,7 +240,11 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 		if outcome == "" {
 			outcome = "ok"
 		}
-		if err := r.record(ctx, state, "", nil, inventory.Event{Step: name, Outcome: outcome, Detail: detail, MS: took.Milliseconds()}); err != nil {
+		// The step's work is done: record it even if the run is being cancelled right now (database/sql rolls back a
+		// transaction whose context ends, and the unit would lose a step it completed).
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err := r.record(rctx, state, "", nil, inventory.Event{Step: name, Outcome: outcome, Detail: detail, MS: took.Milliseconds()}); err != nil {
 			se := &StepError{Serial: r.req.Serial, Step: name, Err: err}
 			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: took, Err: err})
 			r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: took})
@@ -218,7 +259,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 // record stores the unit's new state and appends the event, in one synced transaction.
 func (r *run) record(ctx context.Context, state, failedStep string, stepErr error, e inventory.Event) error {
 	cert := r.res.Certificate
-	err := r.s.Inv.Update(ctx, func(tx *inventory.Tx) error {
+	write := func(tx *inventory.Tx) error {
 		u, err := tx.Unit(r.req.Serial)
 		if errors.Is(err, inventory.ErrNotFound) {
 			u = inventory.Unit{Serial: r.req.Serial}
@@ -232,6 +273,9 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 		if r.keyKind != "" {
 			u.KeyKind, u.PublicSHA256 = r.keyKind, r.pubSHA
 		}
+		if r.ekSHA != "" {
+			u.EKCertSHA256 = r.ekSHA
+		}
 		if len(r.req.Fields) > 0 {
 			u.Fields = r.req.Fields
 		}
@@ -239,7 +283,7 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 		if err := tx.PutUnit(u); err != nil {
 			return err
 		}
-		if state == inventory.StateCertified && cert != nil {
+		if e.Step == StepSign && state == inventory.StateCertified && cert != nil { // sign records the certificate
 			if err := tx.AddCertificate(inventory.Certificate{Serial: CertSerial(cert), Unit: u.Serial, SHA256: r.res.CertSHA256,
 				NotBefore: cert.NotBefore, NotAfter: cert.NotAfter}); err != nil {
 				return err
@@ -253,7 +297,13 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 			e.CertSHA256 = r.res.CertSHA256
 		}
 		return tx.Append(e)
-	})
+	}
+	if r.deferred {
+		r.pending = append(r.pending, write)
+		r.res.State = state
+		return nil
+	}
+	err := r.s.Inv.Update(ctx, write)
 	if err == nil {
 		r.res.State = state
 	}
@@ -297,11 +347,14 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	if _, err := r.s.Config.ResolveProfile(r.req.Profile); err != nil {
 		return fail(err)
 	}
+	if unit.Serial != "" {
+		r.res.State = unit.State
+		if err := r.sink.refuse(ctx, r, unit); err != nil {
+			return fail(err)
+		}
+	}
 	switch {
 	case unit.Serial == "":
-	case unit.State == inventory.StateShippable && !r.req.Reprovision:
-		return fail(fmt.Errorf("unit %s is already provisioned (shippable since %s, operator %s): use --reprovision to do it again: %w",
-			r.req.Serial, unit.Updated.Local().Format("2006-01-02 15:04"), unit.Operator, ErrRefused))
 	case !r.req.Reprovision && r.m.startsFrom(unit.State, unit.FailedStep) != StepKey:
 		resume = r.sink.reload(ctx, r)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"provision/image"
+	"provision/inventory"
 	"provision/station/ca"
 	"provision/tpm"
 )
@@ -16,6 +17,8 @@ import (
 // exists, what would make delivery refuse. unit, tui and batch deliver into the unit's image (imageSink); tests use a
 // sink of their own.
 type sink interface {
+	// refuse says why a unit recorded as u must not run again (ErrRefused), or nil.
+	refuse(ctx context.Context, r *run, u inventory.Unit) error
 	preflight(ctx context.Context, r *run) error
 	deliver(ctx context.Context, r *run) (detail string, err error)
 	check(ctx context.Context, r *run) (detail string, err error)
@@ -26,6 +29,15 @@ type sink interface {
 type imageSink struct{}
 
 func (imageSink) preflight(ctx context.Context, r *run) error { return r.preflight(ctx) }
+
+// refuse: a shippable unit is done; only --reprovision runs it again.
+func (imageSink) refuse(ctx context.Context, r *run, u inventory.Unit) error {
+	if u.State != inventory.StateShippable || r.req.Reprovision {
+		return nil
+	}
+	return fmt.Errorf("unit %s is already provisioned (shippable since %s, operator %s): use --reprovision to do it again: %w",
+		r.req.Serial, u.Updated.Local().Format("2006-01-02 15:04"), u.Operator, ErrRefused)
+}
 
 // loadFromImage reuses the key and certificate an earlier run wrote into the image, when the certificate is the unit's
 // active one and the key loads on this TPM. Any doubt means starting over.

@@ -29,7 +29,7 @@ func (r *run) stepKey(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	r.key, r.closeFn, r.keyKind = k, k.Close, k.Kind()
+	r.key, r.closeFn, r.keyKind, r.keyFile = k, k.Close, k.Kind(), k.FileName()
 	r.res.KeyKind = k.Kind()
 	if r.pubSHA, err = publicSHA256(k.Public()); err != nil {
 		return "", err
