@@ -18,6 +18,7 @@ import (
 	"provision/inventory"
 	"provision/station/ca"
 	"provision/station/handshake"
+	"provision/station/profile"
 	"provision/tpm"
 )
 
@@ -35,7 +36,7 @@ type run struct {
 	pubSHA  string
 	subject pkix.Name
 	csr     *x509.CertificateRequest
-	plan    *Plan
+	plan    *profile.Plan
 	unclaim func() // drops the run's claim on the serial (claimUnit)
 }
 
@@ -310,7 +311,7 @@ func (r *run) loadFromImage(ctx context.Context) bool {
 	if err != nil {
 		return false
 	}
-	plan, err := r.planFor(Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: tpm.KindSoft})
+	plan, err := r.planFor(profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: tpm.KindSoft})
 	if err != nil {
 		return false
 	}
@@ -354,7 +355,7 @@ func (r *run) loadFromImage(ctx context.Context) bool {
 	return true
 }
 
-func (r *run) planFor(m Material) (*Plan, error) {
+func (r *run) planFor(m profile.Material) (*profile.Plan, error) {
 	name := r.req.Profile
 	if name == "" {
 		name = r.s.Config.Profile
@@ -363,7 +364,7 @@ func (r *run) planFor(m Material) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	return prof.Plan(name, r.s.Layout.Dir, m)
+	return prof.Plan(name, r.s.Layout, m)
 }
 
 func (r *run) stepKey(ctx context.Context) (string, error) {
@@ -411,12 +412,12 @@ func (r *run) stepSign(ctx context.Context) (string, error) {
 	return detail, r.record(ctx, inventory.StateCertified, "", nil, inventory.Event{Step: StepSign, Detail: detail})
 }
 
-func (r *run) material() (Material, error) {
+func (r *run) material() (profile.Material, error) {
 	serverCA, err := r.s.ServerCA()
 	if err != nil {
-		return Material{}, err
+		return profile.Material{}, err
 	}
-	return Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
+	return profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
 		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA, Key: r.keyPEM}, nil
 }
 
@@ -499,7 +500,7 @@ func (s *Station) builtinServer() (*handshake.Server, error) {
 }
 
 // readIdentity reads the key file and certificate file a plan writes, from the first partition each goes to.
-func readIdentity(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
+func readIdentity(ctx context.Context, imagePath string, plan *profile.Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
 	im, err := image.Open(ctx, imagePath, append(opts, image.ReadOnly())...)
 	if err != nil {
 		return nil, nil, err
