@@ -14,6 +14,8 @@ import (
 	"github.com/go-playground/validator/v10"
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/parser"
+
+	"provision/station/profile"
 )
 
 // ErrConfig: station.yaml is malformed or invalid.
@@ -33,7 +35,7 @@ type Config struct {
 	// Profile is the default image profile (built-in: mender, mqtt, edge).
 	Profile string `yaml:"profile" validate:"required"`
 	// Profiles are the station's own profiles (docs/profiles.md), optionally starting from a built-in with base:.
-	Profiles map[string]Profile `yaml:"profiles"`
+	Profiles map[string]profile.Profile `yaml:"profiles"`
 	// Endpoints are the handshake test's targets (tls://, mqtts://, https://); empty: the built-in test server.
 	Endpoints []string `yaml:"endpoints" validate:"dive,endpoint"`
 	// EndpointCA is the CA the handshake step verifies the endpoints' servers with (PEM file, relative to the station

@@ -18,6 +18,7 @@ import (
 
 	"provision/image"
 	"provision/station/ca"
+	"provision/station/profile"
 	"provision/tpm"
 )
 
@@ -36,11 +37,11 @@ func imageErr(err error) error { return imageError{err} }
 
 // resolvedPart is a logical partition of a profile resolved in one image.
 type resolvedPart struct {
-	spec  PartitionSpec
+	spec  profile.PartitionSpec
 	parts []image.Partition
 }
 
-func resolvePartitions(im *image.Image, plan *Plan) (map[string]resolvedPart, error) {
+func resolvePartitions(im *image.Image, plan *profile.Plan) (map[string]resolvedPart, error) {
 	out := map[string]resolvedPart{}
 	used := map[string]bool{}
 	for _, f := range plan.Files {
@@ -56,7 +57,7 @@ func resolvePartitions(im *image.Image, plan *Plan) (map[string]resolvedPart, er
 	sort.Strings(names)
 	for _, name := range names {
 		spec := plan.Partitions[name]
-		sels, err := ParseSelect(spec.Select)
+		sels, err := profile.ParseSelect(spec.Select)
 		if err != nil {
 			return nil, err
 		}
@@ -78,7 +79,7 @@ func resolvePartitions(im *image.Image, plan *Plan) (map[string]resolvedPart, er
 // at FAT is refused unless the profile allows it), files are read back and compared, and the image is synced before
 // Inject returns. A plan whose TPM OpenSSL form is still provisional (tpm_openssl auto) is settled first from the
 // image's package database and re-rendered in place: plan.OpenSSL then says which form was written and why.
-func Inject(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) error {
+func Inject(ctx context.Context, imagePath string, plan *profile.Plan, opts ...image.OpenOption) error {
 	im, err := image.Open(ctx, imagePath, opts...)
 	if err != nil {
 		return imageErr(err)
@@ -112,7 +113,7 @@ func Inject(ctx context.Context, imagePath string, plan *Plan, opts ...image.Ope
 }
 
 // plannedMerges reads each JSON merge target, applies every merge aimed at it in order, and returns the writes.
-func plannedMerges(ctx context.Context, im *image.Image, parts map[string]resolvedPart, plan *Plan) ([]image.Write, error) {
+func plannedMerges(ctx context.Context, im *image.Image, parts map[string]resolvedPart, plan *profile.Plan) ([]image.Write, error) {
 	type target struct {
 		part image.Partition
 		path string
@@ -146,7 +147,7 @@ func plannedMerges(ctx context.Context, im *image.Image, parts map[string]resolv
 				order = append(order, t)
 				modes[t] = info
 			}
-			out, err := MergeJSON(cur, m.Set)
+			out, err := profile.MergeJSON(cur, m.Set)
 			if err != nil {
 				return nil, fmt.Errorf("partition %d: %s: %w", p.Number, m.Path, err)
 			}
@@ -199,7 +200,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	v := &verifier{s: s, im: im, ctx: ctx, serial: serial, now: opt.Now}
 	// The key file says which kind of key the unit has, and so which files the profile writes.
 	kind := tpm.KindSoft
-	probe, err := prof.Plan(name, s.Layout.Dir, Material{Serial: serial, KeyKind: tpm.KindSoft})
+	probe, err := prof.Plan(name, s.Layout, profile.Material{Serial: serial, KeyKind: tpm.KindSoft})
 	if err != nil {
 		return nil, err
 	}
@@ -220,7 +221,7 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	if err != nil {
 		return nil, err
 	}
-	plan, err := prof.Plan(name, s.Layout.Dir, Material{Serial: serial, KeyKind: kind, Root: root, Issuing: issuing, ServerCA: serverCA})
+	plan, err := prof.Plan(name, s.Layout, profile.Material{Serial: serial, KeyKind: kind, Root: root, Issuing: issuing, ServerCA: serverCA})
 	if err != nil {
 		return nil, err
 	}
@@ -343,7 +344,7 @@ func (v *verifier) read(p image.Partition, filePath string) ([]byte, error) {
 }
 
 // file checks presence, mode and owner of one planned file in one partition and returns its content.
-func (v *verifier) file(p image.Partition, f PlannedFile) ([]byte, bool) {
+func (v *verifier) file(p image.Partition, f profile.PlannedFile) ([]byte, bool) {
 	where := fmt.Sprintf("%s (partition %d)", f.DevicePath, p.Number)
 	fsys, err := v.im.FS(v.ctx, p)
 	if err != nil {
@@ -413,7 +414,7 @@ func (v *verifier) certificate(where string, data []byte, wantChain bool) *x509.
 	return c
 }
 
-func (v *verifier) template(f PlannedFile, got []byte) {
+func (v *verifier) template(f profile.PlannedFile, got []byte) {
 	name := f.DevicePath + " matches the profile"
 	if strings.HasSuffix(f.Path, ".json") && !json.Valid(got) {
 		v.fail(name, "not valid JSON")
@@ -424,7 +425,7 @@ func (v *verifier) template(f PlannedFile, got []byte) {
 	}
 }
 
-func (v *verifier) merges(parts map[string]resolvedPart, plan *Plan) {
+func (v *verifier) merges(parts map[string]resolvedPart, plan *profile.Plan) {
 	for _, m := range plan.Merges {
 		for _, p := range parts[m.Part].parts {
 			where := fmt.Sprintf("%s (partition %d)", path.Join(plan.Partitions[m.Part].Mount, m.Path), p.Number)

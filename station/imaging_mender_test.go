@@ -29,6 +29,7 @@ import (
 
 	"provision/image/golden"
 	"provision/simulator"
+	"provision/station/profile"
 )
 
 // The real Mender client (Debian's mender-client 3.4, on this machine's Debian 12 userland: OpenSSL 3.0,
@@ -48,7 +49,7 @@ func TestMenderClientSignsWithTPMKey(t *testing.T) {
 	s := newStation(t)
 	sw := simulator.StartSwtpm(t)
 	d := openDevice(t, sw.URI)
-	img := goldenWithDpkg(t, map[int]string{2: debian12Status, 3: debian12Status})
+	img := goldenWithDpkg(t, map[int]string{2: dpkgFixture(t, "debian12"), 3: dpkgFixture(t, "debian12")})
 	const serial = "MEN-0001"
 	res, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: serial, Image: img, Operator: "t"}, nil)
 	if err != nil {
@@ -124,8 +125,8 @@ func TestMenderClientSignsWithTPMKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	forced := *prof
-	forced.TPMOpenSSL = OpenSSLProvider
-	plan, err := forced.Plan("mender", s.Layout.Dir, Material{Serial: serial, KeyKind: "tpm"})
+	forced.TPMOpenSSL = profile.OpenSSLProvider
+	plan, err := forced.Plan("mender", s.Layout, profile.Material{Serial: serial, KeyKind: "tpm"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,11 +158,12 @@ func systemdEnvironment(tb testing.TB, unit string) map[string]string {
 
 // hostTPM2OpenSSL is this machine's tpm2-openssl version from its own package database.
 func hostTPM2OpenSSL(tb testing.TB) string {
-	b, err := os.ReadFile(DpkgStatus)
+	b, err := os.ReadFile(profile.DpkgStatus)
 	if err != nil {
 		return ""
 	}
-	return parseDpkgStatus(b)["tpm2-openssl"].Version
+	v, _ := profile.InstalledVersion(b, "tpm2-openssl")
+	return v
 }
 
 // runMenderBootstrap runs `mender bootstrap` once, forced, with its own data directory. The identity script the

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"provision/image"
+	"provision/station/profile"
 )
 
 // ErrUnprotectedKey: a profile would write a key file to a file system without modes or owners (FAT).
@@ -16,7 +17,7 @@ var ErrUnprotectedKey = errors.New("key file on a file system without modes")
 
 // preparePlan settles a plan against the image it goes to: the TPM OpenSSL form (tpm_openssl auto) from the image's
 // package database, then the partitions, then the rule that key files go only where modes protect them.
-func preparePlan(ctx context.Context, im *image.Image, plan *Plan) (map[string]resolvedPart, error) {
+func preparePlan(ctx context.Context, im *image.Image, plan *profile.Plan) (map[string]resolvedPart, error) {
 	if err := settleOpenSSL(ctx, im, plan); err != nil {
 		return nil, err
 	}
@@ -31,7 +32,7 @@ func preparePlan(ctx context.Context, im *image.Image, plan *Plan) (map[string]r
 }
 
 // checkKeyTargets refuses a key file aimed at a FAT partition unless its file entry says allow_unprotected_key.
-func checkKeyTargets(parts map[string]resolvedPart, plan *Plan) error {
+func checkKeyTargets(parts map[string]resolvedPart, plan *profile.Plan) error {
 	for _, f := range plan.Files {
 		if f.From != "key" || f.AllowUnprotected {
 			continue
@@ -49,25 +50,20 @@ func checkKeyTargets(parts map[string]resolvedPart, plan *Plan) error {
 // settleOpenSSL reads the package database of the image's root file system and re-renders a plan whose TPM OpenSSL
 // form is still provisional (tpm_openssl auto) with the form the image calls for. Plans with a forced form, software
 // keys and plans settled before are left as they are.
-func settleOpenSSL(ctx context.Context, im *image.Image, plan *Plan) error {
-	if plan.replan == nil {
+func settleOpenSSL(ctx context.Context, im *image.Image, plan *profile.Plan) error {
+	if !plan.Provisional() {
 		return nil
 	}
 	c, err := detectOpenSSL(ctx, im, plan)
 	if err != nil {
 		return err
 	}
-	settled, err := plan.replan(c)
-	if err != nil {
-		return err
-	}
-	*plan = *settled
-	return nil
+	return plan.Settle(c)
 }
 
 // detectOpenSSL reads /var/lib/dpkg/status in every partition the profile mounts at "/" (both of an A/B pair).
 // Partitions without a package database do not count; those that have one must agree.
-func detectOpenSSL(ctx context.Context, im *image.Image, plan *Plan) (OpenSSLChoice, error) {
+func detectOpenSSL(ctx context.Context, im *image.Image, plan *profile.Plan) (profile.OpenSSLChoice, error) {
 	var roots []string
 	for name, spec := range plan.Partitions {
 		if spec.Mount == "/" {
@@ -76,41 +72,41 @@ func detectOpenSSL(ctx context.Context, im *image.Image, plan *Plan) (OpenSSLCho
 	}
 	sort.Strings(roots)
 	if len(roots) == 0 {
-		return openSSLUnknown("the profile mounts no partition at /"), nil
+		return profile.OpenSSLUnknown("the profile mounts no partition at /"), nil
 	}
 	type found struct {
 		part   int
-		choice OpenSSLChoice
+		choice profile.OpenSSLChoice
 	}
 	var known []found
 	var missing []string
 	for _, name := range roots {
-		sels, err := ParseSelect(plan.Partitions[name].Select)
+		sels, err := profile.ParseSelect(plan.Partitions[name].Select)
 		if err != nil {
-			return OpenSSLChoice{}, err
+			return profile.OpenSSLChoice{}, err
 		}
 		for _, sel := range sels {
 			p, err := im.Select(sel)
 			if err != nil {
-				return OpenSSLChoice{}, fmt.Errorf("profile %s: partition %s (select %q): %w", plan.Profile, name, sel, err)
+				return profile.OpenSSLChoice{}, fmt.Errorf("profile %s: partition %s (select %q): %w", plan.Profile, name, sel, err)
 			}
-			data, err := readImageFile(ctx, im, p, DpkgStatus)
+			data, err := readImageFile(ctx, im, p, profile.DpkgStatus)
 			switch {
 			case err == nil:
-				known = append(known, found{p.Number, openSSLFromDpkg(data, DpkgStatus)})
+				known = append(known, found{p.Number, profile.OpenSSLFromDpkg(data, profile.DpkgStatus)})
 			case errors.Is(err, fs.ErrNotExist):
-				missing = append(missing, fmt.Sprintf("no %s in partition %d", DpkgStatus, p.Number))
+				missing = append(missing, fmt.Sprintf("no %s in partition %d", profile.DpkgStatus, p.Number))
 			default:
 				missing = append(missing, fmt.Sprintf("partition %d: %v", p.Number, err))
 			}
 		}
 	}
 	if len(known) == 0 {
-		return openSSLUnknown(strings.Join(missing, "; ")), nil
+		return profile.OpenSSLUnknown(strings.Join(missing, "; ")), nil
 	}
 	for _, k := range known[1:] {
 		if k.choice.Form != known[0].choice.Form {
-			return OpenSSLChoice{}, fmt.Errorf("profile %s: the root file systems need different TPM OpenSSL forms (partition %d: %s; partition %d: %s): make them alike or set tpm_openssl in the profile",
+			return profile.OpenSSLChoice{}, fmt.Errorf("profile %s: the root file systems need different TPM OpenSSL forms (partition %d: %s; partition %d: %s): make them alike or set tpm_openssl in the profile",
 				plan.Profile, known[0].part, known[0].choice, k.part, k.choice)
 		}
 	}

@@ -3,13 +3,26 @@ package station
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
 	"provision/image"
 	"provision/image/golden"
 	"provision/simulator"
+	"provision/station/profile"
 )
+
+// dpkgFixture reads a package database from the profile package's testdata: "debian12" (tpm2-openssl 1.1.1 with
+// tpm2-abrmd) or "debian13" (tpm2-openssl 1.3).
+func dpkgFixture(tb testing.TB, name string) string {
+	tb.Helper()
+	b, err := os.ReadFile("profile/testdata/" + name + ".status")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return string(b)
+}
 
 // goldenWithDpkg builds a Mender-style golden image and writes a package database (/var/lib/dpkg/status) into the
 // given partitions, as a Debian-family root file system has one (golden.Build writes none).
@@ -31,7 +44,7 @@ func goldenWithDpkg(tb testing.TB, status map[int]string) string {
 	var writes []image.Write
 	for _, p := range im.Partitions() {
 		if s, ok := status[p.Number]; ok {
-			writes = append(writes, image.Write{Partition: p, Path: DpkgStatus, Data: []byte(s), Mode: 0o644})
+			writes = append(writes, image.Write{Partition: p, Path: profile.DpkgStatus, Data: []byte(s), Mode: 0o644})
 		}
 	}
 	if err := im.Apply(ctx, writes); err != nil {
@@ -79,6 +92,7 @@ func checkNamed(checks []Check, substr string) *Check {
 func TestTPMOpenSSLAutoFromImage(t *testing.T) {
 	s := newStation(t)
 	d := openDevice(t, "sim")
+	debian12, debian13 := dpkgFixture(t, "debian12"), dpkgFixture(t, "debian13")
 	const cnf, dropin = "/etc/mender/openssl-tpm2.cnf", "/etc/systemd/system/mender-client.service.d/10-tpm2.conf"
 	tests := []struct {
 		name     string
@@ -88,13 +102,13 @@ func TestTPMOpenSSLAutoFromImage(t *testing.T) {
 		cnfLacks string
 		tcti     string
 	}{
-		{"debian 12", map[int]string{2: debian12Status, 3: debian12Status},
+		{"debian 12", map[int]string{2: debian12, 3: debian12},
 			"tpm2-openssl 1.1.1-1 in /var/lib/dpkg/status → provider-abrmd",
 			"default_properties = ?provider=tpm2,tpm2.digest!=yes", "", "TPM2OPENSSL_TCTI=tabrmd:bus_type=system"},
-		{"debian 13", map[int]string{2: debian13Status, 3: debian13Status},
+		{"debian 13", map[int]string{2: debian13, 3: debian13},
 			"tpm2-openssl 1.3.0-1 in /var/lib/dpkg/status → provider",
 			"tpm2 = tpm2_sect", "default_properties", "TPM2OPENSSL_TCTI=device:/dev/tpmrm0"},
-		{"only rootfs A has a package database", map[int]string{2: debian12Status},
+		{"only rootfs A has a package database", map[int]string{2: debian12},
 			"tpm2-openssl 1.1.1-1 in /var/lib/dpkg/status → provider-abrmd",
 			"default_properties = ?provider=tpm2,tpm2.digest!=yes", "", "tabrmd:bus_type=system"},
 		{"no package database", nil,
@@ -128,16 +142,16 @@ func TestTPMOpenSSLAutoFromImage(t *testing.T) {
 		})
 	}
 	t.Run("root file systems disagree", func(t *testing.T) {
-		img := goldenWithDpkg(t, map[int]string{2: debian12Status, 3: debian13Status})
+		img := goldenWithDpkg(t, map[int]string{2: debian12, 3: debian13})
 		_, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "OSSL-0009", Image: img, Operator: "t"}, nil)
 		if !errors.Is(err, ErrImage) || !strings.Contains(err.Error(), "different TPM OpenSSL forms") || !strings.Contains(err.Error(), "set tpm_openssl") {
 			t.Fatalf("got %v", err)
 		}
 	})
 	t.Run("forced by the profile", func(t *testing.T) {
-		s.Config.Profiles = map[string]Profile{"abrmd": {Base: "mender", TPMOpenSSL: OpenSSLProviderABRMD}}
+		s.Config.Profiles = map[string]profile.Profile{"abrmd": {Base: "mender", TPMOpenSSL: profile.OpenSSLProviderABRMD}}
 		defer func() { s.Config.Profiles = nil }()
-		img := goldenWithDpkg(t, map[int]string{2: debian13Status, 3: debian13Status})
+		img := goldenWithDpkg(t, map[int]string{2: debian13, 3: debian13})
 		if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "OSSL-0010", Image: img, Profile: "abrmd", Operator: "t"}, nil); err != nil {
 			t.Fatal(err)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"provision/image"
+	"provision/station/profile"
 )
 
 // PreflightPlan checks, without writing anything, that a plan fits the image at imagePath as Inject will check it:
@@ -11,7 +12,7 @@ import (
 // file systems do not disagree), and no key file goes to a FAT partition unless its file entry says
 // allow_unprotected_key. The plan is settled in place as Inject would settle it. Errors wrap ErrImage (and
 // ErrUnprotectedKey for a key file on FAT). For the validate step: it runs before any key or certificate exists.
-func PreflightPlan(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) error {
+func PreflightPlan(ctx context.Context, imagePath string, plan *profile.Plan, opts ...image.OpenOption) error {
 	im, err := image.Open(ctx, imagePath, append(opts, image.ReadOnly())...)
 	if err != nil {
 		return imageErr(err)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"provision/inventory"
+	"provision/station/profile"
 	"provision/tpm"
 )
 
@@ -27,7 +28,7 @@ type run struct {
 	pubSHA  string
 	subject pkix.Name
 	csr     *x509.CertificateRequest
-	plan    *Plan
+	plan    *profile.Plan
 	unclaim func() // drops the run's claim on the serial (claimUnit)
 	m       machine
 	sink    sink

@@ -7,6 +7,7 @@ import (
 
 	"provision/image"
 	"provision/station/ca"
+	"provision/station/profile"
 	"provision/tpm"
 )
 
@@ -33,7 +34,7 @@ func (r *run) preflight(ctx context.Context) error {
 		kind = tpm.KindSoft
 	}
 	placeholder := func(n int) []byte { return make([]byte, n) }
-	m := Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: kind, Cert: placeholder(preflightCertBytes),
+	m := profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: kind, Cert: placeholder(preflightCertBytes),
 		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA,
 		Key: placeholder(preflightKeyBytes)}
 	plan, err := r.planFor(m)

@@ -4,15 +4,15 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"path/filepath"
-	"strings"
+
+	"provision/station/profile"
 )
 
 // CheckStationPath refuses, from the text alone, a file name in station.yaml that cannot be inside the station
 // directory: an absolute path or one that climbs out with "..". For load-time checks of server_ca, endpoint_ca and
 // template:; symlinks and CA keys are refused when the file is read (Layout.StationFile, readStationSource).
 func CheckStationPath(field, name string) error {
-	why := outsideStation(name)
+	why := profile.OutsideDir(name)
 	if why == "" {
 		return nil
 	}
@@ -47,14 +47,8 @@ func readStationSource(l Layout, field, name string) ([]byte, error) {
 	return b, nil
 }
 
-// outsideStation says why a name cannot be inside the station directory ("" when it can be).
-func outsideStation(name string) string {
-	clean := filepath.Clean(name)
-	switch {
-	case filepath.IsAbs(name):
-		return "absolute path"
-	case clean == ".." || strings.HasPrefix(clean, "../"):
-		return "climbs out with .."
-	}
-	return ""
+// ReadTemplate reads a profile's template:<file> (profile.Templates): a source for images, inside the station
+// directory only (readStationSource).
+func (l Layout) ReadTemplate(name string) ([]byte, error) {
+	return readStationSource(l, "template", name)
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"provision/station/profile"
 	"provision/tpm"
 )
 
@@ -51,13 +52,13 @@ func TestProfileTemplateStationFile(t *testing.T) {
 	}
 	key, _ := os.ReadFile(s.Layout.IssuingKey())
 	os.WriteFile(filepath.Join(dir, "templates", "copy.txt"), key, 0o600)
-	plan := func(from string) (*Plan, error) {
-		p := &Profile{Partitions: map[string]PartitionSpec{"rootfs": {Select: "2", Mount: "/"}},
-			Files: []FileSpec{{To: "rootfs:/etc/x", From: from}}}
-		if err := p.validate("p"); err != nil {
+	plan := func(from string) (*profile.Plan, error) {
+		p, err := profile.Resolve("p", map[string]profile.Profile{"p": {Partitions: map[string]profile.PartitionSpec{"rootfs": {Select: "2", Mount: "/"}},
+			Files: []profile.FileSpec{{To: "rootfs:/etc/x", From: from}}}})
+		if err != nil {
 			return nil, err
 		}
-		return p.Plan("p", dir, testMaterial("soft"))
+		return p.Plan("p", Layout{Dir: dir}, testMaterial("soft"))
 	}
 	got, err := plan("template:templates/ok.txt")
 	if err != nil || string(got.Files[0].Data) != "serial SN-1\n" {
@@ -120,9 +121,9 @@ func TestServerCAInsideStation(t *testing.T) {
 func TestKeyFileOnFATRefused(t *testing.T) {
 	s := newStation(t)
 	d := openDevice(t, "soft")
-	s.Config.Profiles = map[string]Profile{
-		"bootkey": {Base: "mender", Files: []FileSpec{{To: "boot:/device.key", From: "key", Name: "bootkey"}}},
-		"bootkey-ok": {Base: "mender", Files: []FileSpec{{To: "boot:/device.key", From: "key", Name: "bootkey",
+	s.Config.Profiles = map[string]profile.Profile{
+		"bootkey": {Base: "mender", Files: []profile.FileSpec{{To: "boot:/device.key", From: "key", Name: "bootkey"}}},
+		"bootkey-ok": {Base: "mender", Files: []profile.FileSpec{{To: "boot:/device.key", From: "key", Name: "bootkey",
 			AllowUnprotectedKey: true}}},
 	}
 	img := goldenWithDpkg(t, nil)
@@ -131,7 +132,7 @@ func TestKeyFileOnFATRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan, err := prof.Plan("bootkey", s.Layout.Dir, testMaterial("soft"))
+	plan, err := prof.Plan("bootkey", s.Layout, testMaterial("soft"))
 	if err != nil {
 		t.Fatal(err)
 	}

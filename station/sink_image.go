@@ -9,6 +9,7 @@ import (
 	"provision/image"
 	"provision/inventory"
 	"provision/station/ca"
+	"provision/station/profile"
 	"provision/tpm"
 )
 
@@ -46,7 +47,7 @@ func (imageSink) reload(ctx context.Context, r *run) bool {
 	if err != nil {
 		return false
 	}
-	plan, err := r.planFor(Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: tpm.KindSoft})
+	plan, err := r.planFor(profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: tpm.KindSoft})
 	if err != nil {
 		return false
 	}
@@ -90,7 +91,7 @@ func (imageSink) reload(ctx context.Context, r *run) bool {
 	return true
 }
 
-func (r *run) planFor(m Material) (*Plan, error) {
+func (r *run) planFor(m profile.Material) (*profile.Plan, error) {
 	name := r.req.Profile
 	if name == "" {
 		name = r.s.Config.Profile
@@ -99,15 +100,15 @@ func (r *run) planFor(m Material) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	return prof.Plan(name, r.s.Layout.Dir, m)
+	return prof.Plan(name, r.s.Layout, m)
 }
 
-func (r *run) material() (Material, error) {
+func (r *run) material() (profile.Material, error) {
 	serverCA, err := r.s.ServerCA()
 	if err != nil {
-		return Material{}, err
+		return profile.Material{}, err
 	}
-	return Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
+	return profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
 		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA, Key: r.keyPEM}, nil
 }
 
@@ -145,7 +146,7 @@ func (imageSink) check(ctx context.Context, r *run) (string, error) {
 }
 
 // readIdentity reads the key file and certificate file a plan writes, from the first partition each goes to.
-func readIdentity(ctx context.Context, imagePath string, plan *Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
+func readIdentity(ctx context.Context, imagePath string, plan *profile.Plan, opts ...image.OpenOption) (keyPEM, certPEM []byte, err error) {
 	im, err := image.Open(ctx, imagePath, append(opts, image.ReadOnly())...)
 	if err != nil {
 		return nil, nil, err

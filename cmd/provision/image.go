@@ -11,6 +11,7 @@ import (
 
 	"provision/station"
 	"provision/station/ca"
+	"provision/station/profile"
 )
 
 func newInjectCmd(g *globals) *cobra.Command {
@@ -54,7 +55,7 @@ compared, and the image is synced before inject reports success.`,
 			if err != nil {
 				return usageError{err}
 			}
-			plan, err := prof.Plan(name, st.Layout.Dir, m)
+			plan, err := prof.Plan(name, st.Layout, m)
 			if err != nil {
 				return usageError{err}
 			}
@@ -78,22 +79,22 @@ compared, and the image is synced before inject reports success.`,
 }
 
 // readBundle loads an enroll bundle and checks it belongs to this station.
-func readBundle(st *station.Station, dir string) (station.Material, error) {
+func readBundle(st *station.Station, dir string) (profile.Material, error) {
 	serial := filepath.Base(filepath.Clean(dir))
 	if err := st.Config.SerialRule().Check(serial); err != nil {
-		return station.Material{}, fmt.Errorf("inject: bundle directory name: %w", err)
+		return profile.Material{}, fmt.Errorf("inject: bundle directory name: %w", err)
 	}
 	read := func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, name)) }
 	cert, err := read(station.BundleCert)
 	if err != nil {
-		return station.Material{}, usagef("inject: --bundle %s: %v", dir, err)
+		return profile.Material{}, usagef("inject: --bundle %s: %v", dir, err)
 	}
 	certs, err := ca.ParseCerts(cert)
 	if err != nil {
-		return station.Material{}, usagef("inject: %s: %v", filepath.Join(dir, station.BundleCert), err)
+		return profile.Material{}, usagef("inject: %s: %v", filepath.Join(dir, station.BundleCert), err)
 	}
 	if err := certs[0].CheckSignatureFrom(st.CA.Issuing); err != nil {
-		return station.Material{}, usagef("inject: %s was not issued by this station's CA: %v", filepath.Join(dir, station.BundleCert), err)
+		return profile.Material{}, usagef("inject: %s was not issued by this station's CA: %v", filepath.Join(dir, station.BundleCert), err)
 	}
 	kind, key := "tpm", []byte(nil)
 	if key, err = read("device.tss2.pem"); errors.Is(err, os.ErrNotExist) {
@@ -101,13 +102,13 @@ func readBundle(st *station.Station, dir string) (station.Material, error) {
 		key, err = read("device.key")
 	}
 	if err != nil {
-		return station.Material{}, usagef("inject: --bundle %s: no key file: %v", dir, err)
+		return profile.Material{}, usagef("inject: --bundle %s: no key file: %v", dir, err)
 	}
 	serverCA, err := st.ServerCA()
 	if err != nil {
-		return station.Material{}, err
+		return profile.Material{}, err
 	}
-	return station.Material{Serial: serial, KeyKind: kind, Cert: cert, Issuing: ca.EncodeCerts(st.CA.Issuing),
+	return profile.Material{Serial: serial, KeyKind: kind, Cert: cert, Issuing: ca.EncodeCerts(st.CA.Issuing),
 		Root: ca.EncodeCerts(st.CA.Root), ServerCA: serverCA, Key: key}, nil
 }
 

@@ -1,6 +1,6 @@
-// Package deptest enforces the layering: leaf packages (tpm, image, inventory, station/ca, station/handshake) import
-// the standard library, their own third-party dependencies and internal utilities only — never each other, never
-// station, never cmd. station never imports cmd.
+// Package deptest enforces the layering: leaf packages (tpm, image, inventory, station/ca, station/handshake,
+// station/profile) import the standard library, their own third-party dependencies and internal utilities only —
+// never each other, never station, never cmd. station never imports cmd.
 package deptest
 
 import (
@@ -12,7 +12,7 @@ import (
 
 const module = "provision"
 
-var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake"}
+var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile"}
 
 type pkg struct {
 	ImportPath string

@@ -1,4 +1,4 @@
-package station
+package profile
 
 import (
 	"bufio"
@@ -111,6 +111,13 @@ func parseDpkgStatus(data []byte) map[string]dpkgPackage {
 	return out
 }
 
+// InstalledVersion is the version of an installed package (Status "install ok installed") in a dpkg status file's
+// contents; ok is false when the package is not installed.
+func InstalledVersion(status []byte, name string) (version string, ok bool) {
+	p, ok := parseDpkgStatus(status)[name]
+	return p.Version, ok
+}
+
 // upstreamAtLeast reports whether a Debian version's upstream part ([epoch:]upstream[-revision]) is at least
 // major.minor. ok is false when the version has no leading numeric major.minor.
 func upstreamAtLeast(version string, major, minor int) (atLeast, ok bool) {
@@ -151,9 +158,9 @@ func upstreamAtLeast(version string, major, minor int) (atLeast, ok bool) {
 	return nums[1] >= minor, true
 }
 
-// openSSLFromDpkg chooses the form from a root file system's package database; where names the file in messages
+// OpenSSLFromDpkg chooses the form from a root file system's package database; where names the file in messages
 // ("/var/lib/dpkg/status" or "/var/lib/dpkg/status (partition 2)").
-func openSSLFromDpkg(data []byte, where string) OpenSSLChoice {
+func OpenSSLFromDpkg(data []byte, where string) OpenSSLChoice {
 	pkgs := parseDpkgStatus(data)
 	c := OpenSSLChoice{Auto: true}
 	if p, ok := pkgs["tpm2-openssl"]; ok {
@@ -185,8 +192,8 @@ func openSSLFromDpkg(data []byte, where string) OpenSSLChoice {
 	return c
 }
 
-// openSSLUnknown is the choice when the package database cannot be read: provider, with a warning.
-func openSSLUnknown(why string) OpenSSLChoice {
+// OpenSSLUnknown is the choice when the package database cannot be read: provider, with a warning.
+func OpenSSLUnknown(why string) OpenSSLChoice {
 	return OpenSSLChoice{Form: OpenSSLProvider, Auto: true, Reason: "tpm2-openssl version unknown (" + why + ")",
 		Warning: "assumed tpm2-openssl 1.2 or later; on a Debian 12 userland set tpm_openssl: provider-abrmd in the profile"}
 }
