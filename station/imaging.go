@@ -200,7 +200,12 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	v := &verifier{s: s, im: im, ctx: ctx, serial: serial, now: opt.Now}
 	// The key file says which kind of key the unit has, and so which files the profile writes.
 	kind := tpm.KindSoft
-	probe, err := prof.Plan(name, s.Layout, profile.Material{Serial: serial, KeyKind: tpm.KindSoft})
+	// The unit's own fields (batch CSV columns), as the run that wrote the image rendered its templates with them.
+	var fields map[string]string
+	if u, err := s.Inv.Unit(ctx, serial); err == nil {
+		fields = u.Fields
+	}
+	probe, err := prof.Plan(name, s.Layout, profile.Material{Serial: serial, Fields: fields, KeyKind: tpm.KindSoft})
 	if err != nil {
 		return nil, err
 	}
@@ -221,7 +226,8 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 	if err != nil {
 		return nil, err
 	}
-	plan, err := prof.Plan(name, s.Layout, profile.Material{Serial: serial, KeyKind: kind, Root: root, Issuing: issuing, ServerCA: serverCA})
+	plan, err := prof.Plan(name, s.Layout, profile.Material{Serial: serial, Fields: fields, KeyKind: kind, Root: root, Issuing: issuing,
+		ServerCA: serverCA})
 	if err != nil {
 		return nil, err
 	}

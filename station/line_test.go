@@ -298,3 +298,32 @@ func fillPartition(t *testing.T, img string, n int, leave int64) {
 		t.Fatal(err)
 	}
 }
+
+// verify renders the profile with the unit's stored fields, so a profile whose templates use .Fields verifies (before:
+// every such unit failed verify, which rendered without them).
+func TestVerifyUsesStoredFields(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	img := goldenImage(t)
+	data := strings.Replace(string(s.Config.Marshal()), "\nprofile: ", "\nprofiles:\n  sited:\n    base: mender\n"+
+		"    json_merge:\n      - {to: \"rootfs:/etc/site.json\", create: true, set: {Site: \"{{.Fields.site}}\"}}\nprofile: ", 1)
+	c, err := ParseConfig("station.yaml", []byte(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Config = c
+	ctx := context.Background()
+	if _, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-SITE-1", Fields: map[string]string{"site": "Lyon"}, Image: img,
+		Profile: "sited"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	checks, err := s.VerifyImage(ctx, img, "SN-SITE-1", VerifyOptions{Profile: "sited"})
+	if err != nil {
+		for _, c := range checks {
+			if !c.OK {
+				t.Errorf("%s: %s", c.Name, c.Detail)
+			}
+		}
+		t.Fatal(err)
+	}
+}
