@@ -44,6 +44,7 @@ type Config struct {
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
+	profiles   *profileCache
 }
 
 // SerialConfig says which serials the station accepts.
@@ -155,7 +156,7 @@ func (c Config) Marshal() []byte {
 
 // ParseConfig reads and validates station.yaml. name is used in error messages ("station.yaml:7: ...").
 func ParseConfig(name string, data []byte) (*Config, error) {
-	var c Config
+	c := Config{profiles: &profileCache{}}
 	if err := yaml.UnmarshalWithOptions(data, &c, yaml.DisallowUnknownField()); err != nil {
 		var ye yaml.Error
 		if errors.As(err, &ye) && ye.GetToken() != nil {
