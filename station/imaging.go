@@ -100,11 +100,9 @@ func Inject(ctx context.Context, imagePath string, plan *profile.Plan, opts ...i
 		return imageErr(err)
 	}
 	writes = append(writes, merged...)
+	// Apply commits synced: the new blocks are on stable storage before the undo journal goes (no second sync).
 	if err := im.Apply(ctx, writes); err != nil {
 		return imageErr(err)
-	}
-	if err := im.Sync(); err != nil {
-		return imageErr(fmt.Errorf("image %s: sync: %w", imagePath, err))
 	}
 	if err := im.Close(); err != nil {
 		return imageErr(fmt.Errorf("image %s: close: %w", imagePath, err))
