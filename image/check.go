@@ -46,39 +46,12 @@ func (im *Image) Check(ctx context.Context, planned []Planned) error {
 	if im.closed {
 		return fmt.Errorf("image %s: closed", im.path)
 	}
-	type target struct {
-		part  Partition
-		files []Planned
-	}
-	var targets []*target
-	byNumber := map[int]*target{}
-	seen := map[string]bool{}
-	for _, pl := range planned {
+	targets, err := groupEdit(im, planned, func(pl Planned) (editFile, error) {
 		p, err := im.Select(pl.Select)
-		if err != nil {
-			return err
-		}
-		if err := checkPath(pl.Path); err != nil {
-			return fmt.Errorf("image %s partition %d: %w", im.path, p.Number, err)
-		}
-		if pl.Size < 0 {
-			return fmt.Errorf("image %s partition %d: %s: negative size %d", im.path, p.Number, pl.Path, pl.Size)
-		}
-		key := strconv.Itoa(p.Number) + ":" + pl.Path
-		if p.FS == "vfat" {
-			key = strings.ToLower(key)
-		}
-		if seen[key] {
-			return fmt.Errorf("image %s partition %d: %s is written twice in one edit", im.path, p.Number, pl.Path)
-		}
-		seen[key] = true
-		t := byNumber[p.Number]
-		if t == nil {
-			t = &target{part: p}
-			byNumber[p.Number] = t
-			targets = append(targets, t)
-		}
-		t.files = append(t.files, pl)
+		return editFile{p, pl.Path, pl.Size}, err
+	})
+	if err != nil {
+		return err
 	}
 	for _, t := range targets {
 		if err := ctx.Err(); err != nil {
@@ -87,6 +60,66 @@ func (im *Image) Check(ctx context.Context, planned []Planned) error {
 		if err := im.checkTarget(ctx, t.part, t.files); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// editTarget is one partition an edit writes to, with its files in the order given.
+type editTarget[T any] struct {
+	part  Partition
+	files []T
+}
+
+// editFile is what groupEdit needs to know of one file of an edit.
+type editFile struct {
+	part Partition // the image's own record of the file's partition
+	path string
+	size int64
+}
+
+// groupEdit checks the files of one edit (Apply's writes, Check's plan) and groups them by partition: partitions in
+// the order first named, files in the order given. resolve finds a file's partition and fails for one the image does
+// not have; then every path must be absolute and clean, no size negative, and no file named twice in one partition
+// (FAT names regardless of case).
+func groupEdit[T any](im *Image, files []T, resolve func(T) (editFile, error)) ([]*editTarget[T], error) {
+	var targets []*editTarget[T]
+	byNumber := map[int]*editTarget[T]{}
+	seen := map[string]bool{}
+	for _, file := range files {
+		f, err := resolve(file)
+		if err != nil {
+			return nil, err
+		}
+		p := f.part
+		if err := checkPath(f.path); err != nil {
+			return nil, fmt.Errorf("image %s partition %d: %w", im.path, p.Number, err)
+		}
+		if f.size < 0 {
+			return nil, fmt.Errorf("image %s partition %d: %s: negative size %d", im.path, p.Number, f.path, f.size)
+		}
+		key := strconv.Itoa(p.Number) + ":" + f.path
+		if p.FS == "vfat" {
+			key = strings.ToLower(key) // FAT names are case-insensitive
+		}
+		if seen[key] {
+			return nil, fmt.Errorf("image %s partition %d: %s is written twice in one edit", im.path, p.Number, f.path)
+		}
+		seen[key] = true
+		t := byNumber[p.Number]
+		if t == nil {
+			t = &editTarget[T]{part: p}
+			byNumber[p.Number] = t
+			targets = append(targets, t)
+		}
+		t.files = append(t.files, file)
+	}
+	return targets, nil
+}
+
+// checkPath accepts absolute, clean paths below the root.
+func checkPath(p string) error {
+	if !strings.HasPrefix(p, "/") || path.Clean(p) != p || p == "/" || strings.ContainsRune(p, 0) {
+		return fmt.Errorf("path %q is not absolute and clean", p)
 	}
 	return nil
 }
