@@ -19,7 +19,8 @@ import (
 	"provision/internal/fsutil"
 )
 
-// The signed audit head (audit.head, format v2):
+// The signed audit head (audit.head). Format v2, written by InitHead and AdoptKey and read; the first write turns it
+// into the slotted format v3 that writers keep (audit_slots.go):
 //
 //	provision-audit-head v2
 //	head COUNT HASH          the log as last committed: entry count and the hash of the last entry
@@ -29,9 +30,9 @@ import (
 //
 // A writer, holding the head lock (audit.head.lock, flock) and SQLite's write lock, checks that the log it is about to
 // extend is exactly what the head says (head, or pending when the previous writer committed and did not settle), writes
-// "head = the log before, pending = the log after" (synced) before its commit, and after the commit rewrites the file
-// as "head = the log after". So at every instant, crash or not, the log is either the signed head or the signed
-// pending head; anything else — a removed, rewritten or appended entry, a missing, truncated, unsigned or foreign-signed
+// "head = the log before, pending = the log after" (synced) before its commit, and after the commit writes
+// "head = the log after" (into the other v3 slot). So at every instant, crash or not, the log is either the signed head
+// or the signed pending head; anything else — a removed, rewritten or appended entry, a missing, truncated, unsigned or foreign-signed
 // head — does not verify.
 
 // auditKeys are the station audit key pair a DB signs and verifies heads with.
