@@ -139,7 +139,7 @@ func (db *DB) refreshHead(ctx context.Context) error {
 	}
 	f := readHeadFile(db.headPath)
 	switch {
-	case f.v2 != nil, f.err != nil:
+	case f.v2 != nil, f.v3 != nil, f.err != nil:
 		return nil // signed, or damaged: verify reports it; never overwritten here
 	case f.missing && cur.Count > 0:
 		return nil // tampering or damage: never rebuilt

@@ -19,7 +19,8 @@ import (
 	"provision/internal/fsutil"
 )
 
-// The signed audit head (audit.head, format v2):
+// The signed audit head (audit.head). Format v2, written by InitHead and AdoptKey and read; the first write turns it
+// into the slotted format v3 that writers keep (audit_slots.go):
 //
 //	provision-audit-head v2
 //	head COUNT HASH          the log as last committed: entry count and the hash of the last entry
@@ -29,22 +30,24 @@ import (
 //
 // A writer, holding the head lock (audit.head.lock, flock) and SQLite's write lock, checks that the log it is about to
 // extend is exactly what the head says (head, or pending when the previous writer committed and did not settle), writes
-// "head = the log before, pending = the log after" (synced) before its commit, and after the commit rewrites the file
-// as "head = the log after". So at every instant, crash or not, the log is either the signed head or the signed
-// pending head; anything else — a removed, rewritten or appended entry, a missing, truncated, unsigned or foreign-signed
+// "head = the log before, pending = the log after" (synced) before its commit, and after the commit writes
+// "head = the log after" (into the other v3 slot). So at every instant, crash or not, the log is either the signed head
+// or the signed pending head; anything else — a removed, rewritten or appended entry, a missing, truncated, unsigned or foreign-signed
 // head — does not verify.
 
 // auditKeys are the station audit key pair a DB signs and verifies heads with.
 type auditKeys struct {
-	priv ed25519.PrivateKey
-	pub  ed25519.PublicKey
+	priv  ed25519.PrivateKey
+	pub   ed25519.PublicKey
+	cache *headCache // the v3 head this DB last wrote or verified (audit_slots.go)
 }
 
 // txAudit is what a write transaction remembers for the head: the log before its first Append.
 type txAudit struct {
 	started bool
 	before  Head
-	sealed  *Head // the pending head written before the commit
+	sealed  *Head  // the pending head written before the commit
+	seq     uint64 // the v3 slot it was written in
 }
 
 // WithAuditKey signs the audit head with the station audit key (writers). The public half verifies it.
@@ -53,6 +56,7 @@ func WithAuditKey(key ed25519.PrivateKey) Option {
 		o.audit.priv = key
 		if key != nil {
 			o.audit.pub = key.Public().(ed25519.PublicKey)
+			o.audit.cache = &headCache{}
 		}
 	}
 }
@@ -77,12 +81,17 @@ type SignedHead struct {
 func (h SignedHead) body() []byte {
 	var b bytes.Buffer
 	b.WriteString("provision-audit-head v2\n")
-	fmt.Fprintf(&b, "head %d %s\n", h.Head.Count, h.Head.Hash)
-	if h.Pending != nil {
-		fmt.Fprintf(&b, "pending %d %s\n", h.Pending.Count, h.Pending.Hash)
-	}
-	fmt.Fprintf(&b, "key %s\n", h.KeyID)
+	h.writeFields(&b)
 	return b.Bytes()
+}
+
+// writeFields writes the head, pending and key lines (v2 and the v3 slots share them).
+func (h SignedHead) writeFields(b *bytes.Buffer) {
+	fmt.Fprintf(b, "head %d %s\n", h.Head.Count, h.Head.Hash)
+	if h.Pending != nil {
+		fmt.Fprintf(b, "pending %d %s\n", h.Pending.Count, h.Pending.Hash)
+	}
+	fmt.Fprintf(b, "key %s\n", h.KeyID)
 }
 
 // Marshal is the file's content.
@@ -97,11 +106,14 @@ func signHead(h SignedHead, key ed25519.PrivateKey) SignedHead {
 }
 
 // Verify checks the signature with pub and that the head names pub.
-func (h SignedHead) Verify(pub ed25519.PublicKey) error {
+func (h SignedHead) Verify(pub ed25519.PublicKey) error { return h.verifyBody(pub, h.body()) }
+
+// verifyBody checks the signature over body (the v2 file or a v3 slot) and that the head names pub.
+func (h SignedHead) verifyBody(pub ed25519.PublicKey, body []byte) error {
 	if h.KeyID != KeyID(pub) {
 		return fmt.Errorf("signed by another key (%.16s…, the station's audit key is %.16s…)", h.KeyID, KeyID(pub))
 	}
-	if !ed25519.Verify(pub, h.body(), h.Sig) {
+	if !ed25519.Verify(pub, body, h.Sig) {
 		return errors.New("signature does not verify")
 	}
 	return nil
@@ -116,6 +128,15 @@ func ParseSignedHead(b []byte) (SignedHead, error) {
 	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
 	if len(lines) < 4 || lines[0] != "provision-audit-head v2" {
 		return h, errors.New("not a v2 audit head")
+	}
+	return parseFields(lines[1:])
+}
+
+// parseFields reads the head, optional pending, key and sig lines, strictly.
+func parseFields(lines []string) (SignedHead, error) {
+	var h SignedHead
+	if len(lines) < 3 {
+		return h, errors.New("wrong number of lines")
 	}
 	parseHead := func(line, name string) (Head, error) {
 		f := strings.Split(line, " ")
@@ -132,10 +153,10 @@ func ParseSignedHead(b []byte) (SignedHead, error) {
 		return Head{Count: n, Hash: f[2]}, nil
 	}
 	var err error
-	if h.Head, err = parseHead(lines[1], "head"); err != nil {
+	if h.Head, err = parseHead(lines[0], "head"); err != nil {
 		return h, err
 	}
-	rest := lines[2:]
+	rest := lines[1:]
 	if strings.HasPrefix(rest[0], "pending ") {
 		p, err := parseHead(rest[0], "pending")
 		if err != nil {
@@ -165,6 +186,7 @@ type headFile struct {
 	missing bool
 	v1      *Head       // an unsigned head from a station made before audit keys
 	v2      *SignedHead // a signed head
+	v3      *slotFile   // a slotted signed head (audit_slots.go)
 	err     error       // unreadable or unparseable
 	raw     []byte
 }
@@ -181,6 +203,8 @@ func readHeadFile(path string) headFile {
 	switch {
 	case len(b) == 0:
 		f.err = errors.New("empty (truncated)")
+	case len(b) == slotsSize && (bytes.HasPrefix(b, []byte(v3Magic)) || bytes.HasPrefix(b[slotSize:], []byte(v3Magic))):
+		f.v3 = parseSlotFile(b)
 	case bytes.HasPrefix(b, []byte("provision-audit-head v2\n")):
 		h, err := ParseSignedHead(b)
 		if err != nil {
@@ -255,6 +279,15 @@ func (db *DB) checkExtends(f headFile, before Head) error {
 		return fmt.Errorf("audit head %s is missing while the log holds %d entries (tampering or damage; never rebuilt): run `provision audit verify`: %w", db.headPath, before.Count, ErrAudit)
 	case f.v1 != nil:
 		return fmt.Errorf("audit head %s is unsigned while this station has an audit key: run `provision audit adopt-key`: %w", db.headPath, ErrAudit)
+	case f.v3 != nil:
+		v, err := db.slotView(f)
+		if err != nil {
+			return fmt.Errorf("audit head %s: %v: run `provision audit verify`: %w", db.headPath, err, ErrAudit)
+		}
+		if v.accepts(before) {
+			return nil
+		}
+		return fmt.Errorf("audit log (%d entries) does not match its signed head (%d entries): run `provision audit verify`: %w", before.Count, v.cur.Head.Count, ErrAudit)
 	}
 	if err := f.v2.Verify(db.audit.pub); err != nil {
 		return fmt.Errorf("audit head %s: %v: run `provision audit verify`: %w", db.headPath, err, ErrAudit)
@@ -278,7 +311,7 @@ func (db *DB) sealHead(tx *Tx) error {
 		return fmt.Errorf("audit head: %w", err)
 	}
 	if db.audit.priv == nil {
-		if f := readHeadFile(db.headPath); f.v2 != nil {
+		if f := readHeadFile(db.headPath); f.v2 != nil || f.v3 != nil {
 			return refusal{fmt.Errorf("the audit head is signed but the station audit key is not available (ca/audit.key): %w", ErrAudit)}
 		}
 		return nil
@@ -288,14 +321,30 @@ func (db *DB) sealHead(tx *Tx) error {
 		return err
 	}
 	defer unlock()
-	if err := db.checkExtends(readHeadFile(db.headPath), tx.audit.before); err != nil {
+	f := readHeadFile(db.headPath)
+	if err := db.checkExtends(f, tx.audit.before); err != nil {
 		return refusal{err}
 	}
-	h := signHead(SignedHead{Head: tx.audit.before, Pending: &after}, db.audit.priv)
-	if err := fsutil.WriteFileSync(db.headPath, h.Marshal(), 0o644); err != nil {
+	pending := SignedHead{Head: tx.audit.before, Pending: &after}
+	if f.v3 != nil {
+		v, err := db.slotView(f) // cached by checkExtends
+		if err != nil {
+			return refusal{err}
+		}
+		s := signSlot(headSlot{Seq: v.cur.Seq + 1, SignedHead: pending}, db.audit.priv)
+		if err := db.writeSlot(f.raw, v, s, true); err != nil {
+			return fmt.Errorf("audit head: write %s: %w", db.headPath, err)
+		}
+		tx.audit.sealed, tx.audit.seq = &after, s.Seq
+		return nil
+	}
+	// A v2 head (or none, for an empty log) becomes v3, durably, once.
+	first := signSlot(headSlot{Seq: 1, SignedHead: SignedHead{Head: tx.audit.before}}, db.audit.priv)
+	second := signSlot(headSlot{Seq: 2, SignedHead: pending}, db.audit.priv)
+	if err := db.createSlots(first, second); err != nil {
 		return fmt.Errorf("audit head: write %s: %w", db.headPath, err)
 	}
-	tx.audit.sealed = &after
+	tx.audit.sealed, tx.audit.seq = &after, second.Seq
 	return nil
 }
 
@@ -312,12 +361,17 @@ func (db *DB) settleHead(tx *Tx) {
 	}
 	defer unlock()
 	f := readHeadFile(db.headPath)
-	if f.v2 == nil || f.v2.Pending == nil || *f.v2.Pending != *tx.audit.sealed {
+	if f.v3 == nil {
 		return
 	}
-	h := signHead(SignedHead{Head: *tx.audit.sealed}, db.audit.priv)
-	// Not synced: after a power loss the synced pending head, which names this commit too, is there instead.
-	fsutil.WriteFileAtomic(db.headPath, h.Marshal(), 0o644)
+	v, err := db.slotView(f)
+	if err != nil || v.cur.Seq != tx.audit.seq || v.cur.Pending == nil || *v.cur.Pending != *tx.audit.sealed {
+		return
+	}
+	s := signSlot(headSlot{Seq: v.cur.Seq + 1, SignedHead: SignedHead{Head: *tx.audit.sealed}}, db.audit.priv)
+	// Not synced: after a power loss the synced pending slot, which names this commit too, is the head instead (a
+	// torn settle fails its signature and leaves that slot current).
+	db.writeSlot(f.raw, v, s, false)
 }
 
 // InitHead writes the first signed head for the log as it is (init: empty). It refuses to replace an existing head.
@@ -360,7 +414,7 @@ func (db *DB) AdoptKey(ctx context.Context) (AuditReport, error) {
 	}
 	defer unlock()
 	f := readHeadFile(db.headPath)
-	if f.v2 != nil {
+	if f.v2 != nil || f.v3 != nil {
 		return AuditReport{}, fmt.Errorf("inventory: audit head %s is already signed: %w", db.headPath, ErrAudit)
 	}
 	rep, err := verifyAudit(ctx, db.db, f, nil, true)

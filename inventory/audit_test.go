@@ -116,12 +116,18 @@ func TestAuditSignedVerifies(t *testing.T) {
 		}
 	}
 	b, _ := os.ReadFile(k.head)
-	h, err := ParseSignedHead(b)
-	if err != nil || h.Head.Count != 9 || h.Pending != nil {
-		t.Fatalf("head %q: %v", b, err)
+	if len(b) != slotsSize {
+		t.Fatalf("head is %d bytes, want %d (v3)", len(b), slotsSize)
 	}
-	if string(h.Marshal()) != string(b) {
-		t.Fatal("head does not round-trip")
+	f := parseSlotFile(b)
+	v, err := f.view(k.key.Public().(ed25519.PublicKey))
+	if err != nil || v.damaged || v.cur.Head.Count != 9 || v.cur.Pending != nil {
+		t.Fatalf("head %q: %+v %v", b, v, err)
+	}
+	for i, s := range f.slots {
+		if string(s.marshal()) != string(b[i*slotSize:(i+1)*slotSize]) {
+			t.Fatalf("slot %d does not round-trip", i)
+		}
 	}
 }
 

@@ -172,18 +172,38 @@ func checkHead(rep *AuditReport, f headFile, pub ed25519.PublicKey, last Head, b
 		}
 		return
 	}
-	h := *f.v2
+	var h SignedHead
+	var damaged bool // v3: one slot does not verify
+	switch {
+	case f.v3 != nil:
+		h = f.v3.slots[0].SignedHead
+		if f.v3.errs[0] != nil {
+			h = f.v3.slots[1].SignedHead
+		}
+	default:
+		h = *f.v2
+	}
 	rep.Head, rep.Pending = h.Head, h.Pending
 	rep.KeyID = h.KeyID
 	if pub == nil {
 		problem(0, "audit head is signed but the station has no audit public key (ca/audit.pub missing)")
 		return
 	}
-	if err := h.Verify(pub); err != nil {
+	if f.v3 != nil {
+		v, err := f.v3.view(pub)
+		if err != nil {
+			problem(0, "audit head %v", err)
+			return
+		}
+		h, damaged = v.cur.SignedHead, v.damaged
+		rep.Head, rep.Pending, rep.KeyID = h.Head, h.Pending, h.KeyID
+	} else if err := h.Verify(pub); err != nil {
 		problem(0, "audit head %v", err)
 		return
 	}
 	switch {
+	case damaged && h.Pending != nil && last == h.Head:
+		problem(0, "a slot of the audit head does not verify (torn or damaged) and the log is the head before the last write (%d entries, not %d): entries removed or damage", last.Count, h.Pending.Count)
 	case last == h.Head:
 		rep.Pending = nil // the write was not committed (a crash or a rollback before the commit): nothing is missing
 	case h.Pending != nil && last == *h.Pending:
