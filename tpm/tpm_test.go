@@ -21,6 +21,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"provision/internal/testutil"
 	"provision/simulator"
 )
 
@@ -28,20 +29,18 @@ import (
 // the SRK the device keeps until Close.
 func openSim(tb testing.TB, opts ...Option) *Device {
 	tb.Helper()
-	d, err := Open(context.Background(), "sim", append([]Option{WithSimulator(simulator.Open)}, opts...)...)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		checkNoLeaks(tb, d)
-		d.Close()
-	})
-	return d
+	return openChecked(tb, "sim", append([]Option{WithSimulator(simulator.Open)}, opts...)...)
 }
 
-func openSwtpm(tb testing.TB, s *simulator.Swtpm, opts ...Option) *Device {
+func openSwtpm(tb testing.TB, s *testutil.Swtpm, opts ...Option) *Device {
 	tb.Helper()
-	d, err := Open(context.Background(), s.URI, append([]Option{WithFlushStale(true)}, opts...)...)
+	return openChecked(tb, s.URI, append([]Option{WithFlushStale(true)}, opts...)...)
+}
+
+// openChecked opens the TPM at uri and, at cleanup, checks for leaked transient objects and closes it.
+func openChecked(tb testing.TB, uri string, opts ...Option) *Device {
+	tb.Helper()
+	d, err := Open(context.Background(), uri, opts...)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -169,14 +168,14 @@ func testKeys(t *testing.T, d *Device) {
 func TestSimulatorKeys(t *testing.T) { testKeys(t, openSim(t)) }
 
 func TestSwtpmKeys(t *testing.T) {
-	s := simulator.StartSwtpm(t)
+	s := testutil.StartSwtpm(t)
 	testKeys(t, openSwtpm(t, s))
 }
 
 // A killed run on a TPM without a resource manager leaves transient objects; Open with WithFlushStale clears them so
 // the next run is not blocked by the TPM's 3 object slots.
 func TestSwtpmStaleTransients(t *testing.T) {
-	s := simulator.StartSwtpm(t)
+	s := testutil.StartSwtpm(t)
 	ctx := context.Background()
 	raw, err := Open(ctx, s.URI)
 	if err != nil {
@@ -262,7 +261,7 @@ func TestEKCertificate(t *testing.T) {
 	if ek, err := d.EKCertificate(context.Background()); err != nil || ek != nil {
 		t.Fatalf("simulator without EK certificate: %x, %v", ek, err)
 	}
-	s := simulator.StartSwtpm(t, simulator.WithEKCert())
+	s := testutil.StartSwtpm(t, testutil.WithEKCert())
 	dev := openSwtpm(t, s)
 	ek, err := dev.EKCertificate(context.Background())
 	if err != nil {

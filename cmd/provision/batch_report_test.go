@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // hangingEndpoint accepts TCP connections and never answers: a unit's handshake step waits on it until it is
@@ -54,7 +54,7 @@ func hangingEndpoint(t *testing.T) (string, <-chan struct{}) {
 	return ln.Addr().String(), accepted
 }
 
-func waitAccepted(t *testing.T, accepted <-chan struct{}, cmd *exec.Cmd, stderr *lockedBuffer) {
+func waitAccepted(t *testing.T, accepted <-chan struct{}, cmd *exec.Cmd, stderr *testutil.LockedBuffer) {
 	t.Helper()
 	select {
 	case <-accepted:
@@ -130,7 +130,7 @@ func writeSerials(t *testing.T, path, header string, serials ...string) {
 // runs, a second batch on the same --out is refused (exit 4, naming the holder); a holder killed with SIGKILL releases
 // the lock. The run after that finishes everything and keeps every earlier row's certificate, image and hash.
 func TestBatchInterruptAndRerun(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "batch")
@@ -158,7 +158,7 @@ func TestBatchInterruptAndRerun(t *testing.T) {
 	hang := []string{"--station", st, "batch", "--serials", list, "--image", golden, "--out", out, "--workers", "1",
 		"--endpoint", "tls://" + ep, "--endpoint-ca", filepath.Join(st, "ca", "root.crt")}
 	cmd := exec.Command("provision", hang...)
-	var stderr lockedBuffer
+	var stderr testutil.LockedBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -235,7 +235,7 @@ func TestBatchInterruptAndRerun(t *testing.T) {
 
 	// A holder killed outright: the kernel releases its lock, the next batch runs.
 	cmd = exec.Command("provision", hang...)
-	var stderr2 lockedBuffer
+	var stderr2 testutil.LockedBuffer
 	cmd.Stderr = &stderr2
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -265,7 +265,7 @@ func TestBatchInterruptAndRerun(t *testing.T) {
 // A unit already shippable (here: provisioned by an earlier batch into another directory) is not re-provisioned by a
 // batch: it is reported as skipped, its certificate untouched. --reprovision does it again.
 func TestBatchShippableNotReprovisioned(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "batch")
@@ -307,7 +307,7 @@ func TestBatchShippableNotReprovisioned(t *testing.T) {
 
 // Images holding software keys are 0600 in a 0700 directory, whatever the golden image's mode and the umask.
 func TestBatchImageModes(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	old := syscall.Umask(0o022)
 	defer syscall.Umask(old)
 	dir := t.TempDir()
@@ -354,7 +354,7 @@ func TestBatchImageModes(t *testing.T) {
 // --fail-fast takes no new unit after a failure: the rest are not_started (no state), exit 1 (not 130: nobody
 // interrupted the batch).
 func TestBatchFailFast(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "batch")

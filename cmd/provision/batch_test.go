@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"testing"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 func fileSum(t *testing.T, p string) [32]byte {
@@ -47,7 +47,7 @@ func readReport(t *testing.T, dir string) batchReport {
 }
 
 func TestBatch(t *testing.T) {
-	simulator.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	for _, table := range []string{"mbr", "gpt"} {
 		t.Run(table, func(t *testing.T) {
 			dir := t.TempDir()
@@ -157,7 +157,7 @@ func TestBatch(t *testing.T) {
 }
 
 func TestBatchTargetsAndBadInput(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "batch")

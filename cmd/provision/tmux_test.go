@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // tuiTerm is the real binary's tui in a real terminal: a tmux session of 80x24, with NO_COLOR.
@@ -29,7 +29,7 @@ type tuiTerm struct {
 // env(1) first. When the program ends, the pane shows EXIT=<its exit code>.
 func startTUI(t *testing.T, st string, env []string, args ...string) *tuiTerm {
 	t.Helper()
-	simulator.RequireTool(t, "tmux")
+	testutil.RequireTool(t, "tmux")
 	bin, err := exec.LookPath("provision")
 	if err != nil {
 		t.Fatal(err)
@@ -177,7 +177,7 @@ func setStationYAML(t *testing.T, st, prefix, line string) {
 // next good scan starts alone; an already shippable unit is not touched until ctrl+r twice; the counters count units;
 // F1 shows help; ctrl+c quits with exit 0.
 func TestTUIInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "line-7")
@@ -250,13 +250,13 @@ func TestTUIInTmux(t *testing.T) {
 // endpoint_ca:): a mosquitto broker whose cafile does not hold the station CA rejects the unit: FAIL on screen with the
 // cause, and the header names the target.
 func TestTUIBrokerRejectsInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "mosquitto")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "mosquitto")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "line-8")
 	mustCLI(t, st, "sample-image", filepath.Join(dir, "MQ-0001.img"))
-	srvCA, srvCert, srvKey := serverIdentity(t, dir)
-	m := simulator.StartMosquitto(t, srvCert, srvKey, srvCA) // trusts only the server CA, not the station's
+	srvCA, srvCert, srvKey := testutil.ServerIdentity(t, dir)
+	m := testutil.StartMosquitto(t, srvCert, srvKey, srvCA) // trusts only the server CA, not the station's
 	if err := os.WriteFile(filepath.Join(st, "fleet-ca.pem"), []byte(mustReadFile(t, srvCA)), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -308,7 +308,7 @@ func silentTPM(t *testing.T) string {
 // A TPM that accepts and never answers freezes nothing: the header says so within seconds, keys are taken meanwhile,
 // Esc cancels a unit waiting for the TPM ("cancelled", not FAILED at key), and SIGTERM stops one and exits 130.
 func TestTUISilentTPMInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "line-9")
@@ -338,7 +338,7 @@ func TestTUISilentTPMInTmux(t *testing.T) {
 // SIGTERM while a unit runs: the unit stops between steps (here during its handshake with a server that never
 // answers), is recorded as interrupted with the state of its last completed step, and the command exits 130.
 func TestTUISignalInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "line-10")
@@ -370,7 +370,7 @@ func TestTUISignalInTmux(t *testing.T) {
 // An encrypted CA key without PROVISION_CA_PASSPHRASE: the screen asks for the passphrase (not shown as typed), a
 // wrong one is asked again, the right one unlocks the CA and units are signed.
 func TestTUIAsksCAPassphraseInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	const pass = "line-secret-42"

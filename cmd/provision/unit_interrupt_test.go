@@ -12,13 +12,13 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // SIGINT during a unit stops it between steps: exit 130, "INTERRUPTED" with the state kept, an interrupted event, and
 // the next run resumes and ships it (before: exit 4 and "context canceled").
 func TestUnitInterrupted(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "int")

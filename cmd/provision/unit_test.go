@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"provision/image"
-	"provision/simulator"
+	"provision/internal/testutil"
 	"provision/tpm"
 )
 
@@ -97,7 +97,7 @@ func checkConsistent(t *testing.T, station, serial, img string) {
 // Kill the unit run at each step boundary and at random moments; the next run finishes the unit with exactly one
 // active certificate, a clean image and a consistent inventory and audit chain.
 func TestUnitCrashInjection(t *testing.T) {
-	simulator.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "crash")
@@ -153,8 +153,8 @@ func TestUnitCrashInjection(t *testing.T) {
 
 // The full pipeline on swtpm, with a kill right after the key was made in the TPM (a transient object left behind).
 func TestUnitSwtpm(t *testing.T) {
-	simulator.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
-	sw := simulator.StartSwtpm(t)
+	testutil.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	sw := testutil.StartSwtpm(t)
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "swtpm")
@@ -189,20 +189,20 @@ func TestUnitSwtpm(t *testing.T) {
 }
 
 func TestUnitEndpoints(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "openssl")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "openssl")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "ep")
 	img := filepath.Join(dir, "unit.img")
 	mustCLI(t, st, "sample-image", img)
-	srvCA, srvCert, srvKey := serverIdentity(t, dir)
+	srvCA, srvCert, srvKey := testutil.ServerIdentity(t, dir)
 	chain := filepath.Join(dir, "station-chain.pem")
 	root, _ := os.ReadFile(filepath.Join(st, "ca", "root.crt"))
 	iss, _ := os.ReadFile(filepath.Join(st, "ca", "issuing.crt"))
 	os.WriteFile(chain, append(root, iss...), 0o644)
 
 	// A real broker trusting the station chain: shippable, and the broker saw the unit's CN.
-	m := simulator.StartMosquitto(t, srvCert, srvKey, chain)
+	m := testutil.StartMosquitto(t, srvCert, srvKey, chain)
 	ep := fmt.Sprintf("mqtts://127.0.0.1:%d", m.Port)
 	out := mustCLI(t, st, "unit", "--serial", "MQ-0001", "--image", img, "--tpm", "sim", "--endpoint", ep, "--endpoint-ca", srvCA)
 	if !strings.Contains(out, "CONNACK 0") || !strings.Contains(out, "SHIPPABLE") {
@@ -216,7 +216,7 @@ func TestUnitEndpoints(t *testing.T) {
 	// A broker trusting another CA: the unit fails at the handshake, exit 1, with the cause; the inventory says so.
 	other := filepath.Join(dir, "other-ca.pem")
 	os.WriteFile(other, []byte(mustReadFile(t, srvCA)), 0o644)
-	m2 := simulator.StartMosquitto(t, srvCert, srvKey, other)
+	m2 := testutil.StartMosquitto(t, srvCert, srvKey, other)
 	_, errs, code := cli(t, st, "unit", "--serial", "MQ-0002", "--image", img, "--tpm", "sim",
 		"--endpoint", fmt.Sprintf("mqtts://127.0.0.1:%d", m2.Port), "--endpoint-ca", srvCA)
 	if code != 1 || !strings.Contains(errs, "handshake") || !strings.Contains(errs, "rejected our certificate") {
@@ -237,14 +237,14 @@ func TestUnitEndpoints(t *testing.T) {
 	}
 
 	// An HTTPS endpoint requiring client certificates.
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	srv := exec.Command("openssl", "s_server", "-accept", fmt.Sprint(port), "-cert", srvCert, "-key", srvKey, "-CAfile", chain,
 		"-Verify", "1", "-verify_return_error", "-tls1_3", "-www")
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	waitPort(t, port)
+	testutil.WaitPort(t, port)
 	out = mustCLI(t, st, "unit", "--serial", "HT-0001", "--image", img, "--tpm", "sim",
 		"--endpoint", fmt.Sprintf("https://127.0.0.1:%d/", port), "--endpoint-ca", srvCA, "--json")
 	if !strings.Contains(out, `"state":"shippable"`) || !strings.Contains(out, `"protocol":"https"`) {

@@ -13,13 +13,13 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // A generated issuing CA is constrained to client authentication: even a server certificate made with its key (a
 // stolen station key) does not verify for a TLS server, with OpenSSL or Go, while device certificates verify as clients.
 func TestIssuingCAClientAuthOnly(t *testing.T) {
-	simulator.RequireTool(t, "openssl")
+	testutil.RequireTool(t, "openssl")
 	g := newCA(t)
 	if !ClientAuthOnly(g.CA.Issuing) {
 		t.Fatalf("issuing CA extended key usage %v %v, want clientAuth only", g.CA.Issuing.ExtKeyUsage, g.CA.Issuing.UnknownExtKeyUsage)

@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 func newCA(tb testing.TB) *Generated {
@@ -225,7 +225,7 @@ func TestKeyRoundTrip(t *testing.T) {
 
 // OpenSSL reads the encrypted key and verifies an issued certificate against the chain.
 func TestOpenSSLInterop(t *testing.T) {
-	simulator.RequireTool(t, "openssl")
+	testutil.RequireTool(t, "openssl")
 	g := newCA(t)
 	dir := t.TempDir()
 	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)

@@ -12,38 +12,20 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // A server that verifies our certificate and then closes the connection cleanly has accepted it: in TLS 1.3 a
 // rejection is an alert, and a close without one is no complaint.
 func TestServerClosesAfterHandshake(t *testing.T) {
-	ca := newTestCA(t, "station")
-	c := ca.client(t, ecKey(), "device-1")
-	sk := ecKey()
-	cert := tls.Certificate{Certificate: [][]byte{ca.issue(t, sk.Public(), "server", true, "127.0.0.1").Raw, ca.issuing.Raw}, PrivateKey: sk}
-	serve := func(cfg *tls.Config) string {
-		l, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { l.Close() })
-		go func() {
-			for {
-				conn, err := l.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					conn.(*tls.Conn).Handshake()
-					conn.Close() // close_notify after a good handshake; the alert after a failed one
-				}()
-			}
-		}()
-		return "tls://" + l.Addr().String()
-	}
-	ep := serve(&tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.pool()})
-	res, err := Test(context.Background(), ep, ca.pool(), c)
+	ca := testutil.NewCA(t, "station")
+	c := client(t, ca, testutil.ECKey(), "device-1")
+	sk := testutil.ECKey()
+	cert := tls.Certificate{Certificate: [][]byte{ca.Issue(t, sk.Public(), "server", true, "127.0.0.1").Raw, ca.Issuing.Raw}, PrivateKey: sk}
+	// close_notify after a good handshake; the alert after a failed one
+	closeAfter := func(c *tls.Conn) { c.Handshake() }
+	ep := tlsServer(t, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool()}, closeAfter)
+	res, err := Test(context.Background(), ep, ca.Pool(), c)
 	if err != nil {
 		t.Fatalf("a server that accepted and closed: %v", err)
 	}
@@ -62,39 +44,36 @@ func TestServerClosesAfterHandshake(t *testing.T) {
 			if err != nil {
 				return
 			}
-			tc := tls.Server(conn, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.pool()})
+			tc := tls.Server(conn, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool()})
 			tc.Handshake()
 			conn.(*net.TCPConn).SetLinger(0) // RST, no close_notify
 			conn.Close()
 		}
 	}()
-	_, err = Test(context.Background(), "tls://"+raw.Addr().String(), ca.pool(), c)
+	_, err = Test(context.Background(), "tls://"+raw.Addr().String(), ca.Pool(), c)
 	wantReason(t, err, ErrClientRejected)
 	if !strings.Contains(err.Error(), "reset the connection") {
 		t.Errorf("reset: %v", err)
 	}
 	// The same server trusting another CA sends an alert: a rejection.
-	ep = serve(&tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: newTestCA(t, "other").pool()})
-	_, err = Test(context.Background(), ep, ca.pool(), c)
+	ep = tlsServer(t, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: testutil.NewCA(t, "other").Pool()}, closeAfter)
+	_, err = Test(context.Background(), ep, ca.Pool(), c)
 	wantReason(t, err, ErrClientRejected)
 }
 
 func TestTLSWithOpenSSL(t *testing.T) {
-	simulator.RequireTool(t, "openssl")
-	station := newTestCA(t, "station")
+	testutil.RequireTool(t, "openssl")
+	station := testutil.NewCA(t, "station")
 	dir := t.TempDir()
-	sk := ecKey()
-	writePEM(t, filepath.Join(dir, "srv.crt"), station.issue(t, sk.Public(), "server", true, "127.0.0.1"), station.issuing)
-	writePEM(t, filepath.Join(dir, "srv.key"), sk)
-	writePEM(t, filepath.Join(dir, "ca.crt"), station.root, station.issuing)
-	other := newTestCA(t, "someone else")
-	writePEM(t, filepath.Join(dir, "other.crt"), other.root, other.issuing)
-	writePEM(t, filepath.Join(dir, "issuing.crt"), station.issuing) // sent by the server, whatever its -CAfile
+	serverFiles(t, station, dir)
+	other := testutil.NewCA(t, "someone else")
+	testutil.WritePEM(t, filepath.Join(dir, "other.crt"), other.Root, other.Issuing)
+	testutil.WritePEM(t, filepath.Join(dir, "issuing.crt"), station.Issuing) // sent by the server, whatever its -CAfile
 	// start runs s_server for one connection, verifying client certificates against cafile. With closeAfter it ends the
 	// connection cleanly (close_notify) once it has finished the handshake: its stdin, held open until then, reaches
 	// EOF and -no_ign_eof makes that the end. Otherwise it stays silent.
 	start := func(cafile string, closeAfter bool) string {
-		port := freePort(t)
+		port := testutil.FreePort(t)
 		cmd := exec.Command("openssl", "s_server", "-accept", fmt.Sprint(port), "-cert", filepath.Join(dir, "srv.crt"),
 			"-key", filepath.Join(dir, "srv.key"), "-cert_chain", filepath.Join(dir, "issuing.crt"), "-tls1_3", "-Verify", "1", "-verify_return_error",
 			"-CAfile", filepath.Join(dir, cafile), "-naccept", "1", "-no_ign_eof")
@@ -129,15 +108,15 @@ func TestTLSWithOpenSSL(t *testing.T) {
 		}
 		return fmt.Sprintf("tls://127.0.0.1:%d", port)
 	}
-	c := station.client(t, ecKey(), "device-1")
-	res, err := Test(context.Background(), start("ca.crt", true), station.pool(), c)
+	c := client(t, station, testutil.ECKey(), "device-1")
+	res, err := Test(context.Background(), start("ca.crt", true), station.Pool(), c)
 	if err != nil {
 		t.Fatalf("s_server that verified us and closed: %v", err)
 	}
 	if !strings.Contains(res.Detail, "closed the connection without complaint") {
 		t.Fatalf("detail %q", res.Detail)
 	}
-	res, err = Test(context.Background(), start("ca.crt", false), station.pool(), c)
+	res, err = Test(context.Background(), start("ca.crt", false), station.Pool(), c)
 	if err != nil {
 		t.Fatalf("s_server that verified us and waits: %v", err)
 	}
@@ -145,7 +124,7 @@ func TestTLSWithOpenSSL(t *testing.T) {
 		t.Fatalf("detail %q", res.Detail)
 	}
 	for _, closeAfter := range []bool{true, false} {
-		_, err = Test(context.Background(), start("other.crt", closeAfter), station.pool(), c)
+		_, err = Test(context.Background(), start("other.crt", closeAfter), station.Pool(), c)
 		wantReason(t, err, ErrClientRejected)
 		if !strings.Contains(err.Error(), "alert") {
 			t.Errorf("rejection without the server's alert: %v", err)
@@ -155,10 +134,10 @@ func TestTLSWithOpenSSL(t *testing.T) {
 
 // A name that does not resolve is a DNS problem, not cabling.
 func TestUnresolvableHost(t *testing.T) {
-	ca := newTestCA(t, "station")
-	c := ca.client(t, ecKey(), "device-1")
+	ca := testutil.NewCA(t, "station")
+	c := client(t, ca, testutil.ECKey(), "device-1")
 	for _, ep := range []string{"tls://no-such-host.invalid:8883", "mqtts://no-such-host.invalid:8883", "https://no-such-host.invalid/"} {
-		_, err := Test(context.Background(), ep, ca.pool(), c, WithTimeout(5*time.Second))
+		_, err := Test(context.Background(), ep, ca.Pool(), c, WithTimeout(5*time.Second))
 		wantReason(t, err, ErrNameNotResolved)
 		if !strings.Contains(err.Error(), "cannot resolve host no-such-host.invalid") ||
 			!strings.Contains(err.Error(), "(check the endpoint's host name or the station's DNS)") {

@@ -17,6 +17,7 @@ import (
 	"github.com/charmbracelet/x/exp/teatest"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 	"provision/inventory"
 	"provision/simulator"
 	"provision/station"
@@ -73,7 +74,7 @@ func (b *realBackend) Provision(ctx context.Context, req station.ProvisionReques
 
 func setup(t *testing.T) (*realBackend, Header, string) {
 	t.Helper()
-	simulator.RequireTool(t, golden.Tools...)
+	testutil.RequireTool(t, golden.Tools...)
 	dir := t.TempDir()
 	sd := filepath.Join(dir, "station")
 	if _, err := station.Init(context.Background(), sd, station.InitOptions{StationID: "line-1"}); err != nil {
