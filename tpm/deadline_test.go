@@ -28,13 +28,20 @@ import (
 // Within is generous: the point is "about a second", not the 30 s default or go-tpm's unbounded wait.
 const within = 3 * time.Second
 
-func TestCommandCancelledOnStalledTPM(t *testing.T) {
+// openStalling opens a swtpm through a StallProxy (stale objects flushed), with opts.
+func openStalling(t *testing.T, opts ...Option) (*testutil.StallProxy, *Device) {
+	t.Helper()
 	s := testutil.StartSwtpm(t)
 	p := testutil.NewStallProxy(t, s.URI)
-	d, err := Open(context.Background(), p.URI, WithFlushStale(true))
+	d, err := Open(context.Background(), p.URI, append([]Option{WithFlushStale(true)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return p, d
+}
+
+func TestCommandCancelledOnStalledTPM(t *testing.T) {
+	p, d := openStalling(t)
 	defer d.Close()
 	k, err := d.CreateKey(context.Background(), ECCP256) // the storage root key is up: the next Create is one command
 	if err != nil {
@@ -82,12 +89,7 @@ func TestCommandCancelledOnStalledTPM(t *testing.T) {
 
 // A signature in flight stops with the context handed to Key.WithContext (crypto.Signer has none of its own).
 func TestSignCancelledOnStalledTPM(t *testing.T) {
-	s := testutil.StartSwtpm(t)
-	p := testutil.NewStallProxy(t, s.URI)
-	d, err := Open(context.Background(), p.URI, WithFlushStale(true))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, d := openStalling(t)
 	defer d.Close()
 	k, err := d.CreateKey(context.Background(), ECCP256)
 	if err != nil {
@@ -113,16 +115,11 @@ func TestSignCancelledOnStalledTPM(t *testing.T) {
 }
 
 func TestCommandDeadlineOnStalledTPM(t *testing.T) {
-	s := testutil.StartSwtpm(t)
-	p := testutil.NewStallProxy(t, s.URI)
-	d, err := Open(context.Background(), p.URI, WithFlushStale(true), WithCommandTimeout(500*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, d := openStalling(t, WithCommandTimeout(500*time.Millisecond))
 	defer d.Close()
 	p.Stall()
 	start := time.Now()
-	_, err = d.CreateKey(context.Background(), ECCP256)
+	_, err := d.CreateKey(context.Background(), ECCP256)
 	if !errors.Is(err, ErrUnreachable) || errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want ErrUnreachable", err)
 	}

@@ -46,6 +46,22 @@ func mustCLI(t *testing.T, station string, args ...string) string {
 	return out
 }
 
+// imageTools are the programs `provision sample-image` needs.
+var imageTools = []string{"sfdisk", "mke2fs", "mkfs.fat", "mcopy"}
+
+// sampleStation requires the image tools (and extraTools), initialises a station with the given id in a temp dir and
+// writes a sample image named name next to it. It returns the temp dir, the station directory and the image path.
+func sampleStation(t *testing.T, id, name string, extraTools ...string) (dir, st, img string) {
+	t.Helper()
+	testutil.RequireTool(t, append(append([]string(nil), imageTools...), extraTools...)...)
+	dir = t.TempDir()
+	st = filepath.Join(dir, "station")
+	mustCLI(t, st, "init", "--id", id)
+	img = filepath.Join(dir, name)
+	mustCLI(t, st, "sample-image", img)
+	return dir, st, img
+}
+
 type shown struct {
 	State        string `json:"state"`
 	FailedStep   string `json:"failed_step"`
@@ -189,12 +205,7 @@ func TestUnitSwtpm(t *testing.T) {
 }
 
 func TestUnitEndpoints(t *testing.T) {
-	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "openssl")
-	dir := t.TempDir()
-	st := filepath.Join(dir, "station")
-	mustCLI(t, st, "init", "--id", "ep")
-	img := filepath.Join(dir, "unit.img")
-	mustCLI(t, st, "sample-image", img)
+	dir, st, img := sampleStation(t, "ep", "unit.img", "openssl")
 	srvCA, srvCert, srvKey := testutil.ServerIdentity(t, dir)
 	chain := filepath.Join(dir, "station-chain.pem")
 	root, _ := os.ReadFile(filepath.Join(st, "ca", "root.crt"))

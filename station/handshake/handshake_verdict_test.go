@@ -1,13 +1,9 @@
 package handshake
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
-	"fmt"
 	"net"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -59,77 +55,6 @@ func TestServerClosesAfterHandshake(t *testing.T) {
 	ep = tlsServer(t, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: testutil.NewCA(t, "other").Pool()}, closeAfter)
 	_, err = Test(context.Background(), ep, ca.Pool(), c)
 	wantReason(t, err, ErrClientRejected)
-}
-
-func TestTLSWithOpenSSL(t *testing.T) {
-	testutil.RequireTool(t, "openssl")
-	station := testutil.NewCA(t, "station")
-	dir := t.TempDir()
-	serverFiles(t, station, dir)
-	other := testutil.NewCA(t, "someone else")
-	testutil.WritePEM(t, filepath.Join(dir, "other.crt"), other.Root, other.Issuing)
-	testutil.WritePEM(t, filepath.Join(dir, "issuing.crt"), station.Issuing) // sent by the server, whatever its -CAfile
-	// start runs s_server for one connection, verifying client certificates against cafile. With closeAfter it ends the
-	// connection cleanly (close_notify) once it has finished the handshake: its stdin, held open until then, reaches
-	// EOF and -no_ign_eof makes that the end. Otherwise it stays silent.
-	start := func(cafile string, closeAfter bool) string {
-		port := testutil.FreePort(t)
-		cmd := exec.Command("openssl", "s_server", "-accept", fmt.Sprint(port), "-cert", filepath.Join(dir, "srv.crt"),
-			"-key", filepath.Join(dir, "srv.key"), "-cert_chain", filepath.Join(dir, "issuing.crt"), "-tls1_3", "-Verify", "1", "-verify_return_error",
-			"-CAfile", filepath.Join(dir, cafile), "-naccept", "1", "-no_ign_eof")
-		stdin, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
-		listening := make(chan struct{})
-		go func() {
-			sc := bufio.NewScanner(stdout)
-			for sc.Scan() {
-				switch {
-				case sc.Text() == "ACCEPT": // listening (a probe connection would use up -naccept 1)
-					close(listening)
-				case closeAfter && strings.HasPrefix(sc.Text(), "CIPHER is"): // printed once the handshake is done
-					stdin.Close()
-				}
-			}
-		}()
-		select {
-		case <-listening:
-		case <-time.After(10 * time.Second):
-			t.Fatal("openssl s_server did not start")
-		}
-		return fmt.Sprintf("tls://127.0.0.1:%d", port)
-	}
-	c := client(t, station, testutil.ECKey(), "device-1")
-	res, err := Test(context.Background(), start("ca.crt", true), station.Pool(), c)
-	if err != nil {
-		t.Fatalf("s_server that verified us and closed: %v", err)
-	}
-	if !strings.Contains(res.Detail, "closed the connection without complaint") {
-		t.Fatalf("detail %q", res.Detail)
-	}
-	res, err = Test(context.Background(), start("ca.crt", false), station.Pool(), c)
-	if err != nil {
-		t.Fatalf("s_server that verified us and waits: %v", err)
-	}
-	if !strings.Contains(res.Detail, "no alert") {
-		t.Fatalf("detail %q", res.Detail)
-	}
-	for _, closeAfter := range []bool{true, false} {
-		_, err = Test(context.Background(), start("other.crt", closeAfter), station.Pool(), c)
-		wantReason(t, err, ErrClientRejected)
-		if !strings.Contains(err.Error(), "alert") {
-			t.Errorf("rejection without the server's alert: %v", err)
-		}
-	}
 }
 
 // A name that does not resolve is a DNS problem, not cabling.
