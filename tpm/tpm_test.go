@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -12,8 +11,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
-	"math/big"
-	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -312,29 +309,13 @@ func TestMapErr(t *testing.T) {
 // tlsHandshake runs TLS 1.3 with client authentication in-process, the client key being k.
 func tlsHandshake(t *testing.T, k crypto.Signer) {
 	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
-	caCert, _ := x509.ParseCertificate(caDER)
-	issue := func(pub crypto.PublicKey, cn string, eku x509.ExtKeyUsage) *x509.Certificate {
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{eku},
-			KeyUsage: x509.KeyUsageDigitalSignature, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, pub, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, _ := x509.ParseCertificate(der)
-		return c
-	}
-	srvKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	srvCert := issue(srvKey.Public(), "server", x509.ExtKeyUsageServerAuth)
-	cliCert := issue(k.Public(), "device", x509.ExtKeyUsageClientAuth)
-	pool := x509.NewCertPool()
-	pool.AddCert(caCert)
+	ca := testutil.NewCA(t, "test")
+	srvKey := testutil.ECKey()
+	srvCert := ca.Issue(t, srvKey.Public(), "server", true, "127.0.0.1")
+	cliCert := ca.Issue(t, k.Public(), "device", false)
+	pool := ca.Pool()
 	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, ClientAuth: tls.RequireAndVerifyClientCert,
-		ClientCAs: pool, Certificates: []tls.Certificate{{Certificate: [][]byte{srvCert.Raw}, PrivateKey: srvKey}}})
+		ClientCAs: pool, Certificates: []tls.Certificate{{Certificate: [][]byte{srvCert.Raw, ca.Issuing.Raw}, PrivateKey: srvKey}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,7 +338,7 @@ func tlsHandshake(t *testing.T, k crypto.Signer) {
 		got <- err
 	}()
 	c, err := tls.Dial("tcp", l.Addr().String(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{cliCert.Raw}, PrivateKey: k}}})
+		Certificates: []tls.Certificate{{Certificate: [][]byte{cliCert.Raw, ca.Issuing.Raw}, PrivateKey: k}}})
 	if err != nil {
 		t.Fatalf("TLS 1.3 with the TPM key: %v", err)
 	}

@@ -68,7 +68,7 @@ func TestGenerateHierarchy(t *testing.T) {
 
 func TestSignPolicy(t *testing.T) {
 	g := newCA(t)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	uri, _ := url.Parse("urn:dev:serial:SN123")
 	now := time.Now().UTC().Truncate(time.Second)
 	cert, err := g.CA.Sign(Request{
@@ -110,8 +110,8 @@ func TestSignPolicy(t *testing.T) {
 
 func TestSignRefusals(t *testing.T) {
 	g := newCA(t)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
+	otherKey := testutil.ECKey()
 	good := csrFor(t, devKey, "x")
 	tampered := *good
 	tampered.Signature = append([]byte(nil), good.Signature...)
@@ -139,7 +139,7 @@ func TestSignRefusals(t *testing.T) {
 
 func TestSignClipsToIssuer(t *testing.T) {
 	g := newCA(t)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	cert, err := g.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "x"}, Validity: 50 * 365 * 24 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -179,7 +179,7 @@ func TestNewRejectsInconsistentCA(t *testing.T) {
 		})
 	}
 	// A leaf certificate is not a CA.
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	leaf, err := a.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "x"}, Validity: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -229,7 +229,7 @@ func TestOpenSSLInterop(t *testing.T) {
 	testutil.RequireTool(t, "openssl")
 	g := newCA(t)
 	dir := t.TempDir()
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	cert, err := g.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "device-1"}, Validity: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -254,7 +254,7 @@ func TestOpenSSLInterop(t *testing.T) {
 
 func BenchmarkSign(b *testing.B) {
 	g := newCA(b)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	csr := csrFor(b, devKey, "x")
 	for b.Loop() {
 		if _, err := g.CA.Sign(Request{CSR: csr, Subject: pkix.Name{CommonName: "x"}, Validity: time.Hour}); err != nil {
@@ -287,12 +287,12 @@ func TestIssuingCAClientAuthOnly(t *testing.T) {
 	if ClientAuthOnly(g.CA.Root) {
 		t.Fatal("the root is constrained too")
 	}
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	client, err := g.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "device-1"}, Validity: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srvKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	srvKey := testutil.ECKey()
 	sn, _ := RandomSerial()
 	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: sn, Subject: pkix.Name{CommonName: "broker.example"},
 		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
