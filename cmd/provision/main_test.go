@@ -49,13 +49,7 @@ func TestScripts(t *testing.T) {
 			if !ok {
 				return false, errors.New("unknown condition " + cond)
 			}
-			if _, err := exec.LookPath(tool); err != nil {
-				if os.Getenv("CI") != "" {
-					return false, errors.New(tool + " is required under CI")
-				}
-				return true, nil
-			}
-			return false, nil
+			return testutil.Missing(tool)
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"exits": func(ts *testscript.TestScript, neg bool, args []string) {

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -21,13 +22,25 @@ import (
 func RequireTool(tb testing.TB, names ...string) {
 	tb.Helper()
 	for _, name := range names {
-		if _, err := exec.LookPath(name); err != nil {
-			if os.Getenv("CI") != "" {
-				tb.Fatalf("%s is required under CI: %v", name, err)
-			}
+		missing, err := Missing(name)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if missing {
 			tb.Skipf("%s not installed", name)
 		}
 	}
+}
+
+// Missing says whether a tool is not installed (for skipping what needs it); under CI a missing tool is an error.
+func Missing(name string) (bool, error) {
+	if _, err := exec.LookPath(name); err != nil {
+		if os.Getenv("CI") != "" {
+			return false, fmt.Errorf("%s is required under CI: %v", name, err)
+		}
+		return true, nil
+	}
+	return false, nil
 }
 
 // FreePort is a loopback port that was free a moment ago.
