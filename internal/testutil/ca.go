@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -102,20 +103,31 @@ func WritePEM(tb testing.TB, path string, items ...any) {
 	}
 }
 
-// ServerIdentity makes a throw-away server CA and a server certificate for 127.0.0.1 signed by it, written to dir as
-// srv-ca.crt, srv.crt and srv.key.
-func ServerIdentity(tb testing.TB, dir string) (caFile, certFile, keyFile string) {
+// LoopbackServerCert makes a throw-away server CA and a TLS server certificate for 127.0.0.1 signed by it; it returns
+// the CA certificate as PEM and the server's certificate with its key.
+func LoopbackServerCert(tb testing.TB) (caPEM []byte, cert tls.Certificate) {
 	tb.Helper()
 	caKey, key := ECKey(), ECKey()
-	caTmpl := caTemplate(1, "interop server CA", time.Now().Add(time.Hour))
+	caTmpl := caTemplate(1, "test server CA", time.Now().Add(time.Hour))
 	caCert := sign(tb, caTmpl, caTmpl, caKey.Public(), caKey)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
-	cert := sign(tb, tmpl, caCert, key.Public(), caKey)
+	leaf := sign(tb, tmpl, caCert, key.Public(), caKey)
+	caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caCert.Raw})
+	return caPEM, tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: key, Leaf: leaf}
+}
+
+// ServerIdentity writes a LoopbackServerCert to dir as srv-ca.crt, srv.crt and srv.key (PKCS #8), for servers that
+// read files (openssl s_server, mosquitto).
+func ServerIdentity(tb testing.TB, dir string) (caFile, certFile, keyFile string) {
+	tb.Helper()
+	caPEM, cert := LoopbackServerCert(tb)
 	caFile, certFile, keyFile = filepath.Join(dir, "srv-ca.crt"), filepath.Join(dir, "srv.crt"), filepath.Join(dir, "srv.key")
-	WritePEM(tb, caFile, caCert)
-	WritePEM(tb, certFile, cert)
-	WritePEM(tb, keyFile, key)
+	if err := os.WriteFile(caFile, caPEM, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	WritePEM(tb, certFile, cert.Leaf)
+	WritePEM(tb, keyFile, cert.PrivateKey)
 	return caFile, certFile, keyFile
 }
