@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 )
 
 // patch writes b at off of the file at p.
@@ -190,7 +191,7 @@ func TestRefusalsLeaveImageUntouched(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			before := sha(t, tt.img)
+			before := testutil.FileSum(t, tt.img)
 			im, err := Open(ctx, tt.img)
 			if tt.do == nil && err == nil {
 				im.Close()
@@ -208,7 +209,7 @@ func TestRefusalsLeaveImageUntouched(t *testing.T) {
 			if strings.Contains(err.Error(), "\n") {
 				t.Errorf("error is not one line: %q", err)
 			}
-			if sha(t, tt.img) != before {
+			if testutil.FileSum(t, tt.img) != before {
 				t.Fatal("image changed")
 			}
 			if _, err := os.Stat(JournalPath(tt.img, "")); err == nil {
@@ -231,7 +232,7 @@ func mustOpenFile(tb testing.TB, p string) *os.File {
 // Reading through a read-write Image, and closing it, writes nothing.
 func TestReadingChangesNothing(t *testing.T) {
 	img := buildGolden(t, golden.Options{Table: "gpt"})
-	before := sha(t, img)
+	before := testutil.FileSum(t, img)
 	im := open(t, img)
 	for _, p := range im.Partitions() {
 		fsys, err := im.FS(context.Background(), p)
@@ -254,7 +255,7 @@ func TestReadingChangesNothing(t *testing.T) {
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if sha(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Fatal("image changed")
 	}
 }
@@ -348,7 +349,7 @@ func TestFSCloseCommitsOrDrops(t *testing.T) {
 			}
 			fsck(t, img)
 
-			before := sha(t, img)
+			before := testutil.FileSum(t, img)
 			im = open(t, img)
 			defer im.Close()
 			fsys, err = im.FS(ctx, sel(t, im, part))
@@ -368,7 +369,7 @@ func TestFSCloseCommitsOrDrops(t *testing.T) {
 			if err := im.Close(); err != nil {
 				t.Fatal(err)
 			}
-			if sha(t, img) != before {
+			if testutil.FileSum(t, img) != before {
 				t.Fatal("image changed")
 			}
 		})

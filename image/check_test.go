@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 )
 
 // Check finds, without writing, what would make Apply refuse; what it passes, Apply writes.
@@ -67,7 +68,7 @@ func TestCheck(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			before := sha(t, tt.img)
+			before := testutil.FileSum(t, tt.img)
 			err := Check(ctx, tt.img, tt.plan)
 			if tt.want == nil && tt.msg == "" {
 				if err != nil {
@@ -79,7 +80,7 @@ func TestCheck(t *testing.T) {
 			if err != nil && strings.Contains(err.Error(), "\n") {
 				t.Errorf("error is not one line: %q", err)
 			}
-			if sha(t, tt.img) != before {
+			if testutil.FileSum(t, tt.img) != before {
 				t.Fatal("Check changed the image")
 			}
 		})

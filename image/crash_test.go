@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 )
 
 // The crash child: PROVISION_CRASH_CHILD=<image> and either PROVISION_CRASH_AT=<n> (SIGKILL itself at the n-th
@@ -213,14 +214,14 @@ func TestUndoJournal(t *testing.T) {
 	}
 	edited := img + ".edited"
 	copyRange(t, img, edited, 0, -1)
-	want := sha(t, pristine)
+	want := testutil.FileSum(t, pristine)
 
 	t.Run("complete journal rolls back", func(t *testing.T) {
 		copyRange(t, edited, img, 0, -1)
 		os.WriteFile(journal, full, 0o600)
 		im := open(t, img, ReadOnly()) // a reader rolls back too
 		im.Close()
-		if sha(t, img) != want {
+		if testutil.FileSum(t, img) != want {
 			t.Fatal("not rolled back")
 		}
 	})
@@ -232,7 +233,7 @@ func TestUndoJournal(t *testing.T) {
 			os.WriteFile(journal, torn, 0o600)
 			im := open(t, img)
 			im.Close()
-			if sha(t, img) != want {
+			if testutil.FileSum(t, img) != want {
 				t.Fatalf("journal cut at %d: image changed", n)
 			}
 			if _, err := os.Stat(journal); err == nil {
@@ -243,19 +244,19 @@ func TestUndoJournal(t *testing.T) {
 		corrupt[len(corrupt)/2] ^= 1
 		os.WriteFile(journal, corrupt, 0o600)
 		open(t, img).Close()
-		if sha(t, img) != want {
+		if testutil.FileSum(t, img) != want {
 			t.Fatal("corrupt journal: image changed")
 		}
 	})
 	t.Run("journal of another image is refused", func(t *testing.T) {
 		other := buildGolden(t, golden.Options{Table: "gpt", BootMiB: 33, RootfsMiB: 8, DataMiB: 8})
 		copyRange(t, other, img, 0, -1)
-		before := sha(t, img)
+		before := testutil.FileSum(t, img)
 		os.WriteFile(journal, full, 0o600)
 		if _, err := Open(context.Background(), img); !errors.Is(err, ErrUndoJournal) {
 			t.Fatalf("got %v, want ErrUndoJournal", err)
 		}
-		if sha(t, img) != before {
+		if testutil.FileSum(t, img) != before {
 			t.Fatal("image changed")
 		}
 		kept := staleJournals(t, journal)
@@ -272,7 +273,7 @@ func TestUndoJournal(t *testing.T) {
 		}
 		os.WriteFile(journal, journalV2(t, j, img), 0o600)
 		open(t, img).Close()
-		if sha(t, img) != want {
+		if testutil.FileSum(t, img) != want {
 			t.Fatal("not rolled back")
 		}
 	})
@@ -281,7 +282,7 @@ func TestUndoJournal(t *testing.T) {
 // A commit that fails half way (here: the hook fails after some pages were written) rolls back at once.
 func TestFailedCommitRollsBack(t *testing.T) {
 	img, _ := crashImage(t)
-	before := sha(t, img)
+	before := testutil.FileSum(t, img)
 	n := 0
 	im := open(t, img, withCommitHook(func(stage string) error {
 		if stage == "page-written" {
@@ -298,7 +299,7 @@ func TestFailedCommitRollsBack(t *testing.T) {
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if sha(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Fatal("image changed")
 	}
 	if _, err := os.Stat(JournalPath(img, "")); err == nil {
@@ -319,7 +320,7 @@ func TestFailedCommitRollsBack(t *testing.T) {
 // the read-back from the image catches it and the edit is rolled back.
 func TestBadMediaRollsBack(t *testing.T) {
 	img, _ := crashImage(t)
-	before := sha(t, img)
+	before := testutil.FileSum(t, img)
 	journal := JournalPath(img, "")
 	corrupt := func(stage string) error {
 		if stage != "image-synced" {
@@ -355,7 +356,7 @@ func TestBadMediaRollsBack(t *testing.T) {
 		t.Fatalf("got %v, want ErrVerify, rolled back", err)
 	}
 	im.Close()
-	if sha(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Fatal("image changed")
 	}
 }
@@ -364,7 +365,7 @@ func TestBadMediaRollsBack(t *testing.T) {
 // an interrupted edit back.
 func TestJournalDir(t *testing.T) {
 	img, _ := crashImage(t)
-	before := sha(t, img)
+	before := testutil.FileSum(t, img)
 	dir := t.TempDir()
 	journal := JournalPath(img, dir)
 	if !strings.HasPrefix(journal, dir+"/") || strings.Contains(strings.TrimPrefix(journal, dir+"/"), "/") {
@@ -391,19 +392,19 @@ func TestJournalDir(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 	im.Close()
-	if sha(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Fatal("not rolled back")
 	}
 	// Now as a crash leaves it: new pages on the image, the journal in the directory.
 	copyRange(t, img+".edited", img, 0, -1)
-	edited := sha(t, img)
+	edited := testutil.FileSum(t, img)
 	os.Rename(journal+".copy", journal)
 	open(t, img).Close() // without the directory: the journal is not found, nothing happens
-	if sha(t, img) != edited {
+	if testutil.FileSum(t, img) != edited {
 		t.Fatal("changed without its journal")
 	}
 	open(t, img, WithJournalDir(dir)).Close()
-	if sha(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Fatal("not rolled back from the journal directory")
 	}
 }

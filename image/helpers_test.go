@@ -2,7 +2,6 @@ package image
 
 import (
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,41 +10,15 @@ import (
 	"testing"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 )
-
-// requireTool skips the test when a tool is missing and CI is unset; under CI a missing tool fails it.
-func requireTool(tb testing.TB, names ...string) {
-	tb.Helper()
-	for _, name := range names {
-		if _, err := exec.LookPath(name); err != nil {
-			if os.Getenv("CI") != "" {
-				tb.Fatalf("%s is required under CI: %v", name, err)
-			}
-			tb.Skipf("%s not installed", name)
-		}
-	}
-}
 
 // checkTools are the programs the tests check images with.
 var checkTools = []string{"e2fsck", "fsck.vfat", "debugfs", "dumpe2fs", "mtype"}
 
 func buildGolden(tb testing.TB, o golden.Options) string {
 	tb.Helper()
-	requireTool(tb, append(append([]string(nil), golden.Tools...), checkTools...)...)
-	p := filepath.Join(tb.TempDir(), "golden.img")
-	if err := golden.Build(context.Background(), p, o); err != nil {
-		tb.Fatal(err)
-	}
-	return p
-}
-
-func sha(tb testing.TB, p string) [32]byte {
-	tb.Helper()
-	b, err := os.ReadFile(p)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return sha256.Sum256(b)
+	return testutil.GoldenImage(tb, o, checkTools...)
 }
 
 func partitions(tb testing.TB, img string) []Partition {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"provision/internal/testutil"
 	"strings"
 	"testing"
 
@@ -76,7 +77,7 @@ func TestJournalIdentity(t *testing.T) {
 			t.Fatalf("no journal beside the real image: %v", err)
 		}
 		open(t, img).Close()
-		if sha(t, img) != sha(t, pristine) {
+		if testutil.FileSum(t, img) != testutil.FileSum(t, pristine) {
 			t.Fatal("not rolled back")
 		}
 	})
@@ -99,7 +100,7 @@ func TestJournalIdentity(t *testing.T) {
 		interrupted(t, img)
 		os.Rename(journal, legacy)
 		open(t, link).Close()
-		if sha(t, img) != sha(t, pristine) {
+		if testutil.FileSum(t, img) != testutil.FileSum(t, pristine) {
 			t.Fatal("not rolled back")
 		}
 		if _, err := os.Stat(legacy); err == nil {
@@ -163,7 +164,7 @@ func TestJournalIdentity(t *testing.T) {
 				}
 				interrupted(t, img)
 				tc.change(t)
-				before := sha(t, img)
+				before := testutil.FileSum(t, img)
 				_, err := Open(context.Background(), link)
 				if !errors.Is(err, ErrUndoJournal) {
 					t.Fatalf("got %v, want ErrUndoJournal", err)
@@ -176,14 +177,14 @@ func TestJournalIdentity(t *testing.T) {
 				if !strings.Contains(err.Error(), kept[0]) || strings.Contains(err.Error(), "\n") {
 					t.Fatalf("error does not name the kept journal %s in one line: %v", kept[0], err)
 				}
-				if sha(t, img) != before {
+				if testutil.FileSum(t, img) != before {
 					t.Fatal("the stale journal was replayed")
 				}
 				if _, err := os.Stat(journal); err == nil {
 					t.Fatal("the journal is still in place")
 				}
 				open(t, link).Close() // the journal kept aside does not block the image
-				if sha(t, img) != before {
+				if testutil.FileSum(t, img) != before {
 					t.Fatal("image changed on the next open")
 				}
 			})
@@ -237,7 +238,7 @@ func TestJournalPathBlockDevice(t *testing.T) {
 // root, or a container without them).
 func attachLoop(t *testing.T, img string) string {
 	t.Helper()
-	requireTool(t, "losetup")
+	testutil.RequireTool(t, "losetup")
 	if os.Geteuid() != 0 {
 		t.Skip("attaching a loop device needs root")
 	}
@@ -273,7 +274,7 @@ func TestJournalBlockDevice(t *testing.T) {
 		t.Fatalf("no journal for the device: %v", err)
 	}
 	open(t, link, WithJournalDir(dir)).Close()
-	if sha(t, img) != sha(t, pristine) {
+	if testutil.FileSum(t, img) != testutil.FileSum(t, pristine) {
 		t.Fatal("not rolled back through the other name")
 	}
 	if _, err := os.Stat(journal); err == nil {

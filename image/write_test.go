@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 )
 
 // extFeatures returns the block size and feature list dumpe2fs reports for an ext partition.
@@ -230,7 +231,7 @@ func testFSOperations(t *testing.T, o golden.Options, part string) {
 		}
 	}
 	// Errors callers branch on; none of them changes the image.
-	before := sha(t, img)
+	before := testutil.FileSum(t, img)
 	im := open(t, img)
 	defer im.Discard()
 	fsys, err := im.FS(context.Background(), sel(t, im, part))
@@ -272,7 +273,7 @@ func testFSOperations(t *testing.T, o golden.Options, part string) {
 	}
 	fsys.Close()
 	im.Discard()
-	if sha(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Fatal("failed operations changed the image")
 	}
 }

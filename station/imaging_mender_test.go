@@ -4,19 +4,14 @@ import (
 	"bufio"
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -28,7 +23,7 @@ import (
 	"time"
 
 	"provision/image/golden"
-	"provision/simulator"
+	"provision/internal/testutil"
 	"provision/station/profile"
 )
 
@@ -45,9 +40,9 @@ import (
 // The newer form (tpm_openssl: provider) fails on this userland as the issue reports: "failed to finalize
 // signature", while the same TCTI is used.
 func TestMenderClientSignsWithTPMKey(t *testing.T) {
-	simulator.RequireTool(t, append([]string{"mender", "swtpm", "tpm2-abrmd", "dbus-daemon", "dbus-send", "unshare", "mount"}, golden.Tools...)...)
+	testutil.RequireTool(t, append([]string{"mender", "swtpm", "tpm2-abrmd", "dbus-daemon", "dbus-send", "unshare", "mount"}, golden.Tools...)...)
 	s := newStation(t)
-	sw := simulator.StartSwtpm(t)
+	sw := testutil.StartSwtpm(t)
 	d := openDevice(t, sw.URI)
 	img := goldenWithDpkg(t, map[int]string{2: dpkgFixture(t, "debian12"), 3: dpkgFixture(t, "debian12")})
 	const serial = "MEN-0001"
@@ -225,7 +220,7 @@ func newMenderAuthServer(tb testing.TB, s *Station, unitCert *x509.Certificate) 
 	}))
 	clientCAs := x509.NewCertPool()
 	clientCAs.AddCert(s.CA.Root)
-	caPEM, cert := loopbackServerCert(tb)
+	caPEM, cert := testutil.LoopbackServerCert(tb)
 	m.TLS = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
 		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: clientCAs}
 	m.Config.ErrorLog = nil
@@ -286,27 +281,4 @@ func checkMenderAuth(r *http.Request, body []byte, unitCert *x509.Certificate) e
 		return fmt.Errorf("id_data %q does not name the serial", req.IDData)
 	}
 	return nil
-}
-
-// loopbackServerCert makes a throw-away CA and a TLS server certificate for 127.0.0.1.
-func loopbackServerCert(tb testing.TB) ([]byte, tls.Certificate) {
-	tb.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test mender server CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, key.Public(), caKey)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }

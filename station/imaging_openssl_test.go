@@ -9,7 +9,7 @@ import (
 
 	"provision/image"
 	"provision/image/golden"
-	"provision/simulator"
+	"provision/internal/testutil"
 	"provision/station/profile"
 )
 
@@ -28,7 +28,7 @@ func dpkgFixture(tb testing.TB, name string) string {
 // given partitions, as a Debian-family root file system has one (golden.Build writes none).
 func goldenWithDpkg(tb testing.TB, status map[int]string) string {
 	tb.Helper()
-	simulator.RequireTool(tb, golden.Tools...)
+	testutil.RequireTool(tb, golden.Tools...)
 	img := tb.TempDir() + "/unit.img"
 	ctx := context.Background()
 	if err := golden.Build(ctx, img, golden.Options{}); err != nil {

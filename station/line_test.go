@@ -13,18 +13,13 @@ import (
 
 	"provision/image"
 	"provision/image/golden"
+	"provision/internal/testutil"
 	"provision/inventory"
-	"provision/simulator"
 )
 
 func goldenImage(tb testing.TB) string {
 	tb.Helper()
-	simulator.RequireTool(tb, golden.Tools...)
-	img := filepath.Join(tb.TempDir(), "unit.img")
-	if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
-		tb.Fatal(err)
-	}
-	return img
+	return testutil.GoldenImage(tb, golden.Options{})
 }
 
 // Two runs on one serial at once: the second is refused while the first holds the unit, naming who holds it; once the
@@ -209,7 +204,7 @@ func TestPreflightBeforeKey(t *testing.T) {
 		junk[i] = byte(i*7 + i>>9)
 	}
 	os.WriteFile(corrupt, junk, 0o644)
-	simulator.RequireTool(t, golden.Tools...)
+	testutil.RequireTool(t, golden.Tools...)
 	full := filepath.Join(dir, "full.img")
 	if err := golden.Build(ctx, full, golden.Options{BootMiB: 33, RootfsMiB: 24, DataMiB: 16, FillData: true}); err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 	"provision/simulator"
 	"provision/tpm"
 )
@@ -19,7 +20,7 @@ func BenchmarkProvision(b *testing.B) {
 	for _, uri := range []string{"soft", "sim"} {
 		b.Run(uri, func(b *testing.B) {
 			s := newStation(b)
-			simulator.RequireTool(b, golden.Tools...)
+			testutil.RequireTool(b, golden.Tools...)
 			img := filepath.Join(b.TempDir(), "unit.img")
 			if err := golden.Build(context.Background(), img, golden.Options{}); err != nil {
 				b.Fatal(err)

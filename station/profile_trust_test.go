@@ -2,10 +2,10 @@ package station
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"os"
 	"path/filepath"
+	"provision/internal/testutil"
 	"strings"
 	"testing"
 
@@ -127,7 +127,7 @@ func TestKeyFileOnFATRefused(t *testing.T) {
 			AllowUnprotectedKey: true}}},
 	}
 	img := goldenWithDpkg(t, nil)
-	before := fileSum(t, img)
+	before := testutil.FileSum(t, img)
 	prof, err := s.Config.ResolveProfile("bootkey")
 	if err != nil {
 		t.Fatal(err)
@@ -143,7 +143,7 @@ func TestKeyFileOnFATRefused(t *testing.T) {
 	if !errors.Is(err, ErrUnprotectedKey) || !strings.Contains(err.Error(), "allow_unprotected_key: true") || !strings.Contains(err.Error(), "partition 1 is FAT") {
 		t.Fatalf("got %v, want ErrUnprotectedKey naming the opt-in", err)
 	}
-	if fileSum(t, img) != before {
+	if testutil.FileSum(t, img) != before {
 		t.Error("the refused image changed")
 	}
 	res, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "FAT-0002", Image: img, Profile: "bootkey-ok", Operator: "t"}, nil)
@@ -163,13 +163,4 @@ func TestKeyFileOnFATRefused(t *testing.T) {
 		!strings.Contains(err.Error(), "allow_unprotected_key applies to from: key only") {
 		t.Fatalf("allow_unprotected_key on a certificate: %v", err)
 	}
-}
-
-func fileSum(tb testing.TB, p string) [32]byte {
-	tb.Helper()
-	b, err := os.ReadFile(p)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return sha256.Sum256(b)
 }

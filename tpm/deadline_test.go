@@ -21,19 +21,27 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"provision/internal/testutil"
 	"provision/simulator"
 )
 
 // Within is generous: the point is "about a second", not the 30 s default or go-tpm's unbounded wait.
 const within = 3 * time.Second
 
-func TestCommandCancelledOnStalledTPM(t *testing.T) {
-	s := simulator.StartSwtpm(t)
-	p := simulator.NewStallProxy(t, s.URI)
-	d, err := Open(context.Background(), p.URI, WithFlushStale(true))
+// openStalling opens a swtpm through a StallProxy (stale objects flushed), with opts.
+func openStalling(t *testing.T, opts ...Option) (*testutil.StallProxy, *Device) {
+	t.Helper()
+	s := testutil.StartSwtpm(t)
+	p := testutil.NewStallProxy(t, s.URI)
+	d, err := Open(context.Background(), p.URI, append([]Option{WithFlushStale(true)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return p, d
+}
+
+func TestCommandCancelledOnStalledTPM(t *testing.T) {
+	p, d := openStalling(t)
 	defer d.Close()
 	k, err := d.CreateKey(context.Background(), ECCP256) // the storage root key is up: the next Create is one command
 	if err != nil {
@@ -81,12 +89,7 @@ func TestCommandCancelledOnStalledTPM(t *testing.T) {
 
 // A signature in flight stops with the context handed to Key.WithContext (crypto.Signer has none of its own).
 func TestSignCancelledOnStalledTPM(t *testing.T) {
-	s := simulator.StartSwtpm(t)
-	p := simulator.NewStallProxy(t, s.URI)
-	d, err := Open(context.Background(), p.URI, WithFlushStale(true))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, d := openStalling(t)
 	defer d.Close()
 	k, err := d.CreateKey(context.Background(), ECCP256)
 	if err != nil {
@@ -112,16 +115,11 @@ func TestSignCancelledOnStalledTPM(t *testing.T) {
 }
 
 func TestCommandDeadlineOnStalledTPM(t *testing.T) {
-	s := simulator.StartSwtpm(t)
-	p := simulator.NewStallProxy(t, s.URI)
-	d, err := Open(context.Background(), p.URI, WithFlushStale(true), WithCommandTimeout(500*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, d := openStalling(t, WithCommandTimeout(500*time.Millisecond))
 	defer d.Close()
 	p.Stall()
 	start := time.Now()
-	_, err = d.CreateKey(context.Background(), ECCP256)
+	_, err := d.CreateKey(context.Background(), ECCP256)
 	if !errors.Is(err, ErrUnreachable) || errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want ErrUnreachable", err)
 	}
@@ -133,8 +131,10 @@ func TestCommandDeadlineOnStalledTPM(t *testing.T) {
 	}
 }
 
-func TestOpenSilentTPM(t *testing.T) {
-	uri := simulator.StartSilentTPM(t)
+// checkSilent checks a TPM at uri that never answers: Open cancelled while the first command waits returns promptly,
+// the configured command deadline names the TPM, and Probe gives up within its own deadline.
+func checkSilent(t *testing.T, uri string) {
+	t.Helper()
 	// Cancelled while the first command waits.
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(200*time.Millisecond, cancel)
@@ -153,13 +153,17 @@ func TestOpenSilentTPM(t *testing.T) {
 	}
 	// Probe: within its own deadline.
 	start = time.Now()
-	err = Probe(context.Background(), uri)
-	if !errors.Is(err, ErrUnreachable) {
+	if err := Probe(context.Background(), uri); !errors.Is(err, ErrUnreachable) {
 		t.Fatalf("probe of a silent TPM: %v", err)
 	}
 	if took := time.Since(start); took > ProbeTimeout+time.Second {
 		t.Fatalf("probe took %s", took)
 	}
+}
+
+func TestOpenSilentTPM(t *testing.T) {
+	uri := testutil.StartSilentTPM(t)
+	checkSilent(t, uri)
 	if _, err := Open(context.Background(), uri, WithCommandTimeout(0)); err == nil {
 		t.Fatal("zero command timeout accepted")
 	}
@@ -176,7 +180,7 @@ func TestProbe(t *testing.T) {
 	if err := Probe(ctx, "sim"); !errors.Is(err, ErrBadURI) {
 		t.Fatalf("sim without a simulator: %v", err)
 	}
-	s := simulator.StartSwtpm(t)
+	s := testutil.StartSwtpm(t)
 	if err := Probe(ctx, s.URI); err != nil {
 		t.Fatalf("swtpm: %v", err)
 	}
@@ -202,7 +206,7 @@ func TestProbe(t *testing.T) {
 
 // A swtpm killed under a running key creation gives ErrUnreachable at once, and once swtpm is back, Open works.
 func TestSwtpmKilledMidOperation(t *testing.T) {
-	s := simulator.StartSwtpm(t)
+	s := testutil.StartSwtpm(t)
 	d, err := Open(context.Background(), s.URI, WithFlushStale(true))
 	if err != nil {
 		t.Fatal(err)
@@ -279,30 +283,7 @@ func itoa(n int) string {
 	return string(b)
 }
 
-func TestDeviceFileDeadlines(t *testing.T) {
-	path := openPTY(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	time.AfterFunc(200*time.Millisecond, cancel)
-	start := time.Now()
-	_, err := Open(ctx, path)
-	if !errors.Is(err, context.Canceled) {
-		t.Fatalf("got %v, want context.Canceled", err)
-	}
-	if took := time.Since(start); took > within {
-		t.Fatalf("cancel took %s", took)
-	}
-	_, err = Open(context.Background(), path, WithCommandTimeout(300*time.Millisecond))
-	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "TPM at "+path+" did not answer within 300ms") {
-		t.Fatalf("got %v", err)
-	}
-	start = time.Now()
-	if err := Probe(context.Background(), path); !errors.Is(err, ErrUnreachable) {
-		t.Fatalf("probe: %v", err)
-	}
-	if took := time.Since(start); took > ProbeTimeout+time.Second {
-		t.Fatalf("probe took %s", took)
-	}
-}
+func TestDeviceFileDeadlines(t *testing.T) { checkSilent(t, openPTY(t)) }
 
 // blockingTPM is a transport whose commands never return until released: a device without poll support that hung.
 type blockingTPM struct {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -12,8 +11,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
-	"math/big"
-	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -21,6 +18,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"provision/internal/testutil"
 	"provision/simulator"
 )
 
@@ -28,20 +26,18 @@ import (
 // the SRK the device keeps until Close.
 func openSim(tb testing.TB, opts ...Option) *Device {
 	tb.Helper()
-	d, err := Open(context.Background(), "sim", append([]Option{WithSimulator(simulator.Open)}, opts...)...)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		checkNoLeaks(tb, d)
-		d.Close()
-	})
-	return d
+	return openChecked(tb, "sim", append([]Option{WithSimulator(simulator.Open)}, opts...)...)
 }
 
-func openSwtpm(tb testing.TB, s *simulator.Swtpm, opts ...Option) *Device {
+func openSwtpm(tb testing.TB, s *testutil.Swtpm, opts ...Option) *Device {
 	tb.Helper()
-	d, err := Open(context.Background(), s.URI, append([]Option{WithFlushStale(true)}, opts...)...)
+	return openChecked(tb, s.URI, append([]Option{WithFlushStale(true)}, opts...)...)
+}
+
+// openChecked opens the TPM at uri and, at cleanup, checks for leaked transient objects and closes it.
+func openChecked(tb testing.TB, uri string, opts ...Option) *Device {
+	tb.Helper()
+	d, err := Open(context.Background(), uri, opts...)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -169,14 +165,14 @@ func testKeys(t *testing.T, d *Device) {
 func TestSimulatorKeys(t *testing.T) { testKeys(t, openSim(t)) }
 
 func TestSwtpmKeys(t *testing.T) {
-	s := simulator.StartSwtpm(t)
+	s := testutil.StartSwtpm(t)
 	testKeys(t, openSwtpm(t, s))
 }
 
 // A killed run on a TPM without a resource manager leaves transient objects; Open with WithFlushStale clears them so
 // the next run is not blocked by the TPM's 3 object slots.
 func TestSwtpmStaleTransients(t *testing.T) {
-	s := simulator.StartSwtpm(t)
+	s := testutil.StartSwtpm(t)
 	ctx := context.Background()
 	raw, err := Open(ctx, s.URI)
 	if err != nil {
@@ -262,7 +258,7 @@ func TestEKCertificate(t *testing.T) {
 	if ek, err := d.EKCertificate(context.Background()); err != nil || ek != nil {
 		t.Fatalf("simulator without EK certificate: %x, %v", ek, err)
 	}
-	s := simulator.StartSwtpm(t, simulator.WithEKCert())
+	s := testutil.StartSwtpm(t, testutil.WithEKCert())
 	dev := openSwtpm(t, s)
 	ek, err := dev.EKCertificate(context.Background())
 	if err != nil {
@@ -313,29 +309,13 @@ func TestMapErr(t *testing.T) {
 // tlsHandshake runs TLS 1.3 with client authentication in-process, the client key being k.
 func tlsHandshake(t *testing.T, k crypto.Signer) {
 	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
-	caCert, _ := x509.ParseCertificate(caDER)
-	issue := func(pub crypto.PublicKey, cn string, eku x509.ExtKeyUsage) *x509.Certificate {
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{eku},
-			KeyUsage: x509.KeyUsageDigitalSignature, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, pub, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, _ := x509.ParseCertificate(der)
-		return c
-	}
-	srvKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	srvCert := issue(srvKey.Public(), "server", x509.ExtKeyUsageServerAuth)
-	cliCert := issue(k.Public(), "device", x509.ExtKeyUsageClientAuth)
-	pool := x509.NewCertPool()
-	pool.AddCert(caCert)
+	ca := testutil.NewCA(t, "test")
+	srvKey := testutil.ECKey()
+	srvCert := ca.Issue(t, srvKey.Public(), "server", true, "127.0.0.1")
+	cliCert := ca.Issue(t, k.Public(), "device", false)
+	pool := ca.Pool()
 	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, ClientAuth: tls.RequireAndVerifyClientCert,
-		ClientCAs: pool, Certificates: []tls.Certificate{{Certificate: [][]byte{srvCert.Raw}, PrivateKey: srvKey}}})
+		ClientCAs: pool, Certificates: []tls.Certificate{{Certificate: [][]byte{srvCert.Raw, ca.Issuing.Raw}, PrivateKey: srvKey}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -358,7 +338,7 @@ func tlsHandshake(t *testing.T, k crypto.Signer) {
 		got <- err
 	}()
 	c, err := tls.Dial("tcp", l.Addr().String(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{cliCert.Raw}, PrivateKey: k}}})
+		Certificates: []tls.Certificate{{Certificate: [][]byte{cliCert.Raw, ca.Issuing.Raw}, PrivateKey: k}}})
 	if err != nil {
 		t.Fatalf("TLS 1.3 with the TPM key: %v", err)
 	}

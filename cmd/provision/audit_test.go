@@ -56,37 +56,35 @@ func rewriteChain(t *testing.T, st string) (int, string) {
 	if _, err := db.Exec("UPDATE events SET outcome = 'failed', detail = 'forged' WHERE seq = 3"); err != nil {
 		t.Fatal(err)
 	}
-	rows, err := db.Query("SELECT seq, time, serial, step, outcome, detail, ms, operator, station, cert_sha256 FROM events ORDER BY seq")
+	// The entry's fields, in the order and under the names of the chain's fixed JSON encoding.
+	cols := []string{"seq", "time", "serial", "step", "outcome", "detail", "ms", "operator", "station", "cert_sha256"}
+	rows, err := db.Query("SELECT " + strings.Join(cols, ", ") + " FROM events ORDER BY seq")
 	if err != nil {
 		t.Fatal(err)
 	}
-	type ev struct {
-		Seq        int64  `json:"seq"`
-		Time       string `json:"time"`
-		Serial     string `json:"serial"`
-		Step       string `json:"step"`
-		Outcome    string `json:"outcome"`
-		Detail     string `json:"detail"`
-		MS         int64  `json:"ms"`
-		Operator   string `json:"operator"`
-		Station    string `json:"station"`
-		CertSHA256 string `json:"cert_sha256"`
-	}
-	var evs []ev
+	var evs [][]any
 	for rows.Next() {
-		var e ev
-		if err := rows.Scan(&e.Seq, &e.Time, &e.Serial, &e.Step, &e.Outcome, &e.Detail, &e.MS, &e.Operator, &e.Station, &e.CertSHA256); err != nil {
+		vals, ptrs := make([]any, len(cols)), make([]any, len(cols))
+		for i := range vals {
+			ptrs[i] = &vals[i]
+		}
+		if err := rows.Scan(ptrs...); err != nil {
 			t.Fatal(err)
 		}
-		evs = append(evs, e)
+		evs = append(evs, vals)
 	}
 	rows.Close()
 	prev := strings.Repeat("0", 64)
-	for _, e := range evs {
-		fields, _ := json.Marshal(e)
-		h := sha256.Sum256([]byte(prev + "\n" + string(fields)))
+	for _, vals := range evs {
+		fields, sep := "", "{"
+		for i, c := range cols {
+			k, _ := json.Marshal(c)
+			v, _ := json.Marshal(vals[i])
+			fields, sep = fields+sep+string(k)+":"+string(v), ","
+		}
+		h := sha256.Sum256([]byte(prev + "\n" + fields + "}"))
 		hash := hex.EncodeToString(h[:])
-		if _, err := db.Exec("UPDATE events SET prev_hash = ?, hash = ? WHERE seq = ?", prev, hash, e.Seq); err != nil {
+		if _, err := db.Exec("UPDATE events SET prev_hash = ?, hash = ? WHERE seq = ?", prev, hash, vals[0]); err != nil {
 			t.Fatal(err)
 		}
 		prev = hash

@@ -15,8 +15,8 @@ import (
 	"github.com/rogpeppe/go-internal/testscript"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 	"provision/inventory"
-	"provision/simulator"
 	"provision/station"
 	"provision/tpm"
 )
@@ -49,13 +49,7 @@ func TestScripts(t *testing.T) {
 			if !ok {
 				return false, errors.New("unknown condition " + cond)
 			}
-			if _, err := exec.LookPath(tool); err != nil {
-				if os.Getenv("CI") != "" {
-					return false, errors.New(tool + " is required under CI")
-				}
-				return true, nil
-			}
-			return false, nil
+			return testutil.Missing(tool)
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"exits": func(ts *testscript.TestScript, neg bool, args []string) {
@@ -140,7 +134,7 @@ func (w *cancelOn) Write(p []byte) (int, error) {
 // TestInterruptedExit130: a unit interrupted between steps exits 130 with one line, keeps the state of its last
 // completed step with an "interrupted" event (docs/states.md), and the same command then finishes it.
 func TestInterruptedExit130(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st, img := filepath.Join(dir, "station"), filepath.Join(dir, "unit.img")
 	t.Setenv("PROVISION_OPERATOR", "tester")

@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // tuiTerm is the real binary's tui in a real terminal: a tmux session of 80x24, with NO_COLOR.
@@ -29,7 +28,7 @@ type tuiTerm struct {
 // env(1) first. When the program ends, the pane shows EXIT=<its exit code>.
 func startTUI(t *testing.T, st string, env []string, args ...string) *tuiTerm {
 	t.Helper()
-	simulator.RequireTool(t, "tmux")
+	testutil.RequireTool(t, "tmux")
 	bin, err := exec.LookPath("provision")
 	if err != nil {
 		t.Fatal(err)
@@ -177,7 +176,7 @@ func setStationYAML(t *testing.T, st, prefix, line string) {
 // next good scan starts alone; an already shippable unit is not touched until ctrl+r twice; the counters count units;
 // F1 shows help; ctrl+c quits with exit 0.
 func TestTUIInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "line-7")
@@ -250,13 +249,9 @@ func TestTUIInTmux(t *testing.T) {
 // endpoint_ca:): a mosquitto broker whose cafile does not hold the station CA rejects the unit: FAIL on screen with the
 // cause, and the header names the target.
 func TestTUIBrokerRejectsInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "mosquitto")
-	dir := t.TempDir()
-	st := filepath.Join(dir, "station")
-	mustCLI(t, st, "init", "--id", "line-8")
-	mustCLI(t, st, "sample-image", filepath.Join(dir, "MQ-0001.img"))
-	srvCA, srvCert, srvKey := serverIdentity(t, dir)
-	m := simulator.StartMosquitto(t, srvCert, srvKey, srvCA) // trusts only the server CA, not the station's
+	dir, st, _ := sampleStation(t, "line-8", "MQ-0001.img", "tmux", "mosquitto")
+	srvCA, srvCert, srvKey := testutil.ServerIdentity(t, dir)
+	m := testutil.StartMosquitto(t, srvCert, srvKey, srvCA) // trusts only the server CA, not the station's
 	if err := os.WriteFile(filepath.Join(st, "fleet-ca.pem"), []byte(mustReadFile(t, srvCA)), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -279,41 +274,11 @@ func TestTUIBrokerRejectsInTmux(t *testing.T) {
 	tt.exited(0)
 }
 
-// silentTPM is a TCP listener that accepts connections and never answers: a TPM that hangs.
-func silentTPM(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	conns := make(chan net.Conn, 100)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			conns <- c
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		for len(conns) > 0 {
-			(<-conns).Close()
-		}
-	})
-	return "mssim://" + l.Addr().String()
-}
-
 // A TPM that accepts and never answers freezes nothing: the header says so within seconds, keys are taken meanwhile,
 // Esc cancels a unit waiting for the TPM ("cancelled", not FAILED at key), and SIGTERM stops one and exits 130.
 func TestTUISilentTPMInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
-	dir := t.TempDir()
-	st := filepath.Join(dir, "station")
-	mustCLI(t, st, "init", "--id", "line-9")
-	mustCLI(t, st, "sample-image", filepath.Join(dir, "SL-0001.img"))
-	uri := silentTPM(t)
+	dir, st, _ := sampleStation(t, "line-9", "SL-0001.img", "tmux")
+	uri := testutil.StartSilentTPM(t)
 	tt := startTUI(t, st, nil, "--tpm", uri, "--operator", "erin", "--image", filepath.Join(dir, "{serial}.img"))
 	tt.waitFor("TPM not answering", uri)
 	tt.typeChars("AB-1")
@@ -338,12 +303,9 @@ func TestTUISilentTPMInTmux(t *testing.T) {
 // SIGTERM while a unit runs: the unit stops between steps (here during its handshake with a server that never
 // answers), is recorded as interrupted with the state of its last completed step, and the command exits 130.
 func TestTUISignalInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
-	dir := t.TempDir()
-	st := filepath.Join(dir, "station")
-	mustCLI(t, st, "init", "--id", "line-10")
-	mustCLI(t, st, "sample-image", filepath.Join(dir, "SG-0001.img"))
-	silent := strings.Replace(silentTPM(t), "mssim://", "tls://", 1)
+	dir, st, _ := sampleStation(t, "line-10", "SG-0001.img", "tmux")
+	addr, _ := testutil.SilentListener(t)
+	silent := "tls://" + addr
 	tt := startTUI(t, st, nil, "--tpm", "sim", "--operator", "fay", "--image", filepath.Join(dir, "{serial}.img"),
 		"--endpoint", silent)
 	tt.waitFor("handshake " + silent)
@@ -370,7 +332,7 @@ func TestTUISignalInTmux(t *testing.T) {
 // An encrypted CA key without PROVISION_CA_PASSPHRASE: the screen asks for the passphrase (not shown as typed), a
 // wrong one is asked again, the right one unlocks the CA and units are signed.
 func TestTUIAsksCAPassphraseInTmux(t *testing.T) {
-	simulator.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "tmux", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	const pass = "line-secret-42"

@@ -3,44 +3,24 @@ package main
 import (
 	"bufio"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 // SIGINT during a unit stops it between steps: exit 130, "INTERRUPTED" with the state kept, an interrupted event, and
 // the next run resumes and ships it (before: exit 4 and "context canceled").
 func TestUnitInterrupted(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
-	dir := t.TempDir()
-	st := filepath.Join(dir, "station")
-	mustCLI(t, st, "init", "--id", "int")
-	img := filepath.Join(dir, "unit.img")
-	mustCLI(t, st, "sample-image", img)
+	_, st, img := sampleStation(t, "int", "unit.img")
 	// A broker that accepts and never answers keeps the unit in its handshake step until the signal.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	addr, _ := testutil.SilentListener(t)
 	cmd := exec.Command("provision", "--station", st, "unit", "--serial", "INT-0001", "--image", img, "--tpm", "soft",
-		"--endpoint", "tls://"+ln.Addr().String())
+		"--endpoint", "tls://"+addr)
 	cmd.Env = append(os.Environ(), "PROVISION_OPERATOR=tester")
 	stdout, _ := cmd.StdoutPipe()
 	var errb strings.Builder
@@ -57,7 +37,7 @@ func TestUnitInterrupted(t *testing.T) {
 			cmd.Process.Signal(syscall.SIGINT)
 		}
 	}
-	err = cmd.Wait()
+	err := cmd.Wait()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 130 {
 		t.Fatalf("exit %v, want 130\n%s%s", err, out.String(), errb.String())

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,7 +16,7 @@ import (
 	"time"
 
 	"provision/image"
-	"provision/simulator"
+	"provision/internal/testutil"
 	"provision/tpm"
 )
 
@@ -44,6 +45,22 @@ func mustCLI(t *testing.T, station string, args ...string) string {
 		t.Fatalf("provision %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errs)
 	}
 	return out
+}
+
+// imageTools are the programs `provision sample-image` needs.
+var imageTools = []string{"sfdisk", "mke2fs", "mkfs.fat", "mcopy"}
+
+// sampleStation requires the image tools (and extraTools), initialises a station with the given id in a temp dir and
+// writes a sample image named name next to it. It returns the temp dir, the station directory and the image path.
+func sampleStation(t *testing.T, id, name string, extraTools ...string) (dir, st, img string) {
+	t.Helper()
+	testutil.RequireTool(t, append(append([]string(nil), imageTools...), extraTools...)...)
+	dir = t.TempDir()
+	st = filepath.Join(dir, "station")
+	mustCLI(t, st, "init", "--id", id)
+	img = filepath.Join(dir, name)
+	mustCLI(t, st, "sample-image", img)
+	return dir, st, img
 }
 
 type shown struct {
@@ -97,7 +114,7 @@ func checkConsistent(t *testing.T, station, serial, img string) {
 // Kill the unit run at each step boundary and at random moments; the next run finishes the unit with exactly one
 // active certificate, a clean image and a consistent inventory and audit chain.
 func TestUnitCrashInjection(t *testing.T) {
-	simulator.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	testutil.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "crash")
@@ -153,8 +170,8 @@ func TestUnitCrashInjection(t *testing.T) {
 
 // The full pipeline on swtpm, with a kill right after the key was made in the TPM (a transient object left behind).
 func TestUnitSwtpm(t *testing.T) {
-	simulator.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
-	sw := simulator.StartSwtpm(t)
+	testutil.RequireTool(t, "e2fsck", "sfdisk", "mke2fs", "mkfs.fat", "mcopy")
+	sw := testutil.StartSwtpm(t)
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
 	mustCLI(t, st, "init", "--id", "swtpm")
@@ -189,20 +206,15 @@ func TestUnitSwtpm(t *testing.T) {
 }
 
 func TestUnitEndpoints(t *testing.T) {
-	simulator.RequireTool(t, "sfdisk", "mke2fs", "mkfs.fat", "mcopy", "openssl")
-	dir := t.TempDir()
-	st := filepath.Join(dir, "station")
-	mustCLI(t, st, "init", "--id", "ep")
-	img := filepath.Join(dir, "unit.img")
-	mustCLI(t, st, "sample-image", img)
-	srvCA, srvCert, srvKey := serverIdentity(t, dir)
+	dir, st, img := sampleStation(t, "ep", "unit.img", "openssl")
+	srvCA, srvCert, srvKey := testutil.ServerIdentity(t, dir)
 	chain := filepath.Join(dir, "station-chain.pem")
 	root, _ := os.ReadFile(filepath.Join(st, "ca", "root.crt"))
 	iss, _ := os.ReadFile(filepath.Join(st, "ca", "issuing.crt"))
 	os.WriteFile(chain, append(root, iss...), 0o644)
 
 	// A real broker trusting the station chain: shippable, and the broker saw the unit's CN.
-	m := simulator.StartMosquitto(t, srvCert, srvKey, chain)
+	m := testutil.StartMosquitto(t, srvCert, srvKey, chain)
 	ep := fmt.Sprintf("mqtts://127.0.0.1:%d", m.Port)
 	out := mustCLI(t, st, "unit", "--serial", "MQ-0001", "--image", img, "--tpm", "sim", "--endpoint", ep, "--endpoint-ca", srvCA)
 	if !strings.Contains(out, "CONNACK 0") || !strings.Contains(out, "SHIPPABLE") {
@@ -216,7 +228,7 @@ func TestUnitEndpoints(t *testing.T) {
 	// A broker trusting another CA: the unit fails at the handshake, exit 1, with the cause; the inventory says so.
 	other := filepath.Join(dir, "other-ca.pem")
 	os.WriteFile(other, []byte(mustReadFile(t, srvCA)), 0o644)
-	m2 := simulator.StartMosquitto(t, srvCert, srvKey, other)
+	m2 := testutil.StartMosquitto(t, srvCert, srvKey, other)
 	_, errs, code := cli(t, st, "unit", "--serial", "MQ-0002", "--image", img, "--tpm", "sim",
 		"--endpoint", fmt.Sprintf("mqtts://127.0.0.1:%d", m2.Port), "--endpoint-ca", srvCA)
 	if code != 1 || !strings.Contains(errs, "handshake") || !strings.Contains(errs, "rejected our certificate") {
@@ -237,14 +249,14 @@ func TestUnitEndpoints(t *testing.T) {
 	}
 
 	// An HTTPS endpoint requiring client certificates.
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	srv := exec.Command("openssl", "s_server", "-accept", fmt.Sprint(port), "-cert", srvCert, "-key", srvKey, "-CAfile", chain,
 		"-Verify", "1", "-verify_return_error", "-tls1_3", "-www")
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	waitPort(t, port)
+	testutil.WaitPort(t, port)
 	out = mustCLI(t, st, "unit", "--serial", "HT-0001", "--image", img, "--tpm", "sim",
 		"--endpoint", fmt.Sprintf("https://127.0.0.1:%d/", port), "--endpoint-ca", srvCA, "--json")
 	if !strings.Contains(out, `"state":"shippable"`) || !strings.Contains(out, `"protocol":"https"`) {
@@ -259,4 +271,88 @@ func mustReadFile(t *testing.T, p string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// runCLI runs the CLI in-process and returns stdout, failing the test on a non-zero exit.
+func runCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), args, strings.NewReader(""), &out, &errb); err != nil {
+		t.Fatalf("provision %s: %v\n%s%s", strings.Join(args, " "), err, out.String(), errb.String())
+	}
+	return out.String()
+}
+
+// The TSS2 key file and certificate that enroll writes complete a TLS 1.3 mTLS handshake through OpenSSL's tpm2
+// provider (swtpm behind tpm2-abrmd, as /dev/tpmrm0 is on a device) against `openssl s_server -Verify 1
+// -verify_return_error` trusting the station CA.
+func TestOpenSSLTPM2Interop(t *testing.T) {
+	testutil.RequireTool(t, "openssl", "swtpm", "tpm2-abrmd", "dbus-daemon", "dbus-send")
+	dir := t.TempDir()
+	st := filepath.Join(dir, "station")
+	sw := testutil.StartSwtpm(t)
+	runCLI(t, "--station", st, "init", "--id", "interop")
+	runCLI(t, "--station", st, "enroll", "--serial", "IOP-0001", "--tpm", sw.URI, "--out", filepath.Join(dir, "out"))
+	bundle := filepath.Join(dir, "out", "IOP-0001")
+	if out, err := exec.Command("openssl", "verify", "-CAfile", filepath.Join(st, "ca", "root.crt"), "-untrusted",
+		filepath.Join(st, "ca", "issuing.crt"), filepath.Join(bundle, "device.crt")).CombinedOutput(); err != nil {
+		t.Fatalf("openssl verify of the swtpm unit's certificate: %v\n%s", err, out)
+	}
+	env := append(os.Environ(), sw.StartABRMD(t)...)
+	conf := filepath.Join(dir, "openssl-tpm2.cnf")
+	if err := os.WriteFile(conf, []byte(testutil.OpenSSLConf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tpmEnv := append(env, "OPENSSL_CONF="+conf)
+
+	// The provider reads the key file's public part: the same key as the certificate's.
+	pkeyOut, err := command(tpmEnv, "openssl", "pkey", "-in", filepath.Join(bundle, "device.tss2.pem"), "-pubout").Output()
+	if err != nil {
+		t.Fatalf("openssl pkey with the tpm2 provider: %v", err)
+	}
+	certPub, err := command(env, "openssl", "x509", "-in", filepath.Join(bundle, "device.crt"), "-noout", "-pubkey").Output()
+	if err != nil || !bytes.Equal(pkeyOut, certPub) {
+		t.Fatalf("key file public key\n%s\ndiffers from the certificate's\n%s", pkeyOut, certPub)
+	}
+
+	srvCA, srvCert, srvKey := testutil.ServerIdentity(t, dir)
+	trust := filepath.Join(dir, "station-trust.pem")
+	root, _ := os.ReadFile(filepath.Join(st, "ca", "root.crt"))
+	iss, _ := os.ReadFile(filepath.Join(st, "ca", "issuing.crt"))
+	os.WriteFile(trust, append(root, iss...), 0o644)
+	port := testutil.FreePort(t)
+	srv := command(env, "openssl", "s_server", "-accept", fmt.Sprint(port), "-cert", srvCert, "-key", srvKey, "-CAfile", trust,
+		"-Verify", "1", "-verify_return_error", "-tls1_3", "-www")
+	var srvOut testutil.LockedBuffer
+	srv.Stdout, srv.Stderr = &srvOut, &srvOut
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	testutil.WaitPort(t, port)
+
+	cli := command(tpmEnv, "openssl", "s_client", "-connect", fmt.Sprintf("127.0.0.1:%d", port), "-tls1_3",
+		"-key", filepath.Join(bundle, "device.tss2.pem"), "-cert", filepath.Join(bundle, "device.crt"),
+		"-CAfile", srvCA, "-verify_return_error", "-ign_eof")
+	cli.Stdin = strings.NewReader("GET / HTTP/1.0\r\n\r\n")
+	out, err := cli.CombinedOutput()
+	if err != nil {
+		t.Fatalf("openssl s_client with the TPM key: %v\n%s\nserver:\n%s", err, out, srvOut.String())
+	}
+	s := string(out)
+	for _, want := range []string{"Protocol  : TLSv1.3", "Verify return code: 0 (ok)", "HTTP/1.0 200 ok"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("s_client output lacks %q:\n%s\nserver:\n%s", want, s, srvOut.String())
+		}
+	}
+	// The server verified the unit's certificate through the station chain (-verify_return_error: no unverified peer).
+	if !strings.Contains(srvOut.String(), "CN = device-IOP-0001\nverify return:1") {
+		t.Errorf("server did not verify the unit's certificate:\n%s", srvOut.String())
+	}
+}
+
+func command(env []string, name string, args ...string) *exec.Cmd {
+	c := exec.Command(name, args...)
+	c.Env = env
+	return c
 }

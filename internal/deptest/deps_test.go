@@ -1,6 +1,7 @@
 // Package deptest enforces the layering: leaf packages (tpm, image, inventory, station/ca, station/handshake,
 // station/profile) import the standard library, their own third-party dependencies and internal utilities only —
-// never each other, never station, never cmd. station never imports cmd.
+// never each other, never station, never cmd. station never imports cmd. internal/testutil is for tests only: no
+// package's non-test code imports it, and the shipped binary (cmd/provision) does not link the testing package.
 package deptest
 
 import (
@@ -70,6 +71,31 @@ func TestStationDoesNotImportCmd(t *testing.T) {
 		for _, d := range p.Deps {
 			if strings.HasPrefix(d, module+"/cmd/") {
 				t.Errorf("%s imports %s", p.ImportPath, d)
+			}
+		}
+	}
+}
+
+const testutilPkg = module + "/internal/testutil"
+
+func TestTestutilOnlyFromTests(t *testing.T) {
+	for _, p := range listDeps(t, "../../...") {
+		if p.ImportPath == testutilPkg {
+			continue
+		}
+		for _, d := range p.Deps {
+			if d == testutilPkg {
+				t.Errorf("%s imports %s: only tests may", p.ImportPath, d)
+			}
+		}
+	}
+}
+
+func TestBinaryDoesNotLinkTesting(t *testing.T) {
+	for _, p := range listDeps(t, "../../cmd/provision") {
+		for _, d := range p.Deps {
+			if d == "testing" {
+				t.Errorf("%s links the testing package: a test helper reached non-test code", p.ImportPath)
 			}
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -17,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"provision/simulator"
+	"provision/internal/testutil"
 )
 
 func newCA(tb testing.TB) *Generated {
@@ -67,7 +68,7 @@ func TestGenerateHierarchy(t *testing.T) {
 
 func TestSignPolicy(t *testing.T) {
 	g := newCA(t)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	uri, _ := url.Parse("urn:dev:serial:SN123")
 	now := time.Now().UTC().Truncate(time.Second)
 	cert, err := g.CA.Sign(Request{
@@ -109,8 +110,8 @@ func TestSignPolicy(t *testing.T) {
 
 func TestSignRefusals(t *testing.T) {
 	g := newCA(t)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
+	otherKey := testutil.ECKey()
 	good := csrFor(t, devKey, "x")
 	tampered := *good
 	tampered.Signature = append([]byte(nil), good.Signature...)
@@ -138,7 +139,7 @@ func TestSignRefusals(t *testing.T) {
 
 func TestSignClipsToIssuer(t *testing.T) {
 	g := newCA(t)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	cert, err := g.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "x"}, Validity: 50 * 365 * 24 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -178,7 +179,7 @@ func TestNewRejectsInconsistentCA(t *testing.T) {
 		})
 	}
 	// A leaf certificate is not a CA.
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	leaf, err := a.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "x"}, Validity: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -225,10 +226,10 @@ func TestKeyRoundTrip(t *testing.T) {
 
 // OpenSSL reads the encrypted key and verifies an issued certificate against the chain.
 func TestOpenSSLInterop(t *testing.T) {
-	simulator.RequireTool(t, "openssl")
+	testutil.RequireTool(t, "openssl")
 	g := newCA(t)
 	dir := t.TempDir()
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	cert, err := g.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "device-1"}, Validity: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -253,7 +254,7 @@ func TestOpenSSLInterop(t *testing.T) {
 
 func BenchmarkSign(b *testing.B) {
 	g := newCA(b)
-	devKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	devKey := testutil.ECKey()
 	csr := csrFor(b, devKey, "x")
 	for b.Loop() {
 		if _, err := g.CA.Sign(Request{CSR: csr, Subject: pkix.Name{CommonName: "x"}, Validity: time.Hour}); err != nil {
@@ -272,5 +273,62 @@ func TestLoadChecks(t *testing.T) {
 	}
 	if _, err := Load(b.CA.Root, a.CA.Issuing, a.CA.Signer); !errors.Is(err, ErrBadCA) {
 		t.Fatalf("foreign root: %v", err)
+	}
+}
+
+// A generated issuing CA is constrained to client authentication: even a server certificate made with its key (a
+// stolen station key) does not verify for a TLS server, with OpenSSL or Go, while device certificates verify as clients.
+func TestIssuingCAClientAuthOnly(t *testing.T) {
+	testutil.RequireTool(t, "openssl")
+	g := newCA(t)
+	if !ClientAuthOnly(g.CA.Issuing) {
+		t.Fatalf("issuing CA extended key usage %v %v, want clientAuth only", g.CA.Issuing.ExtKeyUsage, g.CA.Issuing.UnknownExtKeyUsage)
+	}
+	if ClientAuthOnly(g.CA.Root) {
+		t.Fatal("the root is constrained too")
+	}
+	devKey := testutil.ECKey()
+	client, err := g.CA.Sign(Request{CSR: csrFor(t, devKey, "x"), Subject: pkix.Name{CommonName: "device-1"}, Validity: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvKey := testutil.ECKey()
+	sn, _ := RandomSerial()
+	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: sn, Subject: pkix.Name{CommonName: "broker.example"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, DNSNames: []string{"broker.example"},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}, g.CA.Issuing, srvKey.Public(), g.CA.Signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, _ := x509.ParseCertificate(der)
+
+	dir := t.TempDir()
+	write := func(name string, c *x509.Certificate) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, EncodeCerts(c), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	root, iss := write("root.crt", g.CA.Root), write("issuing.crt", g.CA.Issuing)
+	verify := func(purpose, leaf string) ([]byte, error) {
+		return exec.Command("openssl", "verify", "-purpose", purpose, "-CAfile", root, "-untrusted", iss, leaf).CombinedOutput()
+	}
+	if out, err := verify("sslclient", write("device.crt", client)); err != nil {
+		t.Fatalf("openssl verify -purpose sslclient of a device certificate: %v\n%s", err, out)
+	}
+	if out, err := verify("sslserver", write("server.crt", server)); err == nil {
+		t.Fatalf("openssl verify -purpose sslserver accepted a server certificate from the issuing CA:\n%s", out)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(g.CA.Root)
+	inter := x509.NewCertPool()
+	inter.AddCert(g.CA.Issuing)
+	if _, err := server.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, DNSName: "broker.example"}); err == nil {
+		t.Fatal("Go verified a server certificate from the issuing CA")
+	}
+	if err := g.CA.Verify(client, time.Now()); err != nil {
+		t.Fatalf("device certificate: %v", err)
 	}
 }

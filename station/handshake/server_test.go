@@ -3,6 +3,7 @@ package handshake
 import (
 	"bytes"
 	"context"
+	"provision/internal/testutil"
 	"sync"
 	"testing"
 	"time"
@@ -11,37 +12,37 @@ import (
 // The built-in server's certificate comes from its own throwaway CA, never the station's: a client that trusts only the
 // station root refuses it, and nothing in its chain is the station's issuing CA.
 func TestBuiltinServerOwnCA(t *testing.T) {
-	ca := newTestCA(t, "station")
+	ca := testutil.NewCA(t, "station")
 	srv := builtin(t, ca)
-	c := ca.client(t, ecKey(), "device-1")
+	c := client(t, ca, testutil.ECKey(), "device-1")
 	if _, err := Test(context.Background(), srv.URL(), srv.Roots(), c); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Test(context.Background(), srv.URL(), ca.pool(), c)
+	_, err := Test(context.Background(), srv.URL(), ca.Pool(), c)
 	wantReason(t, err, ErrServerUntrusted)
 	leaf, err := srv.certificate()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, der := range leaf.Certificate {
-		if bytes.Equal(der, ca.issuing.Raw) || bytes.Equal(der, ca.root.Raw) {
+		if bytes.Equal(der, ca.Issuing.Raw) || bytes.Equal(der, ca.Root.Raw) {
 			t.Fatal("the built-in server's chain holds a station CA certificate")
 		}
 	}
-	if bytes.Equal(leaf.Leaf.RawIssuer, ca.issuing.RawSubject) || bytes.Equal(leaf.Leaf.AuthorityKeyId, ca.issuing.SubjectKeyId) {
+	if bytes.Equal(leaf.Leaf.RawIssuer, ca.Issuing.RawSubject) || bytes.Equal(leaf.Leaf.AuthorityKeyId, ca.Issuing.SubjectKeyId) {
 		t.Fatal("the built-in server's certificate is issued by the station's issuing CA")
 	}
 }
 
 // A server whose certificate is valid for a few seconds keeps passing handshakes after it expired: it was renewed.
 func TestBuiltinServerRenews(t *testing.T) {
-	ca := newTestCA(t, "station")
-	srv, err := NewServer(ca.pool(), WithLeafValidity(2*time.Second))
+	ca := testutil.NewCA(t, "station")
+	srv, err := NewServer(ca.Pool(), WithLeafValidity(2*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
-	c := ca.client(t, ecKey(), "device-1")
+	c := client(t, ca, testutil.ECKey(), "device-1")
 	first, err := srv.certificate()
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +73,7 @@ func TestBuiltinServerRenewalClock(t *testing.T) {
 	now := time.Now()
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
-	srv, err := NewServer(newTestCA(t, "station").pool(), WithServerClock(clock))
+	srv, err := NewServer(testutil.NewCA(t, "station").Pool(), WithServerClock(clock))
 	if err != nil {
 		t.Fatal(err)
 	}

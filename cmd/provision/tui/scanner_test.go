@@ -3,7 +3,6 @@ package tui
 import (
 	"context"
 	"fmt"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -409,33 +408,4 @@ func setupEncrypted(t *testing.T, pass string) (*realBackend, Header, string) {
 	}
 	return &realBackend{st: st}, Header{StationID: "line-1", TPM: "sim", CALocked: true, Profile: "mender",
 		ImageTarget: dir + "/{serial}.img"}, dir
-}
-
-// silentEndpoint accepts TCP connections and never answers: a handshake to it waits for its timeout.
-func silentEndpoint(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var conns []net.Conn
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			conns = append(conns, c)
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		<-done
-		for _, c := range conns {
-			c.Close()
-		}
-	})
-	return "tls://" + l.Addr().String()
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/charmbracelet/x/exp/teatest"
 
 	"provision/image/golden"
+	"provision/internal/testutil"
 	"provision/inventory"
 	"provision/simulator"
 	"provision/station"
@@ -73,7 +74,7 @@ func (b *realBackend) Provision(ctx context.Context, req station.ProvisionReques
 
 func setup(t *testing.T) (*realBackend, Header, string) {
 	t.Helper()
-	simulator.RequireTool(t, golden.Tools...)
+	testutil.RequireTool(t, golden.Tools...)
 	dir := t.TempDir()
 	sd := filepath.Join(dir, "station")
 	if _, err := station.Init(context.Background(), sd, station.InitOptions{StationID: "line-1"}); err != nil {
@@ -287,18 +288,25 @@ func waitScreen(t *testing.T, tm *teatest.TestModel, want string) {
 
 // hangingHandshake is a backend whose handshake goes to a server that never answers: the unit waits in its last step.
 func hangingHandshake(t *testing.T, b *realBackend) *realBackend {
-	return &realBackend{st: b.st, hs: station.HandshakeConfig{Endpoints: []string{silentEndpoint(t)}, CA: x509.NewCertPool(), CAFile: "ca/none.pem"}}
+	addr, _ := testutil.SilentListener(t)
+	return &realBackend{st: b.st, hs: station.HandshakeConfig{Endpoints: []string{"tls://" + addr}, CA: x509.NewCertPool(), CAFile: "ca/none.pem"}}
+}
+
+// startHangingUnit runs the program on a unit whose handshake never answers and waits until the unit is in that step.
+func startHangingUnit(t *testing.T) (*realBackend, *teatest.TestModel) {
+	t.Helper()
+	b, h, _ := setup(t)
+	tm := teatest.NewTestModel(t, New(hangingHandshake(t, b), h), teatest.WithInitialTermSize(80, 24))
+	tm.Type("SN-0001")
+	tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
+	waitScreen(t, tm, "checks passed")
+	return b, tm
 }
 
 // Item 4: Esc stops the running unit (its context is cancelled): CANCELLED on screen, the step says cancelled, the
 // unit keeps its last state and the inventory records the interruption.
 func TestEscCancelsRunningUnit(t *testing.T) {
-	b, h, _ := setup(t)
-	hb := hangingHandshake(t, b)
-	tm := teatest.NewTestModel(t, New(hb, h), teatest.WithInitialTermSize(80, 24))
-	tm.Type("SN-0001")
-	tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
-	waitScreen(t, tm, "checks passed")
+	b, tm := startHangingUnit(t)
 	tm.Send(tea.KeyMsg{Type: tea.KeyEsc})
 	waitScreen(t, tm, "CANCELLED")
 	tm.Send(tea.KeyMsg{Type: tea.KeyCtrlC})
@@ -327,12 +335,7 @@ func checkInterrupted(t *testing.T, b *realBackend, serial string) {
 
 // Item 16: a signal (Run's context) stops the running unit between steps, records it as interrupted, then quits.
 func TestSignalStopsRunningUnit(t *testing.T) {
-	b, h, _ := setup(t)
-	hb := hangingHandshake(t, b)
-	tm := teatest.NewTestModel(t, New(hb, h), teatest.WithInitialTermSize(80, 24))
-	tm.Type("SN-0001")
-	tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
-	waitScreen(t, tm, "checks passed")
+	b, tm := startHangingUnit(t)
 	tm.Send(InterruptMsg{})
 	fm := tm.FinalModel(t, teatest.WithFinalTimeout(20*time.Second)).(Model)
 	if !fm.Signalled() || fm.banner != bannerCancelled {

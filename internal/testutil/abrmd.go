@@ -1,0 +1,75 @@
+package testutil
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// StartABRMD puts a resource manager (tpm2-abrmd on a private D-Bus session bus) in front of this swtpm, as
+// /dev/tpmrm0 is on a device, and returns the environment OpenSSL's tpm2 provider needs to reach it. swtpm serves one
+// client connection at a time: close every other connection to it first. Everything stops at test cleanup.
+func (s *Swtpm) StartABRMD(tb testing.TB) []string {
+	tb.Helper()
+	RequireTool(tb, "dbus-daemon", "tpm2-abrmd")
+	out, err := exec.Command("dbus-daemon", "--session", "--fork", "--print-address=1", "--print-pid=1").Output()
+	if err != nil {
+		tb.Fatalf("dbus-daemon: %v", err)
+	}
+	lines := strings.Fields(string(out))
+	if len(lines) < 2 {
+		tb.Fatalf("dbus-daemon printed %q", out)
+	}
+	addr := lines[0]
+	if pid, err := strconv.Atoi(lines[1]); err == nil {
+		tb.Cleanup(func() {
+			if p, err := os.FindProcess(pid); err == nil {
+				p.Kill()
+			}
+		})
+	}
+	// Each test gets its own bus name, so parallel test binaries do not meet.
+	name := fmt.Sprintf("com.intel.tss2.Tabrmd.p%d", s.Port)
+	abrmd := exec.Command("tpm2-abrmd", "--session", "--allow-root", "--dbus-name="+name,
+		fmt.Sprintf("--tcti=swtpm:host=127.0.0.1,port=%d", s.Port))
+	abrmd.Env = append(os.Environ(), "DBUS_SESSION_BUS_ADDRESS="+addr)
+	if err := abrmd.Start(); err != nil {
+		tb.Fatalf("tpm2-abrmd: %v", err)
+	}
+	tb.Cleanup(func() { abrmd.Process.Kill(); abrmd.Wait() })
+	env := []string{"DBUS_SESSION_BUS_ADDRESS=" + addr, "TPM2OPENSSL_TCTI=tabrmd:bus_type=session,bus_name=" + name}
+	// Wait until the resource manager owns its bus name.
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		c := exec.Command("dbus-send", "--session", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+			"org.freedesktop.DBus.NameHasOwner", "string:"+name)
+		c.Env = append(os.Environ(), "DBUS_SESSION_BUS_ADDRESS="+addr)
+		if out, err := c.Output(); err == nil && strings.Contains(string(out), "true") {
+			return env
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	tb.Fatal("tpm2-abrmd did not come up")
+	return nil
+}
+
+// OpenSSLConf is an OpenSSL configuration that activates the tpm2 provider next to the default one, with digests kept
+// in the default provider (needed by Debian 12's tpm2-openssl 1.1).
+const OpenSSLConf = `openssl_conf = openssl_init
+[openssl_init]
+providers = provider_sect
+alg_section = algorithm_sect
+[provider_sect]
+default = default_sect
+tpm2 = tpm2_sect
+[default_sect]
+activate = 1
+[tpm2_sect]
+activate = 1
+[algorithm_sect]
+default_properties = ?provider=tpm2,tpm2.digest!=yes
+`
