@@ -89,30 +89,17 @@ certificates), in serial order. An empty inventory prints {"units":[]}.`,
 			if !validState(state) {
 				return usagef("inventory list: --state %q: use new, keyed, certified, imaged, verified, shippable or failed", state)
 			}
-			st, err := g.openStation(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer st.Exit() // one-shot command: see Station.Exit
-			units, err := st.Inv.Units(cmd.Context(), state)
+			recs, err := unitRecords(g, cmd, state)
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				recs := make([]unitJSON, 0, len(units))
-				for _, u := range units {
-					rec, err := unitRecord(g, cmd, st.Inv, u, false)
-					if err != nil {
-						return err
-					}
-					recs = append(recs, rec)
-				}
 				return json.NewEncoder(g.stdout).Encode(unitListJSON{Units: recs})
 			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERIAL\tSTATE\tFAILED STEP\tOPERATOR\tUPDATED")
-			for _, u := range units {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", u.Serial, u.State, u.FailedStep, u.Operator, fmtTime(u.Updated))
+			for _, r := range recs {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Serial, r.State, r.FailedStep, r.Operator, r.Updated)
 			}
 			return tw.Flush()
 		},
@@ -120,6 +107,28 @@ certificates), in serial order. An empty inventory prints {"units":[]}.`,
 	c.Flags().StringVar(&state, "state", "", "only units in this state")
 	c.Flags().BoolVar(&asJSON, "json", false, `print {"units":[...]} as one JSON document`)
 	return c
+}
+
+// unitRecords opens the station and reads every unit (in state, when not empty) with its certificates, in serial order.
+func unitRecords(g *globals, cmd *cobra.Command, state string) ([]unitJSON, error) {
+	st, err := g.openStation(cmd.Context())
+	if err != nil {
+		return nil, err
+	}
+	defer st.Exit() // one-shot command: see Station.Exit
+	units, err := st.Inv.Units(cmd.Context(), state)
+	if err != nil {
+		return nil, err
+	}
+	recs := make([]unitJSON, 0, len(units))
+	for _, u := range units {
+		rec, err := unitRecord(g, cmd, st.Inv, u, false)
+		if err != nil {
+			return nil, err
+		}
+		recs = append(recs, rec)
+	}
+	return recs, nil
 }
 
 func unitRecord(g *globals, cmd *cobra.Command, inv *inventory.DB, u inventory.Unit, withEvents bool) (unitJSON, error) {
@@ -216,22 +225,9 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 			if !validState(state) {
 				return usagef("inventory export: --state %q is not a unit state", state)
 			}
-			st, err := g.openStation(cmd.Context())
+			recs, err := unitRecords(g, cmd, state)
 			if err != nil {
 				return err
-			}
-			defer st.Exit() // one-shot command: see Station.Exit
-			units, err := st.Inv.Units(cmd.Context(), state)
-			if err != nil {
-				return err
-			}
-			recs := make([]unitJSON, 0, len(units))
-			for _, u := range units {
-				rec, err := unitRecord(g, cmd, st.Inv, u, false)
-				if err != nil {
-					return err
-				}
-				recs = append(recs, rec)
 			}
 			if format == "json" {
 				enc := json.NewEncoder(g.stdout)
