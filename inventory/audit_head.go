@@ -417,7 +417,7 @@ func (db *DB) AdoptKey(ctx context.Context) (AuditReport, error) {
 	if f.v2 != nil || f.v3 != nil {
 		return AuditReport{}, fmt.Errorf("inventory: audit head %s is already signed: %w", db.headPath, ErrAudit)
 	}
-	rep, err := verifyAudit(ctx, db.db, f, nil, true)
+	rep, err := verifyAudit(ctx, db.db, f, nil, db.stateRule, true)
 	if err != nil {
 		return rep, err
 	}

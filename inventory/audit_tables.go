@@ -5,19 +5,24 @@ import (
 	"fmt"
 )
 
-// stateAfter is what an event says about its unit's state: the states the unit may be in when this is its last
-// state-changing event, or nil when the event changes nothing (validate, csr, interrupted, unknown steps).
-func stateAfter(e Event) []string {
-	switch e.Outcome {
+// StateRule says which states a unit may be in when an entry with this step and outcome is its last state-changing
+// one, or nil when such an entry changes nothing. The station passes its state machine's rule (Station's one table);
+// DefaultStateRule is this package's own reading of the standard steps, for callers without one.
+type StateRule func(step, outcome string) []string
+
+// DefaultStateRule: failed → failed; shippable → shippable; ok of key → keyed, sign → certified (or keyed: enroll
+// before the one state machine), image → imaged, verify → verified, bundle → certified; anything else changes nothing.
+func DefaultStateRule(step, outcome string) []string {
+	switch outcome {
 	case "failed":
 		return []string{StateFailed}
 	case "shippable":
 		return []string{StateShippable}
 	case "ok":
-		switch e.Step {
+		switch step {
 		case "key":
 			return []string{StateKeyed}
-		case "sign": // certified; stations before the one state machine left enroll's units keyed until the bundle
+		case "sign":
 			return []string{StateCertified, StateKeyed}
 		case "image":
 			return []string{StateImaged}
@@ -33,7 +38,10 @@ func stateAfter(e Event) []string {
 // checkTables checks the units and certificates tables against the log: every unit has events and the state its last
 // state-changing event leaves; every certificate has its issuing event (sign, ok, same fingerprint and unit); every
 // event names a recorded unit, and a recorded certificate when it names one.
-func checkTables(ctx context.Context, q queryer, events []Event, problem func(int64, string, ...any)) error {
+func checkTables(ctx context.Context, q queryer, events []Event, rule StateRule, problem func(int64, string, ...any)) error {
+	if rule == nil {
+		rule = DefaultStateRule
+	}
 	units := map[string]string{}
 	rows, err := q.QueryContext(ctx, "SELECT serial, state FROM units ORDER BY serial")
 	if err != nil {
@@ -90,7 +98,7 @@ func checkTables(ctx context.Context, q queryer, events []Event, problem func(in
 		if e.Step == "sign" && e.Outcome == "ok" && e.CertSHA256 != "" {
 			issued[[2]string{e.Serial, e.CertSHA256}] = true
 		}
-		if stateAfter(e) != nil {
+		if rule(e.Step, e.Outcome) != nil {
 			lastState[e.Serial] = e
 		}
 	}
@@ -103,7 +111,7 @@ func checkTables(ctx context.Context, q queryer, events []Event, problem func(in
 		if !ok {
 			continue
 		}
-		allowed := stateAfter(e)
+		allowed := rule(e.Step, e.Outcome)
 		match := false
 		for _, st := range allowed {
 			match = match || st == units[s]

@@ -24,6 +24,8 @@ type VerifyOptions struct {
 	// Pub is the station audit public key; nil for a station made before audit keys (its head is unsigned, which is
 	// reported as a problem: nothing stops a rewritten chain with a recomputed head).
 	Pub ed25519.PublicKey
+	// StateRule checks the units table against the log (nil: DefaultStateRule).
+	StateRule StateRule
 }
 
 // VerifyFile verifies the audit log of the inventory at path without writing anything: the database is opened
@@ -70,7 +72,7 @@ func VerifyFile(ctx context.Context, path string, opt VerifyOptions) (AuditRepor
 	if tables != 3 {
 		return AuditReport{}, fmt.Errorf("inventory: open %s: no inventory tables: %w", path, ErrDamaged)
 	}
-	return verifyAudit(ctx, tx, readHeadFile(opt.HeadPath), opt.Pub, false)
+	return verifyAudit(ctx, tx, readHeadFile(opt.HeadPath), opt.Pub, opt.StateRule, false)
 }
 
 func exists(p string) bool { _, err := os.Stat(p); return err == nil }
@@ -99,11 +101,11 @@ func (db *DB) VerifyAudit(ctx context.Context) (AuditReport, error) {
 		defer unlock()
 		f = readHeadFile(db.headPath)
 	}
-	return verifyAudit(ctx, db.db, f, db.audit.pub, false)
+	return verifyAudit(ctx, db.db, f, db.audit.pub, db.stateRule, false)
 }
 
 // verifyAudit is the check; legacy accepts an unsigned head (AdoptKey checks the log before signing it).
-func verifyAudit(ctx context.Context, q queryer, f headFile, pub ed25519.PublicKey, legacy bool) (AuditReport, error) {
+func verifyAudit(ctx context.Context, q queryer, f headFile, pub ed25519.PublicKey, rule StateRule, legacy bool) (AuditReport, error) {
 	var rep AuditReport
 	rows, err := q.QueryContext(ctx, "SELECT "+eventColumns+" FROM events ORDER BY seq")
 	if err != nil {
@@ -137,7 +139,7 @@ func verifyAudit(ctx context.Context, q queryer, f headFile, pub ed25519.PublicK
 		last = Head{Count: events[n-1].Seq, Hash: events[n-1].Hash}
 	}
 	checkHead(&rep, f, pub, last, bySeq, legacy, problem)
-	if err := checkTables(ctx, q, events, problem); err != nil {
+	if err := checkTables(ctx, q, events, rule, problem); err != nil {
 		return rep, err
 	}
 	if len(rep.Problems) > 0 {

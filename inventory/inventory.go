@@ -109,13 +109,19 @@ type DB struct {
 	path     string
 	headPath string
 	audit    auditKeys // audit_head.go
+	// stateRule checks the units table against the log (WithStateRule; nil: DefaultStateRule).
+	stateRule StateRule
 }
 
 type options struct {
-	create   bool
-	headPath string
-	audit    auditKeys
+	create    bool
+	headPath  string
+	audit     auditKeys
+	stateRule StateRule
 }
+
+// WithStateRule gives the audit check the owner's rule for which state an entry leaves a unit in.
+func WithStateRule(rule StateRule) Option { return func(o *options) { o.stateRule = rule } }
 
 // Option configures Open.
 type Option func(*options)
@@ -151,7 +157,7 @@ func Open(ctx context.Context, path string, opts ...Option) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inventory: open %s: %w", path, err)
 	}
-	db := &DB{db: sdb, path: path, headPath: o.headPath, audit: o.audit}
+	db := &DB{db: sdb, path: path, headPath: o.headPath, audit: o.audit, stateRule: o.stateRule}
 	if err := db.migrate(ctx); err != nil {
 		sdb.Close()
 		return nil, fmt.Errorf("inventory: open %s: %w", path, err)

@@ -140,7 +140,7 @@ func VerifyAudit(ctx context.Context, dir string) (inventory.AuditReport, error)
 	if err != nil {
 		return inventory.AuditReport{}, fmt.Errorf("station %s: %w", dir, err)
 	}
-	rep, err := inventory.VerifyFile(ctx, l.Inventory(), inventory.VerifyOptions{HeadPath: l.AuditHead(), Pub: pub})
+	rep, err := inventory.VerifyFile(ctx, l.Inventory(), inventory.VerifyOptions{HeadPath: l.AuditHead(), Pub: pub, StateRule: AuditStateRule})
 	if err != nil && !errors.Is(err, inventory.ErrAudit) {
 		return rep, fmt.Errorf("station %s: %w", dir, err)
 	}
@@ -164,7 +164,7 @@ func AdoptAuditKey(ctx context.Context, dir string) (inventory.AuditReport, erro
 			return inventory.AuditReport{}, fmt.Errorf("%w: %s exists without %s: restore the private key", ErrAuditKey, l.AuditPub(), l.AuditKey())
 		}
 		// Check first, so a station whose log does not verify gets no key.
-		inv, err := inventory.Open(ctx, l.Inventory(), inventory.WithAuditHead(l.AuditHead()))
+		inv, err := inventory.Open(ctx, l.Inventory(), inventory.WithAuditHead(l.AuditHead()), inventory.WithStateRule(AuditStateRule))
 		if err != nil {
 			return inventory.AuditReport{}, fmt.Errorf("station %s: %w", dir, err)
 		}

@@ -120,3 +120,31 @@ func (m machine) withStep(after string, d stepDef) machine {
 	out = append(out, d)
 	return append(out, m[i+1:]...)
 }
+
+// AuditStateRule is the state machine's reading of an audit entry, for the audit check of the units table
+// (inventory.StateRule): failed → failed; a step's success → the state the tables say it leads to; entries of steps
+// that change no state (validate, csr, bundle, interrupted, ...) → nil. Logs written before the one state machine
+// left enroll's units keyed after sign: that stays allowed.
+func AuditStateRule(step, outcome string) []string {
+	if outcome == "failed" {
+		return []string{inventory.StateFailed}
+	}
+	var out []string
+	for _, m := range []machine{unitSteps, enrollSteps} {
+		i := m.index(step)
+		if i < 0 || m[i].Success == "" {
+			continue
+		}
+		want := m[i].Outcome
+		if want == "" {
+			want = "ok"
+		}
+		if outcome == want && !slices.Contains(out, m[i].Success) {
+			out = append(out, m[i].Success)
+		}
+	}
+	if step == StepSign && out != nil {
+		out = append(out, inventory.StateKeyed)
+	}
+	return out
+}

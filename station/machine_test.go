@@ -389,3 +389,26 @@ func TestStatesMeanTheSameForEnrollAndUnit(t *testing.T) {
 		t.Fatalf("unit after enroll ran %v", ran)
 	}
 }
+
+// The audit check reads entries through the state machine: each state-changing step's success leaves the state the
+// table says, failures leave failed, the rest change nothing.
+func TestAuditStateRule(t *testing.T) {
+	for _, tc := range []struct {
+		step, outcome string
+		want          []string
+	}{
+		{StepKey, "ok", []string{inventory.StateKeyed}},
+		{StepSign, "ok", []string{inventory.StateCertified, inventory.StateKeyed}},
+		{StepImage, "ok", []string{inventory.StateImaged}},
+		{StepVerify, "ok", []string{inventory.StateVerified}},
+		{StepHandshake, "shippable", []string{inventory.StateShippable}},
+		{StepHandshake, "ok", nil},
+		{StepValidate, "ok", nil}, {StepCSR, "ok", nil}, {StepBundle, "ok", nil},
+		{StepImage, OutcomeInterrupted, nil},
+		{StepVerify, "failed", []string{inventory.StateFailed}},
+	} {
+		if got := AuditStateRule(tc.step, tc.outcome); fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s %s: %v, want %v", tc.step, tc.outcome, got, tc.want)
+		}
+	}
+}

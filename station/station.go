@@ -83,7 +83,7 @@ func Open(ctx context.Context, dir string, log *slog.Logger) (*Station, error) {
 	if err != nil {
 		return nil, fmt.Errorf("station %s: %w", dir, err)
 	}
-	inv, err := inventory.Open(ctx, l.Inventory(), append(auditOpts, inventory.WithAuditHead(l.AuditHead()))...)
+	inv, err := inventory.Open(ctx, l.Inventory(), append(auditOpts, inventory.WithAuditHead(l.AuditHead()), inventory.WithStateRule(AuditStateRule))...)
 	if err != nil {
 		return nil, fmt.Errorf("station %s: %w", dir, err)
 	}
