@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net"
-	"path/filepath"
 	"reflect"
 	"strconv"
 	"strings"
@@ -14,6 +12,8 @@ import (
 	"github.com/go-playground/validator/v10"
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/parser"
+
+	"provision/tpm"
 )
 
 // ErrConfig: station.yaml is malformed or invalid.
@@ -279,16 +279,8 @@ func newValidator() *validator.Validate {
 	return v
 }
 
-// ValidTPMURI reports whether s is one of the TPM URI forms in docs/station.md.
+// ValidTPMURI reports whether s is one of the TPM URI forms in docs/station.md (tpm.ParseURI, the grammar tpm.Open
+// takes).
 func ValidTPMURI(s string) bool {
-	switch {
-	case s == "sim" || s == "soft":
-		return true
-	case strings.HasPrefix(s, "mssim://"):
-		host, port, err := net.SplitHostPort(strings.TrimPrefix(s, "mssim://"))
-		n, perr := strconv.Atoi(port)
-		return err == nil && host != "" && perr == nil && n > 0 && n < 65535
-	default:
-		return filepath.IsAbs(s) && filepath.Clean(s) == s
-	}
+	return tpm.ValidURI(s)
 }

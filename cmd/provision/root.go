@@ -248,7 +248,8 @@ func passphrase() []byte {
 // carries) it logs the open and, through tpmLogOptions, every TPM command with its time.
 func openTPM(ctx context.Context, uri string) (*tpm.Device, error) {
 	log := loggerFrom(ctx)
-	stale := uri == "sim" || strings.HasPrefix(uri, "mssim://")
+	u, _ := tpm.ParseURI(uri) // a bad URI is tpm.Open's to refuse
+	stale := u.Kind == tpm.URISim || u.Kind == tpm.URIMssim
 	opts := append([]tpm.Option{tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(stale)}, tpmLogOptions(log)...)
 	start := time.Now()
 	dev, err := tpm.Open(ctx, uri, opts...)
@@ -271,8 +272,8 @@ func tpmFlag(cmd, flag, def string) (string, error) {
 	if flag == "" {
 		return def, nil
 	}
-	if !station.ValidTPMURI(flag) {
-		return "", usagef("%s: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", cmd, flag)
+	if !tpm.ValidURI(flag) {
+		return "", usagef("%s: --tpm %q is not a TPM URI (use %s)", cmd, flag, tpm.URIForms)
 	}
 	return flag, nil
 }
