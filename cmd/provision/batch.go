@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"encoding/csv"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -17,56 +15,6 @@ import (
 
 	"provision/station"
 )
-
-// parseTargets reads a --targets CSV: serial,image per line (header optional).
-func parseTargets(name string, data []byte, rule *station.SerialRule) ([]station.BatchUnit, error) {
-	r := csv.NewReader(bytes.NewReader(data))
-	r.Comment = '#'
-	r.FieldsPerRecord = -1
-	var units []station.BatchUnit
-	var bad []station.LineError
-	seen := map[string]int{}
-	for {
-		rec, err := r.Read()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			bad = append(bad, station.LineError{Reason: err.Error()})
-			break
-		}
-		line, _ := r.FieldPos(0)
-		if len(rec) == 2 && strings.EqualFold(strings.TrimSpace(rec[0]), "serial") && strings.EqualFold(strings.TrimSpace(rec[1]), "image") {
-			continue
-		}
-		if len(rec) != 2 {
-			bad = append(bad, station.LineError{Line: line, Reason: "want serial,image"})
-			continue
-		}
-		serial, img := strings.TrimSpace(rec[0]), strings.TrimSpace(rec[1])
-		if err := rule.Check(serial); err != nil {
-			bad = append(bad, station.LineError{Line: line, Reason: strings.TrimSuffix(err.Error(), ": "+station.ErrBadSerial.Error())})
-			continue
-		}
-		if first, dup := seen[serial]; dup {
-			bad = append(bad, station.LineError{Line: line, Reason: fmt.Sprintf("serial %q repeats line %d", serial, first)})
-			continue
-		}
-		seen[serial] = line
-		if _, err := os.Stat(img); err != nil {
-			bad = append(bad, station.LineError{Line: line, Reason: err.Error()})
-			continue
-		}
-		units = append(units, station.BatchUnit{UnitRequest: station.UnitRequest{Serial: serial}, Target: img})
-	}
-	if len(bad) > 0 {
-		return nil, &station.SerialFileError{Name: name, Lines: bad}
-	}
-	if len(units) == 0 {
-		return nil, &station.SerialFileError{Name: name, Lines: []station.LineError{{Reason: "no targets"}}}
-	}
-	return units, nil
-}
 
 func newBatchCmd(g *globals) *cobra.Command {
 	var (
@@ -143,7 +91,7 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				if err != nil {
 					return usagef("batch: --targets: %v", err)
 				}
-				if units, err = parseTargets(targets, data, st.Config.SerialRule()); err != nil {
+				if units, err = station.ParseTargets(targets, data, st.Config.SerialRule()); err != nil {
 					return fmt.Errorf("batch: %w", err)
 				}
 			}
