@@ -61,11 +61,12 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			if workers < 1 || workers > 64 {
 				return usagef("batch: --workers %d: 1 to 64", workers)
 			}
-			st, err := g.openStation(ctx)
+			s, err := g.openSession(ctx, "batch")
 			if err != nil {
 				return err
 			}
-			defer st.Exit() // one-shot command: see Station.Exit
+			defer s.close()
+			st := s.st
 			if _, err := st.Config.ResolveProfile(profile); err != nil {
 				return usageError{fmt.Errorf("batch: %w", err)}
 			}
@@ -112,23 +113,11 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				return &exitError{code: exitStation, err: fmt.Errorf("batch: %w", err)}
 			}
 			defer lock.Release()
-			if tpmURI, err = tpmFlag("batch", tpmURI, "soft"); err != nil {
+			if err := s.openUnit(ctx, tpmURI, "soft", &hf); err != nil {
 				return err
 			}
-			if err := st.LoadCA(passphrase()); err != nil {
-				return fmt.Errorf("batch: %w", err)
-			}
-			dev, err := openTPM(ctx, tpmURI)
-			if err != nil {
-				return fmt.Errorf("batch: %w", err)
-			}
-			defer dev.Close()
 			if out != "" {
 				st.RemoveStalePartials(ctx, out)
-			}
-			hc, err := hf.resolve("batch", st)
-			if err != nil {
-				return err
 			}
 			earlier, warning, err := readEarlierReport(reportDir)
 			if err != nil {
@@ -142,8 +131,8 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			prog := newProgress(g.stderr, len(units), asJSON)
 			enc := json.NewEncoder(g.stdout)
 			rows := newBatchRows(earlier, run, hash)
-			results, err := st.Batch(ctx, dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
-				Profile: profile, Handshake: hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
+			results, err := st.Batch(ctx, s.dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
+				Profile: profile, Handshake: s.hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
 				Operator: operatorName(operator)}, func(r station.BatchResult) {
 				prog.add(r)
 				row := rows.add(r)
