@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"provision/internal/fsutil"
 )
 
 // The undo journal (see overlay for the commit protocol that writes it).
@@ -423,11 +425,5 @@ func keepAside(journal string, j *undoJournal, why string) error {
 		journal, written, why, kept, filepath.Base(kept), ErrUndoJournal)
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+// syncDir is fsutil.SyncDir, under the name overlay.go calls.
+func syncDir(dir string) error { return fsutil.SyncDir(dir) }

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net"
-	"path/filepath"
 	"reflect"
 	"strconv"
 	"strings"
@@ -16,6 +14,7 @@ import (
 	"github.com/goccy/go-yaml/parser"
 
 	"provision/station/profile"
+	"provision/tpm"
 )
 
 // ErrConfig: station.yaml is malformed or invalid.
@@ -282,16 +281,8 @@ func newValidator() *validator.Validate {
 	return v
 }
 
-// ValidTPMURI reports whether s is one of the TPM URI forms in docs/station.md.
+// ValidTPMURI reports whether s is one of the TPM URI forms in docs/station.md (tpm.ParseURI, the grammar tpm.Open
+// takes).
 func ValidTPMURI(s string) bool {
-	switch {
-	case s == "sim" || s == "soft":
-		return true
-	case strings.HasPrefix(s, "mssim://"):
-		host, port, err := net.SplitHostPort(strings.TrimPrefix(s, "mssim://"))
-		n, perr := strconv.Atoi(port)
-		return err == nil && host != "" && perr == nil && n > 0 && n < 65535
-	default:
-		return filepath.IsAbs(s) && filepath.Clean(s) == s
-	}
+	return tpm.ValidURI(s)
 }

@@ -4,8 +4,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
-	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -15,30 +13,16 @@ import (
 )
 
 // EndpointForms says in words which handshake endpoints the station takes.
-const EndpointForms = "use tls://host:port, mqtts://host:port or https://host[:port]/path"
+const EndpointForms = handshake.Forms
 
 // ErrEndpoint: a handshake endpoint or its CA file is unusable (a usage error: exit 2).
 var ErrEndpoint = errors.New("bad handshake endpoint")
 
-// CheckEndpoint checks one handshake endpoint URL: a known scheme, a host, and a port where the scheme has no default.
+// CheckEndpoint checks one handshake endpoint URL as the handshake step takes it (handshake.ParseEndpoint): a known
+// scheme, a host, and a port where the scheme has no default.
 func CheckEndpoint(s string) error {
-	u, err := url.Parse(s)
-	if err != nil || u.Host == "" || u.Hostname() == "" {
-		return fmt.Errorf("endpoint %q: %s: %w", s, EndpointForms, ErrEndpoint)
-	}
-	switch u.Scheme {
-	case "tls", "mqtts":
-		if u.Port() == "" {
-			return fmt.Errorf("endpoint %q has no port (mqtts brokers listen on 8883): %s: %w", s, EndpointForms, ErrEndpoint)
-		}
-	case "https":
-	default:
-		return fmt.Errorf("endpoint %q: scheme %q: %s: %w", s, u.Scheme, EndpointForms, ErrEndpoint)
-	}
-	if p := u.Port(); p != "" {
-		if _, err := net.LookupPort("tcp", p); err != nil {
-			return fmt.Errorf("endpoint %q: port %q: %w", s, p, ErrEndpoint)
-		}
+	if _, err := handshake.ParseEndpoint(s); err != nil {
+		return fmt.Errorf("%v: %w", err, ErrEndpoint)
 	}
 	return nil
 }

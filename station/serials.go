@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 )
 
@@ -68,21 +69,11 @@ func ParseSerialList(name string, r io.Reader, rule *SerialRule) ([]UnitRequest,
 	} else {
 		units, bad = parseLines(data)
 	}
-	seen := make(map[string]int, len(units))
-	lines := make([]int, len(units))
-	for i := range units {
-		lines[i] = units[i].line
-	}
-	for i, u := range units {
-		if err := rule.Check(u.Serial); err != nil {
-			bad = append(bad, LineError{lines[i], strings.TrimSuffix(err.Error(), ": "+ErrBadSerial.Error())})
-			continue
+	check := newSerialCheck(rule)
+	for _, u := range units {
+		if why := check.refuse(u.Serial, u.line); why != "" {
+			bad = append(bad, LineError{u.line, why})
 		}
-		if first, dup := seen[u.Serial]; dup {
-			bad = append(bad, LineError{lines[i], fmt.Sprintf("serial %q repeats line %d", u.Serial, first)})
-			continue
-		}
-		seen[u.Serial] = lines[i]
 	}
 	if len(bad) > 0 {
 		sortLineErrors(bad)
@@ -97,6 +88,76 @@ func ParseSerialList(name string, r io.Reader, rule *SerialRule) ([]UnitRequest,
 	}
 	for i := range units {
 		units[i].line = 0
+	}
+	return units, nil
+}
+
+// serialCheck checks the serials of a list as they are read: each against the station's rule, and against the ones
+// before it.
+type serialCheck struct {
+	rule *SerialRule
+	seen map[string]int // serial -> its line
+}
+
+func newSerialCheck(rule *SerialRule) *serialCheck {
+	return &serialCheck{rule: rule, seen: map[string]int{}}
+}
+
+// refuse says why the serial on line is refused (a LineError's reason), or "" when it is taken.
+func (c *serialCheck) refuse(serial string, line int) string {
+	if err := c.rule.Check(serial); err != nil {
+		return strings.TrimSuffix(err.Error(), ": "+ErrBadSerial.Error())
+	}
+	if first, dup := c.seen[serial]; dup {
+		return fmt.Sprintf("serial %q repeats line %d", serial, first)
+	}
+	c.seen[serial] = line
+	return ""
+}
+
+// ParseTargets reads a --targets CSV: serial,image per line (a header line "serial,image" is optional; '#' starts a
+// comment). Every serial is checked as in ParseSerialList and every image must exist; all problems are reported
+// together.
+func ParseTargets(name string, data []byte, rule *SerialRule) ([]BatchUnit, error) {
+	r := csv.NewReader(bytes.NewReader(data))
+	r.Comment = '#'
+	r.FieldsPerRecord = -1
+	var units []BatchUnit
+	var bad []LineError
+	check := newSerialCheck(rule)
+	for {
+		rec, err := r.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			bad = append(bad, LineError{Reason: err.Error()})
+			break
+		}
+		line, _ := r.FieldPos(0)
+		if len(rec) == 2 && strings.EqualFold(strings.TrimSpace(rec[0]), "serial") && strings.EqualFold(strings.TrimSpace(rec[1]), "image") {
+			continue
+		}
+		if len(rec) != 2 {
+			bad = append(bad, LineError{Line: line, Reason: "want serial,image"})
+			continue
+		}
+		serial, img := strings.TrimSpace(rec[0]), strings.TrimSpace(rec[1])
+		if why := check.refuse(serial, line); why != "" {
+			bad = append(bad, LineError{Line: line, Reason: why})
+			continue
+		}
+		if _, err := os.Stat(img); err != nil {
+			bad = append(bad, LineError{Line: line, Reason: err.Error()})
+			continue
+		}
+		units = append(units, BatchUnit{UnitRequest: UnitRequest{Serial: serial}, Target: img})
+	}
+	if len(bad) > 0 {
+		return nil, &SerialFileError{Name: name, Lines: bad}
+	}
+	if len(units) == 0 {
+		return nil, &SerialFileError{Name: name, Lines: []LineError{{Reason: "no targets"}}}
 	}
 	return units, nil
 }

@@ -2,6 +2,8 @@ package station
 
 import (
 	"errors"
+	"os"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -101,4 +103,60 @@ func FuzzParseSerialList(f *testing.F) {
 			seen[u.Serial] = true
 		}
 	})
+}
+
+func TestParseTargets(t *testing.T) {
+	rule, _ := NewSerialRule(DefaultSerialPattern)
+	dir := t.TempDir()
+	img := dir + "/u.img"
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		in       string
+		want     []string
+		badLines []int
+		reason   string // a part of the first bad line's reason
+	}{
+		{name: "header and rows", in: "serial,image\nSN-001," + img + "\n# c\nSN-002 , " + img + "\n", want: []string{"SN-001", "SN-002"}},
+		{name: "no header", in: "SN-001," + img + "\n", want: []string{"SN-001"}},
+		{name: "bad serial", in: "x," + img + "\n", badLines: []int{1}},
+		{name: "duplicate", in: "SN-001," + img + "\nSN-001," + img + "\n", badLines: []int{2}, reason: "repeats line 1"},
+		{name: "missing image", in: "SN-001," + dir + "/nope.img\n", badLines: []int{1}, reason: "no such file"},
+		{name: "one field", in: "SN-001\n", badLines: []int{1}, reason: "want serial,image"},
+		{name: "empty", in: "serial,image\n", badLines: []int{0}, reason: "no targets"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			units, err := ParseTargets("t.csv", []byte(tt.in), rule)
+			if tt.badLines != nil {
+				var fe *SerialFileError
+				if !errors.As(err, &fe) || !errors.Is(err, ErrSerialFile) {
+					t.Fatalf("got %v, want a SerialFileError", err)
+				}
+				var lines []int
+				for _, l := range fe.Lines {
+					lines = append(lines, l.Line)
+				}
+				if !slices.Equal(lines, tt.badLines) || !strings.Contains(fe.Lines[0].Reason, tt.reason) {
+					t.Fatalf("bad lines %v (%v), want %v with %q", lines, fe.Lines, tt.badLines, tt.reason)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, u := range units {
+				if u.Target != img {
+					t.Errorf("%s: target %q, want %q", u.Serial, u.Target, img)
+				}
+				got = append(got, u.Serial)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("got %v, want %v", got, tt.want)
+			}
+		})
+	}
 }

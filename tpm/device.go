@@ -8,9 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -111,8 +108,8 @@ type Device struct {
 	closed  bool
 }
 
-// Open reaches the TPM named by uri: an absolute device path (/dev/tpmrm0), mssim://HOST:PORT, sim or soft, and proves
-// it answers with one command.
+// Open reaches the TPM named by uri (ParseURI: an absolute device path such as /dev/tpmrm0, mssim://HOST:PORT, sim or
+// soft), and proves it answers with one command.
 func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 	o := options{timeout: DefaultCommandTimeout}
 	for _, opt := range opts {
@@ -124,12 +121,16 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 	if o.log == nil {
 		o.log = slog.New(slog.DiscardHandler)
 	}
+	u, err := ParseURI(uri)
+	if err != nil {
+		return nil, err
+	}
 	d := &Device{uri: uri}
 	var s sender
-	switch {
-	case uri == "soft":
+	switch u.Kind {
+	case URISoft:
 		return d, nil
-	case uri == "sim":
+	case URISim:
 		if o.simulator == nil {
 			return nil, fmt.Errorf("tpm: %s: no simulator wired in: %w", uri, ErrBadURI)
 		}
@@ -138,16 +139,11 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 			return nil, fmt.Errorf("tpm: open simulator: %w: %v", ErrUnreachable, err)
 		}
 		s = &async{t: t}
-	case strings.HasPrefix(uri, "mssim://"):
-		addr := strings.TrimPrefix(uri, "mssim://")
-		host, port, serr := net.SplitHostPort(addr)
-		if p, perr := strconv.Atoi(port); serr != nil || perr != nil || host == "" || p <= 0 || p > 65534 {
-			return nil, fmt.Errorf("tpm: %q: want mssim://HOST:PORT: %w", uri, ErrBadURI)
-		}
+	case URIMssim:
 		dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 		defer cancel()
 		var dl net.Dialer
-		c, err := dl.DialContext(dctx, "tcp", addr)
+		c, err := dl.DialContext(dctx, "tcp", u.Addr)
 		if err != nil {
 			if errors.Is(ctx.Err(), context.Canceled) {
 				return nil, fmt.Errorf("tpm: %s: %w", uri, context.Canceled)
@@ -155,13 +151,10 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 			return nil, fmt.Errorf("tpm: %s: %w: %v", uri, ErrUnreachable, err)
 		}
 		s = &mssim{conn: c}
-	case filepath.IsAbs(uri):
-		var err error
-		if s, err = openDevice(uri); err != nil {
+	case URIDevice:
+		if s, err = openDevice(u.Addr); err != nil {
 			return nil, fmt.Errorf("tpm: %s: %w: %w", uri, ErrUnreachable, err)
 		}
-	default:
-		return nil, fmt.Errorf("tpm: %q: use /dev/tpmrm0, mssim://HOST:PORT, sim or soft: %w", uri, ErrBadURI)
 	}
 	d.l = &link{uri: uri, s: s, timeout: o.timeout, log: o.log, counter: o.counter}
 	// A first command proves the TPM answers (a socket that accepts is not yet a TPM).
@@ -194,10 +187,10 @@ func (d *Device) ping(ctx context.Context) error {
 // manager) answers nil: it is there. swtpm and Microsoft's simulator serve one connection at a time, so probe an
 // mssim:// TPM only while no Device is open on it (or call Ping on the open Device).
 func Probe(ctx context.Context, uri string, opts ...Option) error {
-	switch uri {
-	case "soft":
+	switch u, _ := ParseURI(uri); u.Kind { // a bad URI is Open's to refuse
+	case URISoft:
 		return nil
-	case "sim":
+	case URISim:
 		var o options
 		for _, opt := range opts {
 			opt(&o)

@@ -19,6 +19,8 @@ import (
 
 	keyfile "github.com/foxboron/go-tpm-keyfiles"
 	"github.com/google/go-tpm/tpm2"
+
+	"provision/internal/pemkey"
 )
 
 // Key is a device key: TPM-resident (its handle loaded until Close) or, for the software fallback, in memory.
@@ -388,34 +390,16 @@ func PublicFromPEM(pemBytes []byte) (crypto.PublicKey, error) {
 	if blk == nil {
 		return nil, errors.New("tpm: no PEM block")
 	}
-	switch blk.Type {
-	case "TSS2 PRIVATE KEY":
+	if blk.Type == "TSS2 PRIVATE KEY" {
 		tk, err := keyfile.Decode(pemBytes)
 		if err != nil {
 			return nil, fmt.Errorf("tpm: key file: %w", err)
 		}
 		return tk.PublicKey()
-	case "PRIVATE KEY":
-		k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		if s, ok := k.(crypto.Signer); ok {
-			return s.Public(), nil
-		}
-		return nil, fmt.Errorf("tpm: key type %T", k)
-	case "EC PRIVATE KEY":
-		k, err := x509.ParseECPrivateKey(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		return k.Public(), nil
-	case "RSA PRIVATE KEY":
-		k, err := x509.ParsePKCS1PrivateKey(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		return k.Public(), nil
 	}
-	return nil, fmt.Errorf("tpm: PEM block %q is not a private key", blk.Type)
+	s, err := pemkey.Parse(blk)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	return s.Public(), nil
 }

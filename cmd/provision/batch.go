@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"encoding/csv"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -17,56 +15,6 @@ import (
 
 	"provision/station"
 )
-
-// parseTargets reads a --targets CSV: serial,image per line (header optional).
-func parseTargets(name string, data []byte, rule *station.SerialRule) ([]station.BatchUnit, error) {
-	r := csv.NewReader(bytes.NewReader(data))
-	r.Comment = '#'
-	r.FieldsPerRecord = -1
-	var units []station.BatchUnit
-	var bad []station.LineError
-	seen := map[string]int{}
-	for {
-		rec, err := r.Read()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			bad = append(bad, station.LineError{Reason: err.Error()})
-			break
-		}
-		line, _ := r.FieldPos(0)
-		if len(rec) == 2 && strings.EqualFold(strings.TrimSpace(rec[0]), "serial") && strings.EqualFold(strings.TrimSpace(rec[1]), "image") {
-			continue
-		}
-		if len(rec) != 2 {
-			bad = append(bad, station.LineError{Line: line, Reason: "want serial,image"})
-			continue
-		}
-		serial, img := strings.TrimSpace(rec[0]), strings.TrimSpace(rec[1])
-		if err := rule.Check(serial); err != nil {
-			bad = append(bad, station.LineError{Line: line, Reason: strings.TrimSuffix(err.Error(), ": "+station.ErrBadSerial.Error())})
-			continue
-		}
-		if first, dup := seen[serial]; dup {
-			bad = append(bad, station.LineError{Line: line, Reason: fmt.Sprintf("serial %q repeats line %d", serial, first)})
-			continue
-		}
-		seen[serial] = line
-		if _, err := os.Stat(img); err != nil {
-			bad = append(bad, station.LineError{Line: line, Reason: err.Error()})
-			continue
-		}
-		units = append(units, station.BatchUnit{UnitRequest: station.UnitRequest{Serial: serial}, Target: img})
-	}
-	if len(bad) > 0 {
-		return nil, &station.SerialFileError{Name: name, Lines: bad}
-	}
-	if len(units) == 0 {
-		return nil, &station.SerialFileError{Name: name, Lines: []station.LineError{{Reason: "no targets"}}}
-	}
-	return units, nil
-}
 
 func newBatchCmd(g *globals) *cobra.Command {
 	var (
@@ -113,11 +61,12 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			if workers < 1 || workers > 64 {
 				return usagef("batch: --workers %d: 1 to 64", workers)
 			}
-			st, err := g.openStation(ctx)
+			s, err := g.openSession(ctx, "batch")
 			if err != nil {
 				return err
 			}
-			defer st.Exit() // one-shot command: see Station.Exit
+			defer s.close()
+			st := s.st
 			if _, err := st.Config.ResolveProfile(profile); err != nil {
 				return usageError{fmt.Errorf("batch: %w", err)}
 			}
@@ -143,7 +92,7 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				if err != nil {
 					return usagef("batch: --targets: %v", err)
 				}
-				if units, err = parseTargets(targets, data, st.Config.SerialRule()); err != nil {
+				if units, err = station.ParseTargets(targets, data, st.Config.SerialRule()); err != nil {
 					return fmt.Errorf("batch: %w", err)
 				}
 			}
@@ -164,23 +113,11 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				return &exitError{code: exitStation, err: fmt.Errorf("batch: %w", err)}
 			}
 			defer lock.Release()
-			if tpmURI, err = tpmFlag("batch", tpmURI, "soft"); err != nil {
+			if err := s.openUnit(ctx, tpmURI, "soft", &hf); err != nil {
 				return err
 			}
-			if err := st.LoadCA(passphrase()); err != nil {
-				return fmt.Errorf("batch: %w", err)
-			}
-			dev, err := openTPM(ctx, tpmURI)
-			if err != nil {
-				return fmt.Errorf("batch: %w", err)
-			}
-			defer dev.Close()
 			if out != "" {
 				st.RemoveStalePartials(ctx, out)
-			}
-			hc, err := hf.resolve("batch", st)
-			if err != nil {
-				return err
 			}
 			earlier, warning, err := readEarlierReport(reportDir)
 			if err != nil {
@@ -194,8 +131,8 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			prog := newProgress(g.stderr, len(units), asJSON)
 			enc := json.NewEncoder(g.stdout)
 			rows := newBatchRows(earlier, run, hash)
-			results, err := st.Batch(ctx, dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
-				Profile: profile, Handshake: hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
+			results, err := st.Batch(ctx, s.dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
+				Profile: profile, Handshake: s.hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
 				Operator: operatorName(operator)}, func(r station.BatchResult) {
 				prog.add(r)
 				row := rows.add(r)

@@ -78,15 +78,15 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 			if (serial == "") == (serials == "") {
 				return usagef("enroll: give exactly one of --serial or --serials")
 			}
-			st, err := g.openStation(ctx)
+			s, err := g.openSession(ctx, "enroll")
 			if err != nil {
 				return err
 			}
-			defer st.Exit() // the process ends here: see Station.Exit
+			defer s.close()
 			var units []station.UnitRequest
 			if serial != "" {
-				if err := st.Config.SerialRule().Check(serial); err != nil {
-					return fmt.Errorf("enroll: %w", err)
+				if err := s.checkSerial(serial); err != nil {
+					return err
 				}
 				units = []station.UnitRequest{{Serial: serial}}
 			} else {
@@ -94,25 +94,17 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 				if err != nil {
 					return usagef("enroll: --serials: %v", err)
 				}
-				units, err = station.ParseSerialList(serials, f, st.Config.SerialRule())
+				units, err = station.ParseSerialList(serials, f, s.st.Config.SerialRule())
 				f.Close()
 				if err != nil {
 					return fmt.Errorf("enroll: %w", err)
 				}
 			}
-			if tpmURI, err = tpmFlag("enroll", tpmURI, st.Config.TPM); err != nil {
+			if err := s.openUnit(ctx, tpmURI, s.st.Config.TPM, nil); err != nil {
 				return err
 			}
-			if err := st.LoadCA(passphrase()); err != nil {
-				return fmt.Errorf("enroll: %w", err)
-			}
-			dev, err := openTPM(ctx, tpmURI)
-			if err != nil {
-				return fmt.Errorf("enroll: %w", err)
-			}
-			defer dev.Close()
 			start := time.Now()
-			results, fatal := st.Enroll(ctx, dev, units, station.EnrollOptions{OutDir: out, Reprovision: reprovision, Operator: operatorName(operator)})
+			results, fatal := s.st.Enroll(ctx, s.dev, units, station.EnrollOptions{OutDir: out, Reprovision: reprovision, Operator: operatorName(operator)})
 			return g.reportEnroll(results, fatal, len(units), time.Since(start), asJSON)
 		},
 	}

@@ -34,14 +34,15 @@ compared, and the image is synced before inject reports success.`,
 				return usagef("inject: --image and --bundle are required")
 			}
 			ctx := cmd.Context()
-			st, err := g.openStation(ctx)
+			s, err := g.openSession(ctx, "inject")
 			if err != nil {
 				return err
 			}
-			defer st.Exit() // one-shot command: see Station.Exit
-			if err := st.LoadCA(passphrase()); err != nil {
-				return fmt.Errorf("inject: %w", err)
+			defer s.close()
+			if err := s.loadCA(); err != nil {
+				return err
 			}
+			st := s.st
 			m, err := readBundle(st, bundle)
 			if err != nil {
 				return err
@@ -131,18 +132,18 @@ Exit 1 when any check fails. The image is opened read-only (an interrupted edit 
 				return usagef("verify: --image and --serial are required")
 			}
 			ctx := cmd.Context()
-			st, err := g.openStation(ctx)
+			s, err := g.openSession(ctx, "verify")
 			if err != nil {
 				return err
 			}
-			defer st.Exit() // one-shot command: see Station.Exit
-			if err := st.Config.SerialRule().Check(serial); err != nil {
-				return fmt.Errorf("verify: %w", err)
+			defer s.close()
+			if err := s.checkSerial(serial); err != nil {
+				return err
 			}
-			if err := st.LoadCA(passphrase()); err != nil {
-				return fmt.Errorf("verify: %w", err)
+			if err := s.loadCA(); err != nil {
+				return err
 			}
-			checks, verr := st.VerifyImage(ctx, img, serial, station.VerifyOptions{Profile: profile})
+			checks, verr := s.st.VerifyImage(ctx, img, serial, station.VerifyOptions{Profile: profile})
 			if errors.Is(verr, station.ErrProfile) {
 				return usageError{verr}
 			}

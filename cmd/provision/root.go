@@ -235,6 +235,72 @@ func (g *globals) openStation(ctx context.Context) (*station.Station, error) {
 	return station.Open(ctx, g.stationDir, g.logger())
 }
 
+// session is what a one-shot command holds while it runs: the open station and, after openUnit, the CA loaded, the
+// unit's TPM open and the handshake resolved. unit, enroll and batch open one (inject and verify use the station part);
+// close releases it all.
+type session struct {
+	cmd    string // "unit", "enroll", ...: the prefix of its errors
+	st     *station.Station
+	tpmURI string                  // after openUnit: --tpm, resolved
+	dev    *tpm.Device             // after openUnit
+	hc     station.HandshakeConfig // after openUnit with handshake flags
+}
+
+// openSession opens the station for the command cmd.
+func (g *globals) openSession(ctx context.Context, cmd string) (*session, error) {
+	st, err := g.openStation(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &session{cmd: cmd, st: st}, nil
+}
+
+// close closes the unit's TPM, if open, and leaves the station as a one-shot command does (see Station.Exit).
+func (s *session) close() {
+	if s.dev != nil {
+		s.dev.Close()
+	}
+	s.st.Exit()
+}
+
+// checkSerial checks serial against the station's serial rule (exit 2).
+func (s *session) checkSerial(serial string) error {
+	if err := s.st.Config.SerialRule().Check(serial); err != nil {
+		return fmt.Errorf("%s: %w", s.cmd, err)
+	}
+	return nil
+}
+
+// loadCA loads the station CA, with the passphrase from the environment.
+func (s *session) loadCA() error {
+	if err := s.st.LoadCA(passphrase()); err != nil {
+		return fmt.Errorf("%s: %w", s.cmd, err)
+	}
+	return nil
+}
+
+// openUnit readies the unit's side: --tpm resolved (def when the flag is empty), the handshake configuration (when hf
+// is not nil), the CA loaded, and the unit's TPM opened.
+func (s *session) openUnit(ctx context.Context, tpmURI, def string, hf *handshakeFlags) error {
+	uri, err := tpmFlag(s.cmd, tpmURI, def)
+	if err != nil {
+		return err
+	}
+	s.tpmURI = uri
+	if hf != nil {
+		if s.hc, err = hf.resolve(s.cmd, s.st); err != nil {
+			return err
+		}
+	}
+	if err := s.loadCA(); err != nil {
+		return err
+	}
+	if s.dev, err = openTPM(ctx, uri); err != nil {
+		return fmt.Errorf("%s: %w", s.cmd, err)
+	}
+	return nil
+}
+
 // passphrase is the CA key passphrase from the environment; never a flag (it would show in ps and shell history).
 func passphrase() []byte {
 	if p := os.Getenv("PROVISION_CA_PASSPHRASE"); p != "" {
@@ -248,7 +314,8 @@ func passphrase() []byte {
 // carries) it logs the open and, through tpmLogOptions, every TPM command with its time.
 func openTPM(ctx context.Context, uri string) (*tpm.Device, error) {
 	log := loggerFrom(ctx)
-	stale := uri == "sim" || strings.HasPrefix(uri, "mssim://")
+	u, _ := tpm.ParseURI(uri) // a bad URI is tpm.Open's to refuse
+	stale := u.Kind == tpm.URISim || u.Kind == tpm.URIMssim
 	opts := append([]tpm.Option{tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(stale)}, tpmLogOptions(log)...)
 	start := time.Now()
 	dev, err := tpm.Open(ctx, uri, opts...)
@@ -271,8 +338,8 @@ func tpmFlag(cmd, flag, def string) (string, error) {
 	if flag == "" {
 		return def, nil
 	}
-	if !station.ValidTPMURI(flag) {
-		return "", usagef("%s: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", cmd, flag)
+	if !tpm.ValidURI(flag) {
+		return "", usagef("%s: --tpm %q is not a TPM URI (use %s)", cmd, flag, tpm.URIForms)
 	}
 	return flag, nil
 }

@@ -142,39 +142,27 @@ superseded).`,
 			if err := hf.check("unit"); err != nil {
 				return err
 			}
-			st, err := g.openStation(ctx)
+			s, err := g.openSession(ctx, "unit")
 			if err != nil {
 				return err
 			}
-			defer st.Exit() // one-shot command: see Station.Exit
-			if err := st.Config.SerialRule().Check(serial); err != nil {
-				return fmt.Errorf("unit: %w", err)
-			}
-			if tpmURI, err = tpmFlag("unit", tpmURI, st.Config.TPM); err != nil {
+			defer s.close()
+			if err := s.checkSerial(serial); err != nil {
 				return err
 			}
-			hc, err := hf.resolve("unit", st)
-			if err != nil {
+			if err := s.openUnit(ctx, tpmURI, s.st.Config.TPM, &hf); err != nil {
 				return err
 			}
-			if err := st.LoadCA(passphrase()); err != nil {
-				return fmt.Errorf("unit: %w", err)
-			}
-			dev, err := openTPM(ctx, tpmURI)
-			if err != nil {
-				return fmt.Errorf("unit: %w", err)
-			}
-			defer dev.Close()
 			var report func(station.Event)
 			if asJSON {
 				report = func(station.Event) {}
 			} else {
-				fmt.Fprintf(g.stdout, "unit %s  (tpm %s, image %s, handshake %s)\n", serial, tpmURI, img, hc)
+				fmt.Fprintf(g.stdout, "unit %s  (tpm %s, image %s, handshake %s)\n", serial, s.tpmURI, img, s.hc)
 				report = stepPrinter(g.stdout)
 			}
 			start := time.Now()
-			res, perr := st.Provision(ctx, dev, station.ProvisionRequest{Serial: serial, Image: img, Profile: profile,
-				Handshake: hc, Reprovision: reprovision, Operator: operatorName(operator)}, report)
+			res, perr := s.st.Provision(ctx, s.dev, station.ProvisionRequest{Serial: serial, Image: img, Profile: profile,
+				Handshake: s.hc, Reprovision: reprovision, Operator: operatorName(operator)}, report)
 			if asJSON {
 				if err := json.NewEncoder(g.stdout).Encode(toUnitJSON(res, perr)); err != nil {
 					return err

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/youmark/pkcs8"
+
+	"provision/internal/pemkey"
 )
 
 var (
@@ -143,35 +145,23 @@ func ParseKey(b []byte, passphrase []byte) (crypto.Signer, error) {
 	if blk == nil {
 		return nil, fmt.Errorf("ca: no PEM private key found: %w", ErrBadKey)
 	}
-	var key any
-	var err error
-	switch blk.Type {
-	case "ENCRYPTED PRIVATE KEY":
-		if len(passphrase) == 0 {
-			return nil, fmt.Errorf("ca: %w", ErrPassphraseNeeded)
-		}
-		key, _, err = pkcs8.ParsePrivateKey(blk.Bytes, passphrase)
+	if blk.Type != "ENCRYPTED PRIVATE KEY" {
+		s, err := pemkey.Parse(blk)
 		if err != nil {
-			return nil, fmt.Errorf("ca: %w", ErrWrongPassphrase)
+			return nil, fmt.Errorf("ca: %v: %w", err, ErrBadKey)
 		}
-	case "PRIVATE KEY":
-		key, err = x509.ParsePKCS8PrivateKey(blk.Bytes)
-	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(blk.Bytes)
-	case "RSA PRIVATE KEY":
-		if blk.Headers["Proc-Type"] != "" {
-			return nil, fmt.Errorf("ca: legacy encrypted PEM is not supported, convert with `openssl pkcs8 -topk8`: %w", ErrBadKey)
-		}
-		key, err = x509.ParsePKCS1PrivateKey(blk.Bytes)
-	default:
-		return nil, fmt.Errorf("ca: PEM block %q is not a private key: %w", blk.Type, ErrBadKey)
+		return s, nil
 	}
+	if len(passphrase) == 0 {
+		return nil, fmt.Errorf("ca: %w", ErrPassphraseNeeded)
+	}
+	key, _, err := pkcs8.ParsePrivateKey(blk.Bytes, passphrase)
 	if err != nil {
-		return nil, fmt.Errorf("ca: parse key: %v: %w", err, ErrBadKey)
+		return nil, fmt.Errorf("ca: %w", ErrWrongPassphrase)
 	}
-	s, ok := key.(crypto.Signer)
-	if !ok {
-		return nil, fmt.Errorf("ca: key type %T cannot sign: %w", key, ErrBadKey)
+	s, err := pemkey.Signer(key)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %v: %w", err, ErrBadKey)
 	}
 	return s, nil
 }

@@ -46,7 +46,7 @@ var advice = map[error]string{
 	ErrTimeout:               "the endpoint did not answer in time: unreachable, overloaded, or not speaking TLS",
 	ErrNoClientCertRequested: "the server is not doing mutual TLS: enable client certificates (e.g. require_certificate true)",
 	ErrProtocol:              "TLS worked; the application protocol refused us",
-	ErrBadEndpoint:           "use tls://host:port, mqtts://host:port or https://host[:port]/path",
+	ErrBadEndpoint:           Forms,
 }
 
 // Error is a failed handshake test.
@@ -120,28 +120,19 @@ func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, 
 	fail := func(reason error, detail string, cause error) (Result, error) {
 		return Result{}, &Error{Endpoint: endpoint, Reason: reason, Detail: detail, Cause: cause}
 	}
-	u, err := url.Parse(endpoint)
-	if err != nil || u.Host == "" {
-		return fail(ErrBadEndpoint, fmt.Sprintf("%q", endpoint), err)
+	ep, err := ParseEndpoint(endpoint)
+	if err != nil {
+		detail := fmt.Sprintf("%q", endpoint)
+		if ee := (*EndpointError)(nil); errors.As(err, &ee) && ee.Problem != "" {
+			detail = ee.Problem
+		}
+		return fail(ErrBadEndpoint, detail, err)
 	}
 	if c.Certificate == nil || c.Key == nil {
 		return fail(ErrBadEndpoint, "no client certificate or key", nil)
 	}
 	if roots == nil {
 		return fail(ErrBadEndpoint, "no CA to verify the server with", nil)
-	}
-	host, port := u.Hostname(), u.Port()
-	switch u.Scheme {
-	case "tls", "mqtts":
-		if port == "" {
-			return fail(ErrBadEndpoint, "no port in "+endpoint, nil)
-		}
-	case "https":
-		if port == "" {
-			port = "443"
-		}
-	default:
-		return fail(ErrBadEndpoint, "scheme "+u.Scheme, nil)
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
@@ -153,7 +144,7 @@ func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, 
 	}
 	cfg := &tls.Config{
 		RootCAs:    roots,
-		ServerName: host,
+		ServerName: ep.Host,
 		MinVersion: tls.VersionTLS13,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			requested = true
@@ -163,13 +154,12 @@ func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, 
 	if o.minTLS12 {
 		cfg.MinVersion = tls.VersionTLS12
 	}
-	addr := net.JoinHostPort(host, port)
 	res := Result{Endpoint: endpoint}
-	if u.Scheme == "https" {
-		return testHTTPS(ctx, u, cfg, &requested, res, start)
+	if ep.Scheme == "https" {
+		return testHTTPS(ctx, ep.URL, cfg, &requested, res, start)
 	}
 	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", addr)
+	raw, err := d.DialContext(ctx, "tcp", ep.Addr())
 	if err != nil {
 		return Result{}, classify(ctx, endpoint, err, false)
 	}
@@ -182,7 +172,7 @@ func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, 
 		return fail(ErrNoClientCertRequested, "", nil)
 	}
 	res.TLSVersion = tls.VersionName(conn.ConnectionState().Version)
-	if u.Scheme == "mqtts" {
+	if ep.Scheme == "mqtts" {
 		return testMQTT(ctx, conn, c, res, start)
 	}
 	// TLS 1.3 finishes the client's handshake before the server has judged our certificate, so the server's reaction
