@@ -218,7 +218,7 @@ func (o *overlay) writeJournal(idxs []int64) error {
 	if err := jf.Sync(); err != nil {
 		return err
 	}
-	return syncDir(filepath.Dir(o.journal))
+	return fsutil.SyncDir(filepath.Dir(o.journal))
 }
 
 type journalRecord struct {
@@ -396,7 +396,7 @@ func recoverJournal(f *os.File, size int64, id identity, journal string, trusted
 	if err := os.Remove(journal); err != nil {
 		return false, fmt.Errorf("undo journal: %w", err)
 	}
-	if err := syncDir(filepath.Dir(journal)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(journal)); err != nil {
 		return false, fmt.Errorf("undo journal: %w", err)
 	}
 	return complete, nil
@@ -420,10 +420,7 @@ func keepAside(journal string, j *undoJournal, why string) error {
 		return fmt.Errorf("undo journal %s%s %s: not replayed, and keeping it aside failed (%v): check the image, then remove the journal by hand: %w",
 			journal, written, why, err, ErrUndoJournal)
 	}
-	syncDir(filepath.Dir(journal))
+	fsutil.SyncDir(filepath.Dir(journal))
 	return fmt.Errorf("undo journal %s%s %s: the image was changed or replaced after that edit was interrupted, so the journal was not replayed and is kept as %s; check the image (provision verify, e2fsck -fn, fsck.vfat -n) and delete %s once the image is known good: %w",
 		journal, written, why, kept, filepath.Base(kept), ErrUndoJournal)
 }
-
-// syncDir is fsutil.SyncDir, under the name overlay.go calls.
-func syncDir(dir string) error { return fsutil.SyncDir(dir) }

@@ -11,6 +11,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"provision/internal/fsutil"
 )
 
 // pageSize is the overlay's granularity: changes are held, journaled and written as whole 4 KiB pages of the image.
@@ -211,7 +213,7 @@ func (o *overlay) commit(verify func() error) error {
 	if err := os.Remove(o.journal); err != nil {
 		return o.fail(fmt.Errorf("remove undo journal: %w", err))
 	}
-	if err := syncDir(filepath.Dir(o.journal)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(o.journal)); err != nil {
 		return fmt.Errorf("the edit is complete, but syncing the removal of its undo journal failed: %w", err)
 	}
 	return o.stage("journal-removed")

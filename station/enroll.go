@@ -10,6 +10,7 @@ import (
 	"os"
 	"time"
 
+	"provision/internal/fsutil"
 	"provision/inventory"
 	"provision/tpm"
 )
@@ -181,7 +182,7 @@ func (s *Station) enrollGroup(ctx context.Context, dev *tpm.Device, ekSHA string
 		for _, r := range delivered {
 			dirs = append(dirs, r.bundle)
 		}
-		if err := syncBundles(opt.OutDir, dirs); err != nil {
+		if err := fsutil.SyncDirs(opt.OutDir, dirs); err != nil {
 			for _, r := range delivered {
 				r.pending = nil // the bundle is not durable: its entry must not be written
 				serr := fmt.Errorf("sync %s: %w", opt.OutDir, err)

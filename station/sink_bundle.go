@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -137,49 +136,4 @@ func removeStaleTemps(outDir string) {
 			os.RemoveAll(filepath.Join(outDir, e.Name()))
 		}
 	}
-}
-
-// syncBundles makes the given bundles durable: a single bundle by fsyncing its files and directories (cheaper than
-// flushing the whole file system, which may hold other programs' dirty data); many at once with one syncfs(2).
-func syncBundles(outDir string, dirs []string) error {
-	if len(dirs) > 4 {
-		return syncFS(outDir)
-	}
-	for _, d := range dirs {
-		entries, err := os.ReadDir(d)
-		if err != nil {
-			return err
-		}
-		for _, e := range entries {
-			if err := fsyncPath(filepath.Join(d, e.Name())); err != nil {
-				return err
-			}
-		}
-		if err := fsyncPath(d); err != nil {
-			return err
-		}
-	}
-	return fsyncPath(outDir)
-}
-
-func fsyncPath(p string) error {
-	f, err := os.Open(p)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
-}
-
-// syncFS makes everything written under dir durable with one syncfs(2).
-func syncFS(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil && !errors.Is(err, fs.ErrInvalid) {
-		return err
-	}
-	return nil
 }

@@ -45,8 +45,10 @@ init refuses to touch an existing station (exit 2); --force replaces one only wh
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opt := station.InitOptions{StationID: id, TPM: tpmURI, Force: force, Passphrase: passphrase()}
-			if tpmURI != "" && !station.ValidTPMURI(tpmURI) {
-				return usagef("init: --tpm %q is not a TPM URI (use /dev/tpmrm0, mssim://HOST:PORT, sim or soft)", tpmURI)
+			if tpmURI != "" {
+				if _, err := tpmFlag("init", tpmURI, ""); err != nil {
+					return err
+				}
 			}
 			if caCert != "" || caKey != "" || caRootFile != "" {
 				if caCert == "" || caKey == "" || caRootFile == "" {
