@@ -8,28 +8,28 @@ import (
 // StateRule says which states a unit may be in when an entry with this step and outcome is its last state-changing
 // one, or nil when such an entry changes nothing. The station passes its state machine's rule (Station's one table);
 // DefaultStateRule is this package's own reading of the standard steps, for callers without one.
-type StateRule func(step, outcome string) []string
+type StateRule func(step, outcome string) []State
 
 // DefaultStateRule: failed → failed; shippable → shippable; ok of key → keyed, sign → certified (or keyed: enroll
 // before the one state machine), image → imaged, verify → verified, bundle → certified; anything else changes nothing.
-func DefaultStateRule(step, outcome string) []string {
+func DefaultStateRule(step, outcome string) []State {
 	switch outcome {
 	case "failed":
-		return []string{StateFailed}
+		return []State{StateFailed}
 	case "shippable":
-		return []string{StateShippable}
+		return []State{StateShippable}
 	case "ok":
 		switch step {
 		case "key":
-			return []string{StateKeyed}
+			return []State{StateKeyed}
 		case "sign":
-			return []string{StateCertified, StateKeyed}
+			return []State{StateCertified, StateKeyed}
 		case "image":
-			return []string{StateImaged}
+			return []State{StateImaged}
 		case "verify":
-			return []string{StateVerified}
+			return []State{StateVerified}
 		case "bundle":
-			return []string{StateCertified}
+			return []State{StateCertified}
 		}
 	}
 	return nil
@@ -114,7 +114,7 @@ func checkTables(ctx context.Context, q queryer, events []Event, rule StateRule,
 		allowed := rule(e.Step, e.Outcome)
 		match := false
 		for _, st := range allowed {
-			match = match || st == units[s]
+			match = match || string(st) == units[s]
 		}
 		if !match {
 			problem(e.Seq, "unit %s is %s in the units table, but its last state-changing entry (%s %s) leaves it %s (record changed without the log)",

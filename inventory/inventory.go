@@ -27,15 +27,19 @@ import (
 //go:embed migrations/*.sql
 var migrations embed.FS
 
-// Unit states, stored as these strings (docs/states.md).
+// State is a unit's state, stored as these strings (docs/states.md). Station's state machine (station/machine.go) says
+// which step leads to which.
+type State string
+
+// Unit states.
 const (
-	StateNew       = "new"
-	StateKeyed     = "keyed"
-	StateCertified = "certified"
-	StateImaged    = "imaged"
-	StateVerified  = "verified"
-	StateShippable = "shippable"
-	StateFailed    = "failed"
+	StateNew       State = "new"
+	StateKeyed     State = "keyed"
+	StateCertified State = "certified"
+	StateImaged    State = "imaged"
+	StateVerified  State = "verified"
+	StateShippable State = "shippable"
+	StateFailed    State = "failed"
 )
 
 // Certificate statuses.
@@ -61,7 +65,7 @@ var (
 // Unit is one device as recorded.
 type Unit struct {
 	Serial       string
-	State        string
+	State        State
 	FailedStep   string // the step that failed, when State is failed
 	Error        string // the failure in words, when State is failed
 	KeyKind      string // "tpm" or "soft"
@@ -393,7 +397,7 @@ func (db *DB) Unit(ctx context.Context, serial string) (Unit, error) {
 func (tx *Tx) Unit(serial string) (Unit, error) { return getUnit(tx.ctx, tx.tx, serial) }
 
 // Units lists units ordered by serial; state filters when not empty.
-func (db *DB) Units(ctx context.Context, state string) ([]Unit, error) {
+func (db *DB) Units(ctx context.Context, state State) ([]Unit, error) {
 	query := "SELECT " + unitColumns + " FROM units"
 	var args []any
 	if state != "" {

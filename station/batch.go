@@ -46,7 +46,7 @@ type BatchResult struct {
 	Serial string
 	Status string // BatchOK, BatchFailed, BatchSkipped, BatchNotStarted or BatchInterrupted
 	// State is the unit's state in the inventory after this run ("" when the inventory has no record of the unit).
-	State  string
+	State  inventory.State
 	Detail string // why a unit was skipped, or how it finished
 	Image  string // the unit's image, when there is one: the finished <serial>.img, or the --targets image
 	SHA256 string // of the image, with BatchOptions.Hash

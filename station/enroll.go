@@ -15,18 +15,6 @@ import (
 	"provision/tpm"
 )
 
-// Steps (docs/states.md). StepBundle is recorded in the audit log only: the enroll bundle written to disk.
-const (
-	StepValidate  = "validate"
-	StepKey       = "key"
-	StepCSR       = "csr"
-	StepSign      = "sign"
-	StepImage     = "image"
-	StepVerify    = "verify"
-	StepHandshake = "handshake"
-	StepBundle    = "bundle"
-)
-
 // Bundle file names (docs/station.md).
 const (
 	BundleCert  = "device.crt"
@@ -55,7 +43,7 @@ type UnitRequest struct {
 // EnrollResult is the outcome for one unit.
 type EnrollResult struct {
 	Serial       string
-	State        string
+	State        inventory.State
 	KeyKind      string
 	PublicSHA256 string
 	Certificate  *x509.Certificate
@@ -68,7 +56,7 @@ type EnrollResult struct {
 // StepError is a failed step of a unit.
 type StepError struct {
 	Serial string
-	Step   string
+	Step   Step
 	Err    error
 }
 
@@ -188,7 +176,7 @@ func (s *Station) enrollGroup(ctx context.Context, dev *tpm.Device, ekSHA string
 				serr := fmt.Errorf("sync %s: %w", opt.OutDir, err)
 				errs[r] = &StepError{Serial: r.req.Serial, Step: StepBundle, Err: serr}
 				failed, _ := r.m.after(r.res.State, StepBundle, false)
-				r.record(rctx, failed, StepBundle, serr, inventory.Event{Step: StepBundle, Outcome: "failed", Detail: serr.Error()})
+				r.record(rctx, failed, StepBundle, serr, inventory.Event{Step: string(StepBundle), Outcome: "failed", Detail: serr.Error()})
 			}
 		}
 	}

@@ -3,13 +3,14 @@ package station
 import (
 	"crypto/x509"
 	"errors"
+	"provision/inventory"
 	"time"
 )
 
 // Event is one step's progress, reported as it happens. It is a plain value: front ends render it.
 type Event struct {
 	Serial   string
-	Step     string
+	Step     Step
 	Status   string // "started", "ok", "failed", "skipped", "cancelled"
 	Detail   string
 	Err      error
@@ -35,7 +36,7 @@ const OutcomeInterrupted = "interrupted"
 var ErrInterrupted = errors.New("interrupted")
 
 // Steps is the pipeline in order.
-var Steps = []string{StepValidate, StepKey, StepCSR, StepSign, StepImage, StepVerify, StepHandshake}
+var Steps = []Step{StepValidate, StepKey, StepCSR, StepSign, StepImage, StepVerify, StepHandshake}
 
 // ProvisionRequest is one unit to provision.
 type ProvisionRequest struct {
@@ -50,7 +51,7 @@ type ProvisionRequest struct {
 
 // StepResult is one step of a finished run.
 type StepResult struct {
-	Name     string
+	Name     Step
 	Status   string
 	Duration time.Duration
 	Err      error
@@ -59,7 +60,7 @@ type StepResult struct {
 // Result is a unit's run.
 type Result struct {
 	Serial      string
-	State       string
+	State       inventory.State
 	Steps       []StepResult
 	Certificate *x509.Certificate
 	CertSHA256  string

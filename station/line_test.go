@@ -95,7 +95,7 @@ func TestHandshakeTimeoutIsRecordedAsFailure(t *testing.T) {
 		t.Fatalf("got %v, want a handshake StepError", err)
 	}
 	u, err := s.Inv.Unit(context.Background(), "SN-TIMEOUT-1")
-	if err != nil || u.State != inventory.StateFailed || u.FailedStep != StepHandshake {
+	if err != nil || u.State != inventory.StateFailed || u.FailedStep != string(StepHandshake) {
 		t.Fatalf("unit %+v (%v), want failed at handshake", u, err)
 	}
 }
@@ -158,7 +158,7 @@ func TestInterruptBetweenSteps(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var statuses []string
 	res, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-INT-1", Image: img}, func(e Event) {
-		statuses = append(statuses, e.Step+":"+e.Status)
+		statuses = append(statuses, string(e.Step)+":"+e.Status)
 		if e.Step == StepSign && e.Status == StatusOK {
 			cancel()
 		}
@@ -180,7 +180,7 @@ func TestInterruptBetweenSteps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if last := evs[len(evs)-1]; last.Outcome != OutcomeInterrupted || last.Step != StepImage {
+	if last := evs[len(evs)-1]; last.Outcome != OutcomeInterrupted || last.Step != string(StepImage) {
 		t.Fatalf("last event %+v, want interrupted at image", last)
 	}
 	if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SN-INT-1", Image: img}, nil); err != nil {
@@ -245,7 +245,7 @@ func TestPreflightBeforeKey(t *testing.T) {
 			for try := 0; try < 2; try++ { // the operator's retry issues nothing either
 				var steps []string
 				_, err := s.Provision(ctx, d, ProvisionRequest{Serial: serial, Image: tc.image, Profile: tc.profile}, func(e Event) {
-					steps = append(steps, e.Step+":"+e.Status)
+					steps = append(steps, string(e.Step)+":"+e.Status)
 				})
 				if err == nil || !strings.Contains(err.Error(), tc.want) {
 					t.Fatalf("got %v, want an error mentioning %q", err, tc.want)

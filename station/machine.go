@@ -22,11 +22,26 @@ import (
 // interruption leaves the state of the last completed step. The table below is the only place that says so: the
 // runner (Station.Provision) records every state change through it.
 
+// Step is one step of a unit's run, recorded in the audit log as these strings (docs/states.md). StepBundle is enroll's
+// delivery: the bundle written to disk.
+type Step string
+
+const (
+	StepValidate  Step = "validate"
+	StepKey       Step = "key"
+	StepCSR       Step = "csr"
+	StepSign      Step = "sign"
+	StepImage     Step = "image"
+	StepVerify    Step = "verify"
+	StepHandshake Step = "handshake"
+	StepBundle    Step = "bundle"
+)
+
 // stepDef is one row of the table: a step, the state its success leads to ("" = unchanged) and the audit outcome it
 // records ("" = "ok"). A step with neither records nothing on success (validate, csr).
 type stepDef struct {
-	Name    string
-	Success string
+	Name    Step
+	Success inventory.State
 	Outcome string
 }
 
@@ -55,13 +70,13 @@ var enrollSteps = machine{
 type machine []stepDef
 
 // index is the step's position, or -1.
-func (m machine) index(step string) int {
+func (m machine) index(step Step) int {
 	return slices.IndexFunc(m, func(d stepDef) bool { return d.Name == step })
 }
 
 // after is the state a step's outcome leads to from state from: failure → failed; success → the step's state, or from
 // when the step changes nothing. A step the table does not hold is an error (a programming mistake, never a unit's).
-func (m machine) after(from, step string, ok bool) (string, error) {
+func (m machine) after(from inventory.State, step Step, ok bool) (inventory.State, error) {
 	i := m.index(step)
 	if i < 0 {
 		return "", fmt.Errorf("state machine: unknown step %q", step)
@@ -77,7 +92,7 @@ func (m machine) after(from, step string, ok bool) (string, error) {
 
 // canFollow reports whether step may run right after prev completed in the same run ("" = the run's start, which
 // only validate may follow): steps run in table order, none twice, none left out except those a resume skips.
-func (m machine) canFollow(prev, step string, skipped func(string) bool) bool {
+func (m machine) canFollow(prev, step Step, skipped func(Step) bool) bool {
 	i := m.index(step)
 	if i < 0 {
 		return false
@@ -100,7 +115,7 @@ func (m machine) canFollow(prev, step string, skipped func(string) bool) bool {
 // startsFrom is where a run of a unit in state (with failedStep when failed) starts: the image-resume point (the step
 // after image) when the unit's image may hold its identity, else the key step. Whether the image's identity is
 // really reused is for the runner to check (it may still start over).
-func (m machine) startsFrom(state, failedStep string) string {
+func (m machine) startsFrom(state inventory.State, failedStep Step) Step {
 	switch state {
 	case inventory.StateImaged, inventory.StateVerified:
 		return StepVerify
@@ -114,7 +129,7 @@ func (m machine) startsFrom(state, failedStep string) string {
 
 // withStep is the table with a step inserted after another: how a new step (e.g. attest after key) joins the
 // machine. Used by tests; a real new step is a new row in unitSteps.
-func (m machine) withStep(after string, d stepDef) machine {
+func (m machine) withStep(after Step, d stepDef) machine {
 	i := m.index(after)
 	out := append(machine{}, m[:i+1]...)
 	out = append(out, d)
@@ -125,13 +140,13 @@ func (m machine) withStep(after string, d stepDef) machine {
 // (inventory.StateRule): failed → failed; a step's success → the state the tables say it leads to; entries of steps
 // that change no state (validate, csr, bundle, interrupted, ...) → nil. Logs written before the one state machine
 // left enroll's units keyed after sign: that stays allowed.
-func AuditStateRule(step, outcome string) []string {
+func AuditStateRule(step, outcome string) []inventory.State {
 	if outcome == "failed" {
-		return []string{inventory.StateFailed}
+		return []inventory.State{inventory.StateFailed}
 	}
-	var out []string
+	var out []inventory.State
 	for _, m := range []machine{unitSteps, enrollSteps} {
-		i := m.index(step)
+		i := m.index(Step(step))
 		if i < 0 || m[i].Success == "" {
 			continue
 		}
@@ -143,7 +158,7 @@ func AuditStateRule(step, outcome string) []string {
 			out = append(out, m[i].Success)
 		}
 	}
-	if step == StepSign && out != nil {
+	if Step(step) == StepSign && out != nil {
 		out = append(out, inventory.StateKeyed)
 	}
 	return out

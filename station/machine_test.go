@@ -16,11 +16,11 @@ import (
 
 // The table itself: what every step's success and failure lead to, from every state.
 func TestMachineTransitions(t *testing.T) {
-	want := map[string]string{ // step → state its success leads to ("" = unchanged)
+	want := map[Step]inventory.State{ // step → state its success leads to ("" = unchanged)
 		StepValidate: "", StepKey: inventory.StateKeyed, StepCSR: "", StepSign: inventory.StateCertified,
 		StepImage: inventory.StateImaged, StepVerify: inventory.StateVerified, StepHandshake: inventory.StateShippable,
 	}
-	states := []string{inventory.StateNew, inventory.StateKeyed, inventory.StateCertified, inventory.StateImaged,
+	states := []inventory.State{inventory.StateNew, inventory.StateKeyed, inventory.StateCertified, inventory.StateImaged,
 		inventory.StateVerified, inventory.StateShippable, inventory.StateFailed}
 	m := machine(unitSteps)
 	if len(m) != len(want) {
@@ -54,8 +54,8 @@ func TestMachineTransitions(t *testing.T) {
 // Which step may follow which: only the next one in the table, or the next after steps a resume skips.
 func TestMachineOrder(t *testing.T) {
 	m := machine(unitSteps)
-	none := func(string) bool { return false }
-	for i, prev := range append([]string{""}, Steps...) {
+	none := func(Step) bool { return false }
+	for i, prev := range append([]Step{""}, Steps...) {
 		for j, step := range Steps {
 			allowed := j == i // Steps[i] follows Steps[i-1]; "" (the start) is followed by validate only
 			if got := m.canFollow(prev, step, none); got != allowed {
@@ -63,7 +63,7 @@ func TestMachineOrder(t *testing.T) {
 			}
 		}
 	}
-	resumed := func(s string) bool { return s == StepKey || s == StepCSR || s == StepSign || s == StepImage }
+	resumed := func(s Step) bool { return s == StepKey || s == StepCSR || s == StepSign || s == StepImage }
 	if !m.canFollow(StepValidate, StepVerify, resumed) {
 		t.Error("a resumed run may go from validate to verify")
 	}
@@ -78,7 +78,10 @@ func TestMachineOrder(t *testing.T) {
 // Where a run starts, for a unit in each state (and failed at each step).
 func TestMachineStartsFrom(t *testing.T) {
 	m := machine(unitSteps)
-	for _, tc := range []struct{ state, failed, want string }{
+	for _, tc := range []struct {
+		state        inventory.State
+		failed, want Step
+	}{
 		{inventory.StateNew, "", StepKey}, {inventory.StateKeyed, "", StepKey}, {inventory.StateCertified, "", StepKey},
 		{inventory.StateImaged, "", StepVerify}, {inventory.StateVerified, "", StepVerify},
 		{inventory.StateShippable, "", StepKey}, // only with --reprovision, which starts over
@@ -97,16 +100,16 @@ func TestMachineStartsFrom(t *testing.T) {
 type fakeSink struct {
 	mu        sync.Mutex
 	delivered map[string]fakeDelivery
-	fail      map[string]error // step (preflight, image, verify) → error
+	fail      map[Step]error // step (preflight, image, verify) → error
 }
 
 type fakeDelivery struct{ key, cert []byte }
 
 func newFakeSink() *fakeSink {
-	return &fakeSink{delivered: map[string]fakeDelivery{}, fail: map[string]error{}}
+	return &fakeSink{delivered: map[string]fakeDelivery{}, fail: map[Step]error{}}
 }
 
-func (f *fakeSink) failing(step string) error {
+func (f *fakeSink) failing(step Step) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.fail[step]
@@ -172,7 +175,7 @@ func machineStation(t *testing.T) (*Station, *fakeSink, *tpm.Device) {
 	return s, f, openDevice(t, "sim")
 }
 
-func unitState(t *testing.T, s *Station, serial string) string {
+func unitState(t *testing.T, s *Station, serial string) inventory.State {
 	t.Helper()
 	u, err := s.Inv.Unit(context.Background(), serial)
 	if errors.Is(err, inventory.ErrNotFound) {
@@ -190,7 +193,7 @@ func TestRunnerFollowsTheTable(t *testing.T) {
 	var seen []string
 	res, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SM-0001"}, func(e Event) {
 		if e.Status == StatusOK {
-			seen = append(seen, e.Step+"→"+unitState(t, s, e.Serial))
+			seen = append(seen, string(e.Step)+"→"+string(unitState(t, s, e.Serial)))
 		}
 	})
 	if err != nil {
@@ -212,11 +215,11 @@ func TestRunnerInterruptedBetweenEveryPair(t *testing.T) {
 	s, _, d := machineStation(t)
 	for i := 0; i+1 < len(unitSteps); i++ {
 		after, next := unitSteps[i].Name, unitSteps[i+1].Name
-		t.Run(after+"|"+next, func(t *testing.T) {
+		t.Run(string(after)+"|"+string(next), func(t *testing.T) {
 			serial := fmt.Sprintf("SM-INT-%d", i)
 			ctx, cancel := context.WithCancel(context.Background())
 			var last Event
-			stateAt := ""
+			var stateAt inventory.State
 			_, err := s.Provision(ctx, d, ProvisionRequest{Serial: serial}, func(e Event) {
 				last = e
 				if e.Step == after && e.Status == StatusOK {
@@ -236,7 +239,7 @@ func TestRunnerInterruptedBetweenEveryPair(t *testing.T) {
 			}
 			if stateAt != inventory.StateNew {
 				evs, _ := s.Inv.Events(context.Background(), serial)
-				if e := evs[len(evs)-1]; e.Outcome != OutcomeInterrupted || e.Step != next {
+				if e := evs[len(evs)-1]; e.Outcome != OutcomeInterrupted || e.Step != string(next) {
 					t.Fatalf("last audit entry %s %s, want %s interrupted", e.Step, e.Outcome, next)
 				}
 			}
@@ -255,9 +258,9 @@ func TestRunnerInterruptedBetweenEveryPair(t *testing.T) {
 func TestRunnerResumesFromEachState(t *testing.T) {
 	s, f, d := machineStation(t)
 	ctx := context.Background()
-	for _, failAt := range []string{"preflight", StepImage, StepVerify} {
-		t.Run("failed at "+failAt, func(t *testing.T) {
-			serial := "SM-RES-" + failAt
+	for _, failAt := range []Step{"preflight", StepImage, StepVerify} {
+		t.Run("failed at "+string(failAt), func(t *testing.T) {
+			serial := "SM-RES-" + string(failAt)
 			f.mu.Lock()
 			f.fail[failAt] = errors.New("injected")
 			f.mu.Unlock()
@@ -272,11 +275,11 @@ func TestRunnerResumesFromEachState(t *testing.T) {
 			if failAt == "preflight" {
 				wantStep = StepValidate
 			}
-			if u.State != inventory.StateFailed || u.FailedStep != wantStep {
+			if u.State != inventory.StateFailed || u.FailedStep != string(wantStep) {
 				t.Fatalf("unit %s at %s, want failed at %s", u.State, u.FailedStep, wantStep)
 			}
 			before, _ := s.Inv.Certificates(ctx, serial)
-			var ran []string
+			var ran []Step
 			if _, err := s.Provision(ctx, d, ProvisionRequest{Serial: serial}, func(e Event) {
 				if e.Status == StatusOK {
 					ran = append(ran, e.Step)
@@ -312,10 +315,10 @@ func TestRunnerResumesFromEachState(t *testing.T) {
 // runner runs in order, reports, and interrupts like any other.
 func TestRunnerWithAddedStep(t *testing.T) {
 	s, _, d := machineStation(t)
-	const attest = "attest-test"
+	const attest Step = "attest-test"
 	s.machine = machine(unitSteps).withStep(StepKey, stepDef{Name: attest})
 	calls := 0
-	s.extraSteps = map[string]func(context.Context, *run) (string, error){
+	s.extraSteps = map[Step]func(context.Context, *run) (string, error){
 		attest: func(ctx context.Context, r *run) (string, error) {
 			calls++
 			if r.key == nil {
@@ -324,7 +327,7 @@ func TestRunnerWithAddedStep(t *testing.T) {
 			return "key is in the TPM", nil
 		},
 	}
-	var order []string
+	var order []Step
 	if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SM-ADD-1"}, func(e Event) {
 		if e.Status == StatusOK {
 			order = append(order, e.Step)
@@ -332,7 +335,7 @@ func TestRunnerWithAddedStep(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if strings.Join(order, " ") != "validate key attest-test csr sign image verify handshake" || calls != 1 {
+	if fmt.Sprint(order) != "[validate key attest-test csr sign image verify handshake]" || calls != 1 {
 		t.Fatalf("ran %v (%d calls)", order, calls)
 	}
 	// Interrupted right after key: the new step is the one cancelled.
@@ -371,13 +374,13 @@ func TestStatesMeanTheSameForEnrollAndUnit(t *testing.T) {
 		t.Fatalf("enroll of an undelivered certified unit: %+v", r)
 	}
 	evs, _ := s.Inv.Events(context.Background(), "SM-BOTH-1")
-	if e := evs[len(evs)-1]; e.Step != StepBundle || e.Outcome != "ok" || e.CertSHA256 != r.CertSHA256 {
+	if e := evs[len(evs)-1]; e.Step != string(StepBundle) || e.Outcome != "ok" || e.CertSHA256 != r.CertSHA256 {
 		t.Fatalf("last entry %s %s, want the bundle of the new certificate", e.Step, e.Outcome)
 	}
 	if r2 := enrollOne(t, s, d, "SM-BOTH-1", out, false); !errors.Is(r2.Err, ErrRefused) {
 		t.Fatalf("second enroll: %v, want refused", r2.Err)
 	}
-	var ran []string
+	var ran []Step
 	if _, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SM-BOTH-1"}, func(e Event) {
 		if e.Status == StatusOK {
 			ran = append(ran, e.Step)
@@ -394,20 +397,21 @@ func TestStatesMeanTheSameForEnrollAndUnit(t *testing.T) {
 // table says, failures leave failed, the rest change nothing.
 func TestAuditStateRule(t *testing.T) {
 	for _, tc := range []struct {
-		step, outcome string
-		want          []string
+		step    Step
+		outcome string
+		want    []inventory.State
 	}{
-		{StepKey, "ok", []string{inventory.StateKeyed}},
-		{StepSign, "ok", []string{inventory.StateCertified, inventory.StateKeyed}},
-		{StepImage, "ok", []string{inventory.StateImaged}},
-		{StepVerify, "ok", []string{inventory.StateVerified}},
-		{StepHandshake, "shippable", []string{inventory.StateShippable}},
+		{StepKey, "ok", []inventory.State{inventory.StateKeyed}},
+		{StepSign, "ok", []inventory.State{inventory.StateCertified, inventory.StateKeyed}},
+		{StepImage, "ok", []inventory.State{inventory.StateImaged}},
+		{StepVerify, "ok", []inventory.State{inventory.StateVerified}},
+		{StepHandshake, "shippable", []inventory.State{inventory.StateShippable}},
 		{StepHandshake, "ok", nil},
 		{StepValidate, "ok", nil}, {StepCSR, "ok", nil}, {StepBundle, "ok", nil},
 		{StepImage, OutcomeInterrupted, nil},
-		{StepVerify, "failed", []string{inventory.StateFailed}},
+		{StepVerify, "failed", []inventory.State{inventory.StateFailed}},
 	} {
-		if got := AuditStateRule(tc.step, tc.outcome); fmt.Sprint(got) != fmt.Sprint(tc.want) {
+		if got := AuditStateRule(string(tc.step), tc.outcome); fmt.Sprint(got) != fmt.Sprint(tc.want) {
 			t.Errorf("%s %s: %v, want %v", tc.step, tc.outcome, got, tc.want)
 		}
 	}

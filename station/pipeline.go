@@ -38,8 +38,8 @@ type run struct {
 	// deferred: record() queues its writes in pending instead of committing each (enroll commits a group at once).
 	deferred bool
 	pending  []func(*inventory.Tx) error
-	last     string            // the last step this run completed
-	skipped  func(string) bool // steps a resumed run leaves out
+	last     Step            // the last step this run completed
+	skipped  func(Step) bool // steps a resumed run leaves out
 }
 
 // Provision runs a unit through validate, key, csr, sign, image, verify and handshake, recording each step's outcome in
@@ -99,7 +99,7 @@ func (r *run) closeKey() {
 func (r *run) pipeline(ctx context.Context) error { return r.runUntil(ctx, "") }
 
 // runUntil validates the unit, then runs the table's steps in order up to and including until ("" = to the end).
-func (r *run) runUntil(ctx context.Context, until string) error {
+func (r *run) runUntil(ctx context.Context, until Step) error {
 	resume, err := r.validate(ctx)
 	if err != nil {
 		return err
@@ -110,7 +110,7 @@ func (r *run) runUntil(ctx context.Context, until string) error {
 	if resume {
 		from = StepVerify
 	}
-	r.skipped = func(step string) bool { return resume && r.m.index(step) < r.m.index(from) }
+	r.skipped = func(step Step) bool { return resume && r.m.index(step) < r.m.index(from) }
 	for _, d := range r.m[1:] {
 		if r.skipped(d.Name) {
 			r.skip(d.Name, "done in an earlier run")
@@ -128,10 +128,10 @@ func (r *run) runUntil(ctx context.Context, until string) error {
 
 // next runs step right after the run's last one, as the table allows (enroll runs its bundle step this way, after
 // its group's first commit).
-func (r *run) next(ctx context.Context, step string) error {
+func (r *run) next(ctx context.Context, step Step) error {
 	skipped := r.skipped
 	if skipped == nil {
-		skipped = func(string) bool { return false }
+		skipped = func(Step) bool { return false }
 	}
 	if !r.m.canFollow(r.last, step, skipped) {
 		return fmt.Errorf("state machine: %s may not follow %s", step, r.last) // a table mistake, caught by its tests
@@ -152,8 +152,8 @@ func (r *run) next(ctx context.Context, step string) error {
 }
 
 // stepFuncs binds each step of the table to what it does for this run.
-func (r *run) stepFuncs() map[string]func(context.Context) (string, error) {
-	fns := map[string]func(context.Context) (string, error){
+func (r *run) stepFuncs() map[Step]func(context.Context) (string, error) {
+	fns := map[Step]func(context.Context) (string, error){
 		StepKey: r.stepKey, StepCSR: r.stepCSR, StepSign: r.stepSign,
 		StepImage:     func(ctx context.Context) (string, error) { return r.sink.deliver(ctx, r) },
 		StepVerify:    func(ctx context.Context) (string, error) { return r.sink.check(ctx, r) },
@@ -161,7 +161,7 @@ func (r *run) stepFuncs() map[string]func(context.Context) (string, error) {
 		StepBundle:    func(ctx context.Context) (string, error) { return r.sink.deliver(ctx, r) },
 	}
 	for name, fn := range r.s.extraSteps {
-		fns[name] = func(ctx context.Context) (string, error) { return fn(ctx, r) }
+		fns[Step(name)] = func(ctx context.Context) (string, error) { return fn(ctx, r) }
 	}
 	return fns
 }
@@ -169,7 +169,7 @@ func (r *run) stepFuncs() map[string]func(context.Context) (string, error) {
 // interrupted ends a run whose context was cancelled (Esc, Ctrl-C, SIGTERM) before or during step: the step is reported
 // cancelled, the unit keeps the state of its last completed step (so it resumes), and an event with outcome
 // "interrupted" is recorded with a context that outlives the cancellation.
-func (r *run) interrupted(ctx context.Context, step string, d time.Duration) error {
+func (r *run) interrupted(ctx context.Context, step Step, d time.Duration) error {
 	cause := fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(ctx))
 	r.res.Steps = append(r.res.Steps, StepResult{Name: step, Status: StatusCancelled, Duration: d, Err: cause})
 	r.report(Event{Serial: r.req.Serial, Step: step, Status: StatusCancelled, Err: cause, Duration: d})
@@ -183,7 +183,7 @@ func (r *run) interrupted(ctx context.Context, step string, d time.Duration) err
 			}
 			return err
 		}
-		return tx.Append(inventory.Event{Serial: r.req.Serial, Step: step, Outcome: OutcomeInterrupted,
+		return tx.Append(inventory.Event{Serial: r.req.Serial, Step: string(step), Outcome: OutcomeInterrupted,
 			Detail: "stopped by the operator or a signal; run the unit again to resume", MS: d.Milliseconds(),
 			Operator: r.req.Operator, Station: r.s.Config.StationID})
 	}
@@ -197,7 +197,7 @@ func (r *run) interrupted(ctx context.Context, step string, d time.Duration) err
 	return se
 }
 
-func (r *run) skip(step, why string) {
+func (r *run) skip(step Step, why string) {
 	r.res.Steps = append(r.res.Steps, StepResult{Name: step, Status: StatusSkipped})
 	r.report(Event{Serial: r.req.Serial, Step: step, Status: StatusSkipped, Detail: why})
 }
@@ -226,7 +226,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		failed, _ := r.m.after(r.res.State, name, false)
-		if rerr := r.record(rctx, failed, name, err, inventory.Event{Step: name, Outcome: "failed", Detail: err.Error(), MS: took.Milliseconds()}); rerr != nil {
+		if rerr := r.record(rctx, failed, name, err, inventory.Event{Step: string(name), Outcome: "failed", Detail: err.Error(), MS: took.Milliseconds()}); rerr != nil {
 			return errors.Join(se, rerr)
 		}
 		r.res.State = inventory.StateFailed
@@ -245,7 +245,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 		// transaction whose context ends, and the unit would lose a step it completed).
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		if err := r.record(rctx, state, "", nil, inventory.Event{Step: name, Outcome: outcome, Detail: detail, MS: took.Milliseconds()}); err != nil {
+		if err := r.record(rctx, state, "", nil, inventory.Event{Step: string(name), Outcome: outcome, Detail: detail, MS: took.Milliseconds()}); err != nil {
 			se := &StepError{Serial: r.req.Serial, Step: name, Err: err}
 			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: took, Err: err})
 			r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: took})
@@ -258,7 +258,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 }
 
 // record stores the unit's new state and appends the event, in one synced transaction.
-func (r *run) record(ctx context.Context, state, failedStep string, stepErr error, e inventory.Event) error {
+func (r *run) record(ctx context.Context, state inventory.State, failedStep Step, stepErr error, e inventory.Event) error {
 	cert := r.res.Certificate
 	write := func(tx *inventory.Tx) error {
 		u, err := tx.Unit(r.req.Serial)
@@ -267,7 +267,7 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 		} else if err != nil {
 			return err
 		}
-		u.State, u.FailedStep, u.Error = state, failedStep, ""
+		u.State, u.FailedStep, u.Error = state, string(failedStep), ""
 		if stepErr != nil {
 			u.Error = stepErr.Error()
 		}
@@ -284,7 +284,7 @@ func (r *run) record(ctx context.Context, state, failedStep string, stepErr erro
 		if err := tx.PutUnit(u); err != nil {
 			return err
 		}
-		if e.Step == StepSign && state == inventory.StateCertified && cert != nil { // sign records the certificate
+		if e.Step == string(StepSign) && state == inventory.StateCertified && cert != nil { // sign records the certificate
 			if err := tx.AddCertificate(inventory.Certificate{Serial: CertSerial(cert), Unit: u.Serial, SHA256: r.res.CertSHA256,
 				NotBefore: cert.NotBefore, NotAfter: cert.NotAfter}); err != nil {
 				return err
@@ -356,7 +356,7 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	}
 	switch {
 	case unit.Serial == "":
-	case !r.req.Reprovision && r.m.startsFrom(unit.State, unit.FailedStep) != StepKey:
+	case !r.req.Reprovision && r.m.startsFrom(unit.State, Step(unit.FailedStep)) != StepKey:
 		resume = r.sink.reload(ctx, r)
 	}
 	if !resume {
@@ -368,7 +368,7 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 			// re-provisioned: a wrong image named for it changes nothing about the unit that shipped.
 			if unit.State != inventory.StateShippable {
 				d := time.Since(start)
-				if rerr := r.record(ctx, inventory.StateFailed, StepValidate, err, inventory.Event{Step: StepValidate,
+				if rerr := r.record(ctx, inventory.StateFailed, StepValidate, err, inventory.Event{Step: string(StepValidate),
 					Outcome: "failed", Detail: err.Error(), MS: d.Milliseconds()}); rerr != nil {
 					return fail(errors.Join(err, rerr))
 				}
@@ -383,7 +383,7 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	case resume:
 		detail = "resuming from the image written earlier"
 	case unit.State != "":
-		detail = "earlier run stopped at " + unit.State + ": starting over"
+		detail = "earlier run stopped at " + string(unit.State) + ": starting over"
 	}
 	r.report(Event{Serial: r.req.Serial, Step: StepValidate, Status: StatusOK, Detail: detail, Duration: time.Since(start)})
 	return resume, nil

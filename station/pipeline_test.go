@@ -31,7 +31,7 @@ func BenchmarkProvision(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer d.Close()
-			steps := map[string]time.Duration{}
+			steps := map[Step]time.Duration{}
 			report := func(e Event) {
 				if e.Status == StatusOK {
 					steps[e.Step] += e.Duration
@@ -51,7 +51,7 @@ func BenchmarkProvision(b *testing.B) {
 				}
 			}
 			for _, st := range Steps {
-				b.ReportMetric(float64(steps[st].Microseconds())/float64(n)/1000, st+"-ms")
+				b.ReportMetric(float64(steps[st].Microseconds())/float64(n)/1000, string(st)+"-ms")
 			}
 			b.ReportMetric(float64(cmds.Load())/float64(n), "tpm-cmds/unit")
 		})

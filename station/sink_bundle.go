@@ -62,7 +62,7 @@ func (b *bundleSink) refuse(ctx context.Context, r *run, unit inventory.Unit) er
 		if err != nil {
 			return err
 		}
-		if n := len(evs); n == 0 || evs[n-1].Step != StepBundle || evs[n-1].Outcome != "ok" || evs[n-1].CertSHA256 != cert.SHA256 {
+		if n := len(evs); n == 0 || evs[n-1].Step != string(StepBundle) || evs[n-1].Outcome != "ok" || evs[n-1].CertSHA256 != cert.SHA256 {
 			return nil // never delivered: start over
 		}
 	}

@@ -54,7 +54,7 @@ type Station struct {
 
 	// Test hooks: another step table, a step's function, another sink (nil: the unit table, the image sink).
 	machine    machine
-	extraSteps map[string]func(context.Context, *run) (string, error)
+	extraSteps map[Step]func(context.Context, *run) (string, error)
 	sink       sink
 
 	srvOnce sync.Once // the built-in handshake server, started on first use

@@ -12,22 +12,23 @@ import (
 	"time"
 
 	"provision/internal/fsutil"
+	"provision/inventory"
 	"provision/station"
 )
 
 // batchUnitJSON is one row of report.json (and one line of batch --json).
 type batchUnitJSON struct {
-	Serial      string     `json:"serial"`
-	State       string     `json:"state"`  // the inventory's state after the run; "" when it has no record of the unit
-	Status      string     `json:"status"` // ok | failed | skipped | not_started | interrupted: what this run did
-	Image       string     `json:"image"`
-	SHA256      string     `json:"sha256,omitempty"`
-	Certificate *certJSON  `json:"certificate,omitempty"` // the unit's active certificate
-	Steps       []stepJSON `json:"steps"`
-	MS          int64      `json:"ms"`
-	Error       string     `json:"error,omitempty"`
-	Detail      string     `json:"detail,omitempty"`
-	Run         string     `json:"run"` // start of the batch run the status is from (RFC 3339 UTC)
+	Serial      string          `json:"serial"`
+	State       inventory.State `json:"state"`  // the inventory's state after the run; "" when it has no record of the unit
+	Status      string          `json:"status"` // ok | failed | skipped | not_started | interrupted: what this run did
+	Image       string          `json:"image"`
+	SHA256      string          `json:"sha256,omitempty"`
+	Certificate *certJSON       `json:"certificate,omitempty"` // the unit's active certificate
+	Steps       []stepJSON      `json:"steps"`
+	MS          int64           `json:"ms"`
+	Error       string          `json:"error,omitempty"`
+	Detail      string          `json:"detail,omitempty"`
+	Run         string          `json:"run"` // start of the batch run the status is from (RFC 3339 UTC)
 }
 
 type batchSummary struct {
@@ -180,7 +181,7 @@ func writeReports(dir string, rep batchReport) error {
 		if u.Certificate != nil {
 			cs, ch = u.Certificate.Serial, u.Certificate.SHA256
 		}
-		w.Write([]string{u.Serial, u.Status, u.State, u.Image, cs, ch, u.SHA256, fmt.Sprint(u.MS), u.Error, u.Detail, u.Run})
+		w.Write([]string{u.Serial, u.Status, string(u.State), u.Image, cs, ch, u.SHA256, fmt.Sprint(u.MS), u.Error, u.Detail, u.Run})
 	}
 	w.Flush()
 	if err := fsutil.WriteFileSync(filepath.Join(dir, "report.csv"), buf.Bytes(), 0o644); err != nil {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"provision/inventory"
 	"provision/station"
 )
 
@@ -24,13 +25,13 @@ type certJSON struct {
 }
 
 type enrollJSON struct {
-	Serial       string    `json:"serial"`
-	State        string    `json:"state"`
-	Key          *keyJSON  `json:"key,omitempty"`
-	Certificate  *certJSON `json:"certificate,omitempty"`
-	EKCertSHA256 string    `json:"ek_certificate_sha256"`
-	Bundle       string    `json:"bundle"`
-	Error        string    `json:"error,omitempty"`
+	Serial       string          `json:"serial"`
+	State        inventory.State `json:"state"`
+	Key          *keyJSON        `json:"key,omitempty"`
+	Certificate  *certJSON       `json:"certificate,omitempty"`
+	EKCertSHA256 string          `json:"ek_certificate_sha256"`
+	Bundle       string          `json:"bundle"`
+	Error        string          `json:"error,omitempty"`
 }
 
 const rfc3339 = "2006-01-02T15:04:05Z"

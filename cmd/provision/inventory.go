@@ -36,7 +36,7 @@ type unitListJSON struct {
 // `inventory export --format json` (without). docs/json.md documents it.
 type unitJSON struct {
 	Serial       string           `json:"serial"`
-	State        string           `json:"state"`
+	State        inventory.State  `json:"state"`
 	FailedStep   string           `json:"failed_step,omitempty"`
 	Error        string           `json:"error,omitempty"`
 	Operator     string           `json:"operator"`
@@ -66,7 +66,7 @@ func newInventoryCmd(g *globals) *cobra.Command {
 }
 
 func validState(s string) bool {
-	switch s {
+	switch inventory.State(s) {
 	case "", inventory.StateNew, inventory.StateKeyed, inventory.StateCertified, inventory.StateImaged, inventory.StateVerified,
 		inventory.StateShippable, inventory.StateFailed:
 		return true
@@ -116,7 +116,7 @@ func unitRecords(g *globals, cmd *cobra.Command, state string) ([]unitJSON, erro
 		return nil, err
 	}
 	defer st.Exit() // one-shot command: see Station.Exit
-	units, err := st.Inv.Units(cmd.Context(), state)
+	units, err := st.Inv.Units(cmd.Context(), inventory.State(state))
 	if err != nil {
 		return nil, err
 	}
@@ -244,7 +244,7 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 						active = c
 					}
 				}
-				w.Write([]string{r.Serial, r.State, r.FailedStep, r.Operator, r.Station, r.KeyKind, r.PublicSHA256,
+				w.Write([]string{r.Serial, string(r.State), r.FailedStep, r.Operator, r.Station, r.KeyKind, r.PublicSHA256,
 					r.EKCertSHA256, active.Serial, active.SHA256, active.NotAfter, r.Updated})
 			}
 			w.Flush()

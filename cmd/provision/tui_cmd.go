@@ -123,11 +123,11 @@ func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest
 func todayUnits(ctx context.Context, inv *inventory.DB) map[string]string {
 	y, m, d := time.Now().Date()
 	today := map[string]string{}
-	for _, state := range []string{inventory.StateShippable, inventory.StateFailed} {
+	for _, state := range []inventory.State{inventory.StateShippable, inventory.StateFailed} {
 		units, _ := inv.Units(ctx, state)
 		for _, u := range units {
 			if uy, um, ud := u.Updated.Local().Date(); uy == y && um == m && ud == d {
-				today[u.Serial] = state
+				today[u.Serial] = string(state)
 			}
 		}
 	}

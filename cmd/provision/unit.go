@@ -10,14 +10,15 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"provision/inventory"
 	"provision/station"
 )
 
 type stepJSON struct {
-	Name   string `json:"name"`
-	Status string `json:"status"`
-	MS     int64  `json:"ms"`
-	Error  string `json:"error,omitempty"`
+	Name   station.Step `json:"name"`
+	Status string       `json:"status"`
+	MS     int64        `json:"ms"`
+	Error  string       `json:"error,omitempty"`
 }
 
 type handshakeJSON struct {
@@ -28,17 +29,17 @@ type handshakeJSON struct {
 }
 
 type unitResultJSON struct {
-	Serial      string         `json:"serial"`
-	State       string         `json:"state"`
-	Steps       []stepJSON     `json:"steps"`
-	Certificate *certJSON      `json:"certificate,omitempty"`
-	Handshake   *handshakeJSON `json:"handshake,omitempty"`
-	Error       string         `json:"error,omitempty"`
+	Serial      string          `json:"serial"`
+	State       inventory.State `json:"state"`
+	Steps       []stepJSON      `json:"steps"`
+	Certificate *certJSON       `json:"certificate,omitempty"`
+	Handshake   *handshakeJSON  `json:"handshake,omitempty"`
+	Error       string          `json:"error,omitempty"`
 }
 
 func toUnitJSON(res station.Result, err error) unitResultJSON {
 	out := unitResultJSON{Serial: res.Serial, State: res.State, Steps: []stepJSON{}}
-	seen := map[string]bool{}
+	seen := map[station.Step]bool{}
 	for _, s := range res.Steps {
 		sj := stepJSON{Name: s.Name, Status: s.Status, MS: s.Duration.Milliseconds()}
 		if s.Err != nil {

@@ -20,11 +20,11 @@ func bell() tea.Msg {
 }
 
 // explain turns an error into an operator's cause and what to do.
-func explain(step string, err error) (cause, advice string) {
+func explain(step station.Step, err error) (cause, advice string) {
 	cause = shortErr(err)
 	var se *station.StepError
 	if errors.As(err, &se) {
-		cause = "at " + se.Step + ": " + shortErr(se.Err)
+		cause = "at " + string(se.Step) + ": " + shortErr(se.Err)
 	}
 	var he *handshake.Error
 	switch {

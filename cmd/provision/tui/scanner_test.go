@@ -309,7 +309,7 @@ func TestCancelledUnitSaysCancelled(t *testing.T) {
 // Item 5: the counters count units: a unit that failed and then passed, or passed twice, is one shippable unit.
 func TestCountersCountUnits(t *testing.T) {
 	b, h, _ := setup(t)
-	h.Today = map[string]string{"OLD-1": inventory.StateShippable, "OLD-2": inventory.StateFailed}
+	h.Today = map[string]string{"OLD-1": string(inventory.StateShippable), "OLD-2": string(inventory.StateFailed)}
 	m := New(b, h)
 	m = doneAs(t, m, "SN-0002", errImage)
 	m = doneAs(t, m, "SN-0002", nil)

@@ -101,7 +101,7 @@ const (
 )
 
 type stepLine struct {
-	name   string
+	name   station.Step
 	status string // "", started, ok, failed, skipped, cancelled
 	ms     int64
 	detail string

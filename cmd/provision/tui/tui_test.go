@@ -328,7 +328,7 @@ func checkInterrupted(t *testing.T, b *realBackend, serial string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if last := evs[len(evs)-1]; last.Outcome != station.OutcomeInterrupted || last.Step != station.StepHandshake {
+	if last := evs[len(evs)-1]; last.Outcome != station.OutcomeInterrupted || last.Step != string(station.StepHandshake) {
 		t.Fatalf("last event %+v, want interrupted at handshake", last)
 	}
 }

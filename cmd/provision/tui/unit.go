@@ -141,13 +141,13 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 	}
 	m.banner = bannerFail
 	var se *station.StepError
-	step := ""
+	var step station.Step
 	if errors.As(d.err, &se) {
 		step = se.Step
 	}
 	m.cause, m.advice = explain(step, d.err)
 	m.header.Today[m.serial] = resultFailed
-	m.history = append(m.history, historyLine{m.serial, "FAILED " + step, now})
+	m.history = append(m.history, historyLine{m.serial, "FAILED " + string(step), now})
 	if quit != nil {
 		return m, tea.Batch(bell, quit)
 	}
