@@ -252,6 +252,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 			return se
 		}
 	}
+	took = time.Since(start) // the step's time includes recording it
 	r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusOK, Duration: took})
 	r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusOK, Detail: detail, Duration: took})
 	return nil
