@@ -214,9 +214,7 @@ func TestJournalPathBlockDevice(t *testing.T) {
 			break
 		}
 	}
-	if dev == "" {
-		t.Skip("no block device to name")
-	}
+	testutil.RequireFacility(t, dev != "", "no block device to name")
 	var st unix.Stat_t
 	if err := unix.Stat(dev, &st); err != nil {
 		t.Fatal(err)
@@ -234,18 +232,14 @@ func TestJournalPathBlockDevice(t *testing.T) {
 	}
 }
 
-// attachLoop attaches img to a free loop device for the test (skipping where loop devices cannot be attached: not
-// root, or a container without them).
+// attachLoop attaches img to a free loop device for the test (skipping, outside CI, where loop devices cannot be
+// attached: not root, or a container without them).
 func attachLoop(t *testing.T, img string) string {
 	t.Helper()
 	testutil.RequireTool(t, "losetup")
-	if os.Geteuid() != 0 {
-		t.Skip("attaching a loop device needs root")
-	}
+	testutil.RequireFacility(t, os.Geteuid() == 0, "attaching a loop device needs root")
 	out, err := exec.Command("losetup", "-f", "--show", img).CombinedOutput()
-	if err != nil {
-		t.Skipf("cannot attach a loop device here: %v: %s", err, out)
-	}
+	testutil.RequireFacility(t, err == nil, "cannot attach a loop device here: %v: %s", err, out)
 	dev := strings.TrimSpace(string(out))
 	t.Cleanup(func() {
 		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {

@@ -257,9 +257,7 @@ func TestSwtpmKilledMidOperation(t *testing.T) {
 func openPTY(t *testing.T) string {
 	t.Helper()
 	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR, 0)
-	if err != nil {
-		t.Skipf("no pseudo-terminals: %v", err)
-	}
+	testutil.RequireFacility(t, err == nil, "no pseudo-terminals: %v", err)
 	t.Cleanup(func() { m.Close() })
 	var unlock int32
 	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, m.Fd(), syscall.TIOCSPTLCK, uintptr(unsafe.Pointer(&unlock))); e != 0 {

@@ -32,6 +32,19 @@ func RequireTool(tb testing.TB, names ...string) {
 	}
 }
 
+// RequireFacility is RequireTool for what the machine itself must offer (pseudo-terminals, a block device, loop
+// devices, root): when ok is false the test skips while CI is unset, and fails under CI, whose machine has them.
+func RequireFacility(tb testing.TB, ok bool, format string, args ...any) {
+	tb.Helper()
+	if ok {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		tb.Fatalf("CI: "+format, args...)
+	}
+	tb.Skipf(format, args...)
+}
+
 // Missing says whether a tool is not installed (for skipping what needs it); under CI a missing tool is an error.
 func Missing(name string) (bool, error) {
 	if _, err := exec.LookPath(name); err != nil {
