@@ -102,11 +102,10 @@ func (s *Station) Enroll(ctx context.Context, dev *tpm.Device, units []UnitReque
 	return results, nil
 }
 
-// stopsEnroll reports errors that stop the whole enroll rather than fail one unit: the TPM, the CA, the inventory,
+// stopsEnroll reports errors that stop the whole enroll rather than fail one unit: the station's own (stopsStation) or
 // an interruption.
 func stopsEnroll(err error) bool {
-	return isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, ErrInterrupted) ||
-		errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged) || errors.Is(err, inventory.ErrAudit)
+	return stopsStation(err) || errors.Is(err, ErrInterrupted) || errors.Is(err, inventory.ErrAudit)
 }
 
 func (s *Station) enrollGroup(ctx context.Context, dev *tpm.Device, ekSHA string, units []UnitRequest, opt EnrollOptions) ([]EnrollResult, error) {
@@ -236,4 +235,10 @@ func CertSerial(c *x509.Certificate) string { return fmt.Sprintf("%x", c.SerialN
 // isEnvironment reports errors that stop the whole run rather than fail one unit.
 func isEnvironment(err error) bool {
 	return errors.Is(err, tpm.ErrUnreachable) || errors.Is(err, tpm.ErrLockout) || errors.Is(err, context.Canceled)
+}
+
+// stopsStation reports errors of the station itself (TPM gone, CA unusable, inventory locked or damaged): a step that
+// meets one is not the unit's failure and is not recorded as such.
+func stopsStation(err error) bool {
+	return isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged)
 }

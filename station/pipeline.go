@@ -214,7 +214,7 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 		return r.interrupted(ctx, name, took)
 	}
 	if err != nil {
-		if isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged) {
+		if stopsStation(err) {
 			r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusFailed, Duration: took, Err: err})
 			r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusFailed, Err: err, Duration: took})
 			return &StepError{Serial: r.req.Serial, Step: name, Err: err}
