@@ -104,3 +104,57 @@ func CheckAK(akPublic []byte) error { return errTodo }
 // TPMT_SIGNATURE) verifies with the AK; keyPublic has fixedTPM, fixedParent and sensitiveDataOrigin. Errors wrap
 // ErrBadEvidence and say which check failed.
 func VerifyCertify(akPublic, attest, signature, nonce, keyPublic []byte) error { return errTodo }
+
+// Evidence is what the station keeps of one attest run: everything needed to re-check it offline. It is stored as
+// JSON (byte fields base64) in the inventory's attestations table and exported as is.
+type Evidence struct {
+	Version int       `json:"version"` // 1
+	Time    time.Time `json:"time"`    // when the station attested (chains are verified at this time)
+	Policy  string    `json:"policy"`  // off | record | required
+
+	EKCertificate []byte   `json:"ek_certificate,omitempty"` // DER, as ParseEKCertificate cleaned it
+	EKIndex       uint32   `json:"ek_index,omitempty"`       // the NV index it came from
+	Chain         [][]byte `json:"chain,omitempty"`          // DER: the NV chain certificates, then the verified chain above the EK certificate
+	EKPublic      []byte   `json:"ek_public"`                // TPMT_PUBLIC of the EK the TPM used
+	EKSource      string   `json:"ek_source"`                // EK.Template
+
+	AKPublic   []byte     `json:"ak_public"` // TPMT_PUBLIC
+	Activation Activation `json:"activation"`
+
+	Nonce            []byte `json:"nonce"`             // the certify qualifying data
+	KeyPublic        []byte `json:"key_public"`        // TPMT_PUBLIC of the device key
+	CertifyAttest    []byte `json:"certify_attest"`    // TPMS_ATTEST
+	CertifySignature []byte `json:"certify_signature"` // TPMT_SIGNATURE
+
+	TPMManufacturer uint32 `json:"tpm_manufacturer"` // TPM_PT_MANUFACTURER
+	TPMVendorString string `json:"tpm_vendor_string,omitempty"`
+	TPMFirmware     uint64 `json:"tpm_firmware,omitempty"`
+
+	Status   string   `json:"status"`          // trusted | untrusted | absent
+	Cause    string   `json:"cause,omitempty"` // why not trusted, in words
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// Activation records credential activation: what the station sealed to the EK for the AK's Name, and that the TPM
+// gave the secret back (its SHA-256; the secret itself is single-use and kept too, as it protects nothing afterwards).
+type Activation struct {
+	AKName          []byte `json:"ak_name"`
+	CredentialBlob  []byte `json:"credential_blob"`
+	EncryptedSecret []byte `json:"encrypted_secret"`
+	SecretSHA256    string `json:"secret_sha256"`
+	Activated       bool   `json:"activated"`
+}
+
+// Check is the offline verdict on stored evidence.
+type Check struct {
+	Status   string   // recomputed: trusted | untrusted | absent
+	Cause    string   // why not trusted
+	Problems []string // mismatches and unparseable parts; empty when the evidence verifies
+}
+
+// VerifyEvidence re-checks stored evidence offline: the EK certificate parses and certifies EKPublic's key; the
+// activation names the AK (Name of AKPublic) and was completed; the AK is a restricted signing key of a TPM; the
+// certify attestation verifies (VerifyCertify) for KeyPublic, whose key's SHA-256 must be keySHA256 (the unit's
+// recorded key fingerprint, "" to skip); the chain verifies against roots at ev.Time, and the status it gives is the
+// recorded one (a recorded "trusted" that no longer chains is a problem).
+func VerifyEvidence(ev *Evidence, roots *Roots, keySHA256 string) Check { return Check{Problems: []string{errTodo.Error()}} }
