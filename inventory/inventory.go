@@ -71,6 +71,9 @@ type Unit struct {
 	KeyKind      string // "tpm" or "soft"
 	PublicSHA256 string // SHA-256 of the device public key's PKIX DER
 	EKCertSHA256 string // SHA-256 of the TPM's EK certificate, when it has one
+	// EKSHA256 binds the unit to its TPM: the SHA-256 of the EK public key (SPKI DER), set by the attest step. At most
+	// one unit holds a given EK; once set it is kept (an empty value in PutUnit leaves it as it is).
+	EKSHA256 string
 	// Fields are the unit's own placeholders (batch CSV columns): subject {name}, templates .Fields.name. Stored so a
 	// resumed run and verify render the same files as the run that wrote them.
 	Fields   map[string]string
@@ -361,13 +364,13 @@ type queryer interface {
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 }
 
-const unitColumns = "serial, state, failed_step, error, key_kind, public_sha256, ek_cert_sha256, operator, station, created_at, updated_at, fields"
+const unitColumns = "serial, state, failed_step, error, key_kind, public_sha256, ek_cert_sha256, operator, station, created_at, updated_at, fields, ek_sha256"
 
 func scanUnit(row interface{ Scan(...any) error }) (Unit, error) {
 	var u Unit
 	var created, updated, fields string
 	err := row.Scan(&u.Serial, &u.State, &u.FailedStep, &u.Error, &u.KeyKind, &u.PublicSHA256, &u.EKCertSHA256,
-		&u.Operator, &u.Station, &created, &updated, &fields)
+		&u.Operator, &u.Station, &created, &updated, &fields, &u.EKSHA256)
 	u.Created, u.Updated = parseTime(created), parseTime(updated)
 	if err == nil && fields != "" {
 		if jerr := json.Unmarshal([]byte(fields), &u.Fields); jerr != nil {
@@ -440,12 +443,14 @@ func (tx *Tx) PutUnit(u Unit) error {
 		}
 		fields = string(b)
 	}
-	_, err := tx.tx.ExecContext(tx.ctx, `INSERT INTO units (`+unitColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+	_, err := tx.tx.ExecContext(tx.ctx, `INSERT INTO units (`+unitColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
 		ON CONFLICT(serial) DO UPDATE SET state=excluded.state, failed_step=excluded.failed_step, error=excluded.error,
 		key_kind=excluded.key_kind, public_sha256=excluded.public_sha256, ek_cert_sha256=excluded.ek_cert_sha256,
 		operator=excluded.operator, station=excluded.station, updated_at=excluded.updated_at,
-		fields=CASE WHEN excluded.fields = '' THEN units.fields ELSE excluded.fields END`,
-		u.Serial, u.State, u.FailedStep, u.Error, u.KeyKind, u.PublicSHA256, u.EKCertSHA256, u.Operator, u.Station, now, now, fields)
+		fields=CASE WHEN excluded.fields = '' THEN units.fields ELSE excluded.fields END,
+		ek_sha256=CASE WHEN excluded.ek_sha256 = '' THEN units.ek_sha256 ELSE excluded.ek_sha256 END`,
+		u.Serial, u.State, u.FailedStep, u.Error, u.KeyKind, u.PublicSHA256, u.EKCertSHA256, u.Operator, u.Station, now, now, fields,
+		u.EKSHA256)
 	if err != nil {
 		return fmt.Errorf("inventory: put unit %q: %w", u.Serial, classify(err))
 	}

@@ -40,6 +40,13 @@ type Config struct {
 	// EndpointCA is the CA the handshake step verifies the endpoints' servers with (PEM file, relative to the station
 	// directory); default: ServerCA, so the station checks what the device will check.
 	EndpointCA string `yaml:"endpoint_ca"`
+	// Attestation is the genuine-TPM policy of the attest step (docs/attestation.md): off, record (default: evidence
+	// kept, the unit fails only when its TPM contradicts itself) or required (the EK certificate must chain to a
+	// trusted TPM vendor root).
+	Attestation string `yaml:"attestation" validate:"omitempty,oneof=off record required"`
+	// TPMRoots is a folder of PEM files (relative to the station directory) with TPM vendor roots and intermediates
+	// trusted besides the built-in ones; used when it exists.
+	TPMRoots string `yaml:"tpm_roots"`
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
@@ -61,6 +68,21 @@ type CertificateConfig struct {
 	ValidityDays int `yaml:"validity_days" validate:"required,min=1,max=9125"`
 }
 
+// Attestation policies (station.yaml attestation:).
+const (
+	AttestOff      = "off"
+	AttestRecord   = "record"
+	AttestRequired = "required"
+)
+
+// AttestationPolicy is the attest step's policy: station.yaml's, record when it is not set.
+func (c *Config) AttestationPolicy() string {
+	if c.Attestation == "" {
+		return AttestRecord
+	}
+	return c.Attestation
+}
+
 // SerialRule is the compiled serial pattern.
 func (c *Config) SerialRule() *SerialRule { return c.serialRule }
 
@@ -78,6 +100,8 @@ func DefaultConfig(stationID string) Config {
 		Certificate: CertificateConfig{ValidityDays: 825},
 		ServerCA:    "ca/root.crt",
 		Profile:     "mender",
+		Attestation: AttestRecord,
+		TPMRoots:    "tpm_roots",
 	}
 }
 
@@ -124,6 +148,15 @@ profile: {{q .Profile}}
 # The CA the handshake verifies those servers with (a PEM file relative to this directory). Default: server_ca above, so
 # the station checks the broker with exactly what the device will check it with.
 # endpoint_ca: "ca/fleet-server-ca.pem"
+
+# Genuine-TPM proof (step attest, after key): the unit's EK certificate is read from its TPM and chained to a TPM
+# vendor's root, the TPM proves it holds that EK (credential activation) and certifies the new device key.
+#   off        no attestation, no TPM binding
+#   record     (default) evidence kept and shown; the unit fails only when its TPM contradicts itself
+#   required   the EK certificate must also chain to a trusted root (built-in vendor roots, tpm_roots, --tpm-roots)
+attestation: {{q .Attestation}}
+# A folder (relative to this directory) of PEM files: TPM vendor roots/intermediates you trust besides the built-in set.
+tpm_roots: {{q .TPMRoots}}
 
 # Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
 #   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
@@ -173,7 +206,7 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 		}
 		return nil, fmt.Errorf("%s: %v: %w", name, err, ErrConfig)
 	}
-	for _, f := range []struct{ field, val string }{{"server_ca", c.ServerCA}, {"endpoint_ca", c.EndpointCA}} {
+	for _, f := range []struct{ field, val string }{{"server_ca", c.ServerCA}, {"endpoint_ca", c.EndpointCA}, {"tpm_roots", c.TPMRoots}} {
 		if f.val != "" {
 			if err := CheckStationPath(f.field, f.val); err != nil {
 				return nil, fmt.Errorf("%s:%d: %w", name, lineOf(data, f.field), err)

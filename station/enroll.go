@@ -83,6 +83,11 @@ func (s *Station) Enroll(ctx context.Context, dev *tpm.Device, units []UnitReque
 		return nil, fmt.Errorf("enroll: output directory: %w", err)
 	}
 	removeStaleTemps(opt.OutDir)
+	if dev.Kind() == tpm.KindTPM && s.Config.AttestationPolicy() != AttestOff && len(units) > 1 {
+		return nil, fmt.Errorf("enroll: %d serials on one TPM: with attestation: %s a TPM is one unit (enroll one serial per "+
+			"TPM, or set attestation: off in station.yaml for bundles of several keys on one TPM): %w",
+			len(units), s.Config.AttestationPolicy(), ErrRefused)
+	}
 	ekSHA := ""
 	if ek, err := dev.EKCertificate(ctx); err != nil {
 		return nil, fmt.Errorf("enroll: read EK certificate: %w", err)

@@ -23,6 +23,8 @@ const (
 	StatusOK      = "ok"
 	StatusFailed  = "failed"
 	StatusSkipped = "skipped"
+	// StatusSoft: the attest step of a unit with a software key: there is no TPM to attest.
+	StatusSoft = "soft"
 	// StatusCancelled: the run was interrupted (Esc, Ctrl-C, SIGTERM) during or before this step; the unit keeps the
 	// state of its last completed step and resumes when run again.
 	StatusCancelled = "cancelled"
@@ -36,7 +38,7 @@ const OutcomeInterrupted = "interrupted"
 var ErrInterrupted = errors.New("interrupted")
 
 // Steps is the pipeline in order.
-var Steps = []Step{StepValidate, StepKey, StepCSR, StepSign, StepImage, StepVerify, StepHandshake}
+var Steps = []Step{StepValidate, StepKey, StepAttest, StepCSR, StepSign, StepImage, StepVerify, StepHandshake}
 
 // ProvisionRequest is one unit to provision.
 type ProvisionRequest struct {

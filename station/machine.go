@@ -29,6 +29,7 @@ type Step string
 const (
 	StepValidate  Step = "validate"
 	StepKey       Step = "key"
+	StepAttest    Step = "attest"
 	StepCSR       Step = "csr"
 	StepSign      Step = "sign"
 	StepImage     Step = "image"
@@ -49,6 +50,7 @@ type stepDef struct {
 var unitSteps = []stepDef{
 	{StepValidate, "", ""},
 	{StepKey, inventory.StateKeyed, ""},
+	{StepAttest, "", "ok"}, // an entry of its own (the evidence's fingerprint); the unit stays keyed
 	{StepCSR, "", ""},
 	{StepSign, inventory.StateCertified, ""},
 	{StepImage, inventory.StateImaged, ""},
@@ -61,6 +63,7 @@ var unitSteps = []stepDef{
 var enrollSteps = machine{
 	{StepValidate, "", ""},
 	{StepKey, inventory.StateKeyed, ""},
+	{StepAttest, "", "ok"},
 	{StepCSR, "", ""},
 	{StepSign, inventory.StateCertified, ""},
 	{StepBundle, "", "ok"}, // an entry of its own: the bundle of this certificate is on stable storage

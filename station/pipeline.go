@@ -33,7 +33,10 @@ type run struct {
 	m       machine
 	sink    sink
 	keyFile string // the key file's name in a bundle (device.tss2.pem or device.key)
-	ekSHA   string // SHA-256 of the TPM's EK certificate, when it has one (enroll records it)
+	ekSHA   string       // SHA-256 of the TPM's EK certificate, when it has one (enroll records it)
+	att     *attestation // what the attest step found (attest.go)
+	// statusOverride: the status a step that succeeded reports instead of ok (attest: soft, or skipped when off).
+	statusOverride string
 	bundle  string // where the bundle sink put the unit's bundle
 	// deferred: record() queues its writes in pending instead of committing each (enroll commits a group at once).
 	deferred bool
@@ -154,7 +157,7 @@ func (r *run) next(ctx context.Context, step Step) error {
 // stepFuncs binds each step of the table to what it does for this run.
 func (r *run) stepFuncs() map[Step]func(context.Context) (string, error) {
 	fns := map[Step]func(context.Context) (string, error){
-		StepKey: r.stepKey, StepCSR: r.stepCSR, StepSign: r.stepSign,
+		StepKey: r.stepKey, StepAttest: r.stepAttest, StepCSR: r.stepCSR, StepSign: r.stepSign,
 		StepImage:     func(ctx context.Context) (string, error) { return r.sink.deliver(ctx, r) },
 		StepVerify:    func(ctx context.Context) (string, error) { return r.sink.check(ctx, r) },
 		StepHandshake: r.stepHandshake,
@@ -253,8 +256,12 @@ func (r *run) step(ctx context.Context, d stepDef, fn func(context.Context) (str
 		}
 	}
 	took = time.Since(start) // the step's time includes recording it
-	r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: StatusOK, Duration: took})
-	r.report(Event{Serial: r.req.Serial, Step: name, Status: StatusOK, Detail: detail, Duration: took})
+	status := StatusOK
+	if r.statusOverride != "" {
+		status, r.statusOverride = r.statusOverride, ""
+	}
+	r.res.Steps = append(r.res.Steps, StepResult{Name: name, Status: status, Duration: took})
+	r.report(Event{Serial: r.req.Serial, Step: name, Status: status, Detail: detail, Duration: took})
 	return nil
 }
 
@@ -278,6 +285,14 @@ func (r *run) record(ctx context.Context, state inventory.State, failedStep Step
 		if r.ekSHA != "" {
 			u.EKCertSHA256 = r.ekSHA
 		}
+		if r.att != nil && e.Step == string(StepAttest) {
+			if stepErr == nil && r.att.bind != "" {
+				if other, err := tx.UnitByEK(r.att.bind); err == nil && other.Serial != u.Serial {
+					return boundError(other) // another station's run bound this TPM since the step looked
+				}
+				u.EKSHA256, u.EKCertSHA256 = r.att.bind, r.att.row.EKCertSHA256
+			}
+		}
 		if len(r.req.Fields) > 0 {
 			u.Fields = r.req.Fields
 		}
@@ -288,6 +303,16 @@ func (r *run) record(ctx context.Context, state inventory.State, failedStep Step
 		if e.Step == string(StepSign) && state == inventory.StateCertified && cert != nil { // sign records the certificate
 			if err := tx.AddCertificate(inventory.Certificate{Serial: CertSerial(cert), Unit: u.Serial, SHA256: r.res.CertSHA256,
 				NotBefore: cert.NotBefore, NotAfter: cert.NotAfter}); err != nil {
+				return err
+			}
+		}
+		if r.att != nil && e.Step == string(StepAttest) {
+			a := r.att.row
+			a.Serial, a.Outcome = u.Serial, "ok"
+			if stepErr != nil {
+				a.Outcome = "failed"
+			}
+			if err := tx.AddAttestation(a); err != nil {
 				return err
 			}
 		}

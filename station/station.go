@@ -16,6 +16,7 @@ import (
 
 	"provision/internal/fsutil"
 	"provision/inventory"
+	"provision/tpm/attest"
 	"provision/station/ca"
 	"provision/station/handshake"
 )
@@ -51,6 +52,12 @@ type Station struct {
 	Inv    *inventory.DB
 	CA     *ca.CA // nil until LoadCA
 	Log    *slog.Logger
+	// ExtraTPMRoots are folders of trusted TPM vendor roots besides the built-in set and tpm_roots (--tpm-roots).
+	ExtraTPMRoots []string
+
+	rootsOnce sync.Once // TPMRoots
+	roots     *attest.Roots
+	rootsErr  error
 
 	// Test hooks: another step table, a step's function, another sink (nil: the unit table, the image sink).
 	machine    machine

@@ -51,7 +51,11 @@ func (r *run) stepCSR(ctx context.Context) (string, error) {
 }
 
 func (r *run) stepSign(ctx context.Context) (string, error) {
-	cert, err := r.s.CA.Sign(ca.Request{CSR: r.csr, Subject: r.subject, URIs: []*url.URL{SerialURI(r.req.Serial)},
+	uris := []*url.URL{SerialURI(r.req.Serial)}
+	if r.att != nil && r.att.ekURI != nil {
+		uris = append(uris, r.att.ekURI) // the unit's TPM, as step-ca's device attestation names it
+	}
+	cert, err := r.s.CA.Sign(ca.Request{CSR: r.csr, Subject: r.subject, URIs: uris,
 		Validity: time.Duration(r.s.Config.Certificate.ValidityDays) * 24 * time.Hour, PublicKey: r.key.Public()})
 	if err != nil {
 		if errors.Is(err, ca.ErrExpired) {

@@ -46,7 +46,22 @@ type unitJSON struct {
 	EKCertSHA256 string           `json:"ek_certificate_sha256,omitempty"`
 	Updated      string           `json:"updated"`
 	Certificates []certStatusJSON `json:"certificates"`
+	Attestation  *attestationJSON `json:"attestation,omitempty"`
 	Events       []eventJSON      `json:"events,omitempty"`
+}
+
+// attestationJSON is the unit's latest attest run (docs/json.md): absent for units never attested.
+type attestationJSON struct {
+	Status          string   `json:"status"` // trusted | untrusted | absent | off | soft
+	Outcome         string   `json:"outcome"`
+	EKSHA256        string   `json:"ek_sha256,omitempty"`
+	EKCertSHA256    string   `json:"ek_certificate_sha256,omitempty"`
+	EKIssuer        string   `json:"ek_issuer,omitempty"`
+	TPMManufacturer string   `json:"tpm_manufacturer,omitempty"`
+	Policy          string   `json:"policy"`
+	Cause           string   `json:"cause,omitempty"`
+	Warnings        []string `json:"warnings,omitempty"`
+	Time            string   `json:"time"`
 }
 
 func fmtTime(t time.Time) string {
@@ -143,6 +158,15 @@ func unitRecord(g *globals, cmd *cobra.Command, inv *inventory.DB, u inventory.U
 	for _, c := range certs {
 		out.Certificates = append(out.Certificates, certStatusJSON{c.Serial, c.SHA256, fmtTime(c.NotAfter), c.Status})
 	}
+	a, err := inv.Attestation(ctx, u.Serial)
+	switch {
+	case err == nil:
+		out.Attestation = &attestationJSON{Status: a.Status, Outcome: a.Outcome, EKSHA256: a.EKSHA256, EKCertSHA256: a.EKCertSHA256,
+			EKIssuer: a.EKIssuer, TPMManufacturer: a.TPMManufacturer, Policy: a.Policy, Cause: a.Cause, Warnings: a.Warnings,
+			Time: fmtTime(a.Time)}
+	case !errors.Is(err, inventory.ErrNotFound):
+		return out, err
+	}
 	if withEvents {
 		events, err := inv.Events(ctx, u.Serial)
 		if err != nil {
@@ -196,6 +220,22 @@ func newInventoryShowCmd(g *globals) *cobra.Command {
 			if rec.EKCertSHA256 != "" {
 				fmt.Fprintf(w, "EK cert   %s\n", rec.EKCertSHA256)
 			}
+			if a := rec.Attestation; a != nil {
+				fmt.Fprintf(w, "attest    %s (%s, policy %s)", a.Status, a.Outcome, a.Policy)
+				if a.EKSHA256 != "" {
+					fmt.Fprintf(w, " EK %s", a.EKSHA256)
+				}
+				if a.TPMManufacturer != "" {
+					fmt.Fprintf(w, " TPM %s", a.TPMManufacturer)
+				}
+				if a.Cause != "" {
+					fmt.Fprintf(w, ": %s", a.Cause)
+				}
+				fmt.Fprintln(w)
+				for _, warn := range a.Warnings {
+					fmt.Fprintf(w, "          warning: %s\n", warn)
+				}
+			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "\nCERTIFICATE\tSTATUS\tNOT AFTER\tSHA-256")
 			for _, c := range rec.Certificates {
@@ -236,7 +276,8 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 			}
 			w := csv.NewWriter(g.stdout)
 			w.Write([]string{"serial", "state", "failed_step", "operator", "station", "key_kind", "public_sha256",
-				"ek_certificate_sha256", "certificate_serial", "certificate_sha256", "not_after", "updated"})
+				"ek_certificate_sha256", "certificate_serial", "certificate_sha256", "not_after", "updated",
+				"attestation", "ek_sha256", "ek_issuer", "tpm_manufacturer"})
 			for _, r := range recs {
 				var active certStatusJSON
 				for _, c := range r.Certificates {
@@ -244,8 +285,13 @@ func newInventoryExportCmd(g *globals) *cobra.Command {
 						active = c
 					}
 				}
+				var att attestationJSON
+				if r.Attestation != nil {
+					att = *r.Attestation
+				}
 				w.Write([]string{r.Serial, string(r.State), r.FailedStep, r.Operator, r.Station, r.KeyKind, r.PublicSHA256,
-					r.EKCertSHA256, active.Serial, active.SHA256, active.NotAfter, r.Updated})
+					r.EKCertSHA256, active.Serial, active.SHA256, active.NotAfter, r.Updated,
+					att.Status, att.EKSHA256, att.EKIssuer, att.TPMManufacturer})
 			}
 			w.Flush()
 			return w.Error()

@@ -26,6 +26,7 @@ import (
 type globals struct {
 	stationDir string
 	verbose    bool
+	tpmRoots   []string // --tpm-roots
 	stdin      io.Reader
 	stdout     io.Writer
 	stderr     io.Writer
@@ -81,7 +82,8 @@ TPM unreachable or locked out), 130 interrupted (Ctrl-C, SIGTERM): run the same 
 	root.SetFlagErrorFunc(flagError)
 	root.PersistentFlags().StringVar(&g.stationDir, "station", defaultStationDir(), "station directory")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "debug log on stderr")
-	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g))
+	root.PersistentFlags().StringArrayVar(&g.tpmRoots, "tpm-roots", nil, "a folder of PEM files: TPM vendor roots trusted besides the built-in ones and tpm_roots (repeatable)")
+	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g), newAttestCmd(g))
 	return root
 }
 
@@ -232,7 +234,11 @@ func loggerFrom(ctx context.Context) *slog.Logger {
 }
 
 func (g *globals) openStation(ctx context.Context) (*station.Station, error) {
-	return station.Open(ctx, g.stationDir, g.logger())
+	st, err := station.Open(ctx, g.stationDir, g.logger())
+	if err == nil {
+		st.ExtraTPMRoots = g.tpmRoots
+	}
+	return st, err
 }
 
 // session is what a one-shot command holds while it runs: the open station and, after openUnit, the CA loaded, the

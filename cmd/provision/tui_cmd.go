@@ -206,6 +206,7 @@ used for every unit. --operator is recorded with every unit (asked at start when
 				return err
 			}
 			defer st.Close()
+			st.ExtraTPMRoots = g.tpmRoots
 			hc, err := hf.resolve("tui", st)
 			if err != nil {
 				return err

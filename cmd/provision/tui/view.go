@@ -133,7 +133,7 @@ func (m Model) stepView(s stepLine, w int) string {
 		mark = okSt.Render("✓")
 	case station.StatusFailed:
 		mark = failSt.Render("✗")
-	case station.StatusSkipped:
+	case station.StatusSkipped, station.StatusSoft:
 		mark = dimSt.Render("-")
 	case station.StatusCancelled:
 		mark = warnSt.Render("◌")
