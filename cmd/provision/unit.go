@@ -74,8 +74,10 @@ func stepPrinter(w io.Writer) func(station.Event) {
 			fmt.Fprintf(w, "  ✓ %-10s %6d ms  %s\n", e.Step, e.Duration.Milliseconds(), e.Detail)
 		case station.StatusFailed:
 			fmt.Fprintf(w, "  ✗ %-10s %6d ms  %v\n", e.Step, e.Duration.Milliseconds(), e.Err)
-		case station.StatusSkipped, station.StatusSoft:
-			fmt.Fprintf(w, "  - %-10s %9s  %s\n", e.Step, e.Status, e.Detail)
+		case station.StatusSkipped:
+			fmt.Fprintf(w, "  - %-10s %9s  %s\n", e.Step, "", e.Detail)
+		case station.StatusSoft:
+			fmt.Fprintf(w, "  - %-10s %9s  %s\n", e.Step, "soft", e.Detail)
 		case station.StatusCancelled:
 			fmt.Fprintf(w, "  ■ %-10s %6d ms  cancelled\n", e.Step, e.Duration.Milliseconds())
 		}
