@@ -30,6 +30,9 @@ type BatchOptions struct {
 	Hash        bool            // SHA-256 of every finished image (reads it whole)
 	Reprovision bool            // provision shippable units again (new key and certificate, the old one superseded)
 	Operator    string
+	// OpenTPM, when set, opens a TPM for each unit (closed after it): each unit brings its own TPM, as the in-process
+	// simulator models it (a fresh simulator per unit). Batch's dev is then unused.
+	OpenTPM func(context.Context) (*tpm.Device, error)
 }
 
 // Batch statuses: what happened to a unit in this run (BatchResult.Status; report.json "status").
@@ -80,6 +83,11 @@ func (s *Station) Batch(ctx context.Context, dev *tpm.Device, units []BatchUnit,
 	}
 	if report == nil {
 		report = func(BatchResult) {}
+	}
+	if opt.OpenTPM == nil && dev.Kind() == tpm.KindTPM && s.Config.AttestationPolicy() != AttestOff && len(units) > 1 {
+		return nil, fmt.Errorf("batch: %d units on one TPM (%s): with attestation: %s a TPM is one unit (use --tpm soft to "+
+			"prepare images without the units, or set attestation: off for several keys on one TPM): %w",
+			len(units), dev.URI(), s.Config.AttestationPolicy(), ErrRefused)
 	}
 	results := make([]BatchResult, len(units))
 	settled := make([]bool, len(units))
@@ -230,6 +238,14 @@ func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, s
 	}
 	req := ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Profile: opt.Profile, Handshake: opt.Handshake,
 		Operator: opt.Operator, Reprovision: shippable && opt.Reprovision}
+	if opt.OpenTPM != nil {
+		d, err := opt.OpenTPM(ctx)
+		if err != nil {
+			return done(outcome(err), fmt.Errorf("open the unit's TPM: %w", err))
+		}
+		defer d.Close()
+		dev = d
+	}
 	if u.Target != "" {
 		r.Image, req.Image = u.Target, u.Target
 		if err := privateImage(u.Target); err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"provision/station"
+	"provision/tpm"
 )
 
 func newBatchCmd(g *globals) *cobra.Command {
@@ -116,6 +118,11 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			if err := s.openUnit(ctx, tpmURI, "soft", &hf); err != nil {
 				return err
 			}
+			var openTPMPerUnit func(context.Context) (*tpm.Device, error)
+			if s.tpmURI == "sim" { // each unit brings its own TPM: a fresh simulator per unit (one at a time per process)
+				s.dev.Close()
+				openTPMPerUnit = func(ctx context.Context) (*tpm.Device, error) { return openTPM(ctx, "sim") }
+			}
 			if out != "" {
 				st.RemoveStalePartials(ctx, out)
 			}
@@ -133,7 +140,7 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			rows := newBatchRows(earlier, run, hash)
 			results, err := st.Batch(ctx, s.dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
 				Profile: profile, Handshake: s.hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
-				Operator: operatorName(operator)}, func(r station.BatchResult) {
+				Operator: operatorName(operator), OpenTPM: openTPMPerUnit}, func(r station.BatchResult) {
 				prog.add(r)
 				row := rows.add(r)
 				if asJSON {

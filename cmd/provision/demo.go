@@ -51,11 +51,6 @@ touches nothing outside --dir (default: a new temporary directory), and says whe
 			if err := s.LoadCA(passphrase()); err != nil {
 				return err
 			}
-			dev, err := openTPM(ctx, "sim")
-			if err != nil {
-				return err
-			}
-			defer dev.Close()
 			imgDir := filepath.Join(dir, "images")
 			os.MkdirAll(imgDir, 0o755)
 			shipped := 0
@@ -71,7 +66,13 @@ touches nothing outside --dir (default: a new temporary directory), and says whe
 					return fmt.Errorf("demo: sample image: %w", err)
 				}
 				fmt.Fprintf(w, "\nunit %s  (tpm sim, image %s, %s)\n", serial, img, table)
+				// Each unit brings its own TPM: a fresh simulator, with its own EK and EK certificate.
+				dev, err := openTPM(ctx, "sim")
+				if err != nil {
+					return err
+				}
 				r, err := s.Provision(ctx, dev, station.ProvisionRequest{Serial: serial, Image: img, Operator: operatorName("")}, stepPrinter(w))
+				dev.Close()
 				if err != nil {
 					fmt.Fprintf(w, "FAILED  %s: %v\n", serial, err)
 					continue
