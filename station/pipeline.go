@@ -32,12 +32,12 @@ type run struct {
 	unclaim func() // drops the run's claim on the serial (claimUnit)
 	m       machine
 	sink    sink
-	keyFile string // the key file's name in a bundle (device.tss2.pem or device.key)
+	keyFile string       // the key file's name in a bundle (device.tss2.pem or device.key)
 	ekSHA   string       // SHA-256 of the TPM's EK certificate, when it has one (enroll records it)
 	att     *attestation // what the attest step found (attest.go)
 	// statusOverride: the status a step that succeeded reports instead of ok (attest: soft, or skipped when off).
 	statusOverride string
-	bundle  string // where the bundle sink put the unit's bundle
+	bundle         string // where the bundle sink put the unit's bundle
 	// deferred: record() queues its writes in pending instead of committing each (enroll commits a group at once).
 	deferred bool
 	pending  []func(*inventory.Tx) error

@@ -16,9 +16,9 @@ import (
 
 	"provision/internal/fsutil"
 	"provision/inventory"
-	"provision/tpm/attest"
 	"provision/station/ca"
 	"provision/station/handshake"
+	"provision/tpm/attest"
 )
 
 var (
