@@ -4,11 +4,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"provision/inventory"
 	"provision/station"
+	"provision/tpm/attest"
 )
 
 // attestVerifyJSON is `attest verify --json` (docs/json.md).
@@ -93,6 +98,74 @@ unit never attested.`,
 		},
 	}
 	verify.Flags().BoolVar(&asJSON, "json", false, "print the verdict as JSON")
-	c.AddCommand(verify)
+	c.AddCommand(verify, newAttestExportCmd(g))
+	return c
+}
+
+// newAttestExportCmd writes a unit's evidence as files other tools read: tpm2_print, openssl.
+func newAttestExportCmd(g *globals) *cobra.Command {
+	var out string
+	c := &cobra.Command{
+		Use:   "export SERIAL --out DIR",
+		Short: "Write a unit's attestation evidence as files for other tools (tpm2_print, openssl)",
+		Long: `export writes the unit's latest attestation evidence into DIR (created, 0755; files 0644, none is secret):
+
+  evidence.json       the evidence as stored
+  ek.crt              the EK certificate (PEM), chain.crt the chain stored with it (PEM), when there is one
+  ek.pub.pem          the EK public key (PKIX PEM)
+  ak.pub              the attestation key's TPMT_PUBLIC (binary), ak.pem its public key (PKIX PEM)
+  certify.attest      the TPMS_ATTEST the AK signed (tpm2_print -t TPMS_ATTEST certify.attest)
+  certify.sig         its TPMT_SIGNATURE (binary); certify.sig.der the signature as DER (ECDSA-Sig-Value)
+  device.pub          the device key's TPMT_PUBLIC (binary)
+
+Check the certify signature with OpenSSL alone:
+  openssl dgst -sha256 -verify ak.pem -signature certify.sig.der certify.attest`,
+		Args: func(c *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return usagef("attest export: give one serial")
+			}
+			if out == "" {
+				return usagef("attest export: --out DIR is required")
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := g.openStation(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer st.Exit() // one-shot command: see Station.Exit
+			a, err := st.Inv.Attestation(cmd.Context(), args[0])
+			if errors.Is(err, inventory.ErrNotFound) {
+				return &exitError{code: exitRefused, err: fmt.Errorf("attest export: %s has no attestation in %s: check the serial, or --station", args[0], st.Inv.Path())}
+			}
+			if err != nil {
+				return err
+			}
+			if len(a.Evidence) == 0 {
+				return &exitError{code: exitFailed, err: fmt.Errorf("attest export: %s: no evidence (attestation %s)", args[0], a.Status)}
+			}
+			files, err := attest.ExportFiles(a.Evidence)
+			if err != nil {
+				return &exitError{code: exitFailed, err: fmt.Errorf("attest export: %s: %w", args[0], err)}
+			}
+			if err := os.MkdirAll(out, 0o755); err != nil {
+				return fmt.Errorf("attest export: %w", err)
+			}
+			names := make([]string, 0, len(files))
+			for name := range files {
+				names = append(names, name)
+			}
+			sort.Strings(names)
+			for _, name := range names {
+				if err := os.WriteFile(filepath.Join(out, name), files[name], 0o644); err != nil {
+					return fmt.Errorf("attest export: %w", err)
+				}
+			}
+			fmt.Fprintf(g.stdout, "%s: %s\n", out, strings.Join(names, " "))
+			return nil
+		},
+	}
+	c.Flags().StringVar(&out, "out", "", "directory to write the files into")
 	return c
 }
