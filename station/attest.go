@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"provision/inventory"
+	"provision/station/ca"
 	"provision/tpm"
 	"provision/tpm/attest"
 )
@@ -35,6 +37,24 @@ type attestation struct {
 	row   inventory.Attestation
 	bind  string   // ek_sha256 the unit is bound to once the step passes ("" for soft/off)
 	ekURI *url.URL // the device certificate's URI naming the TPM
+	// For a profile that writes them (from: ak_cert, ak_key): the AK's certificate, issued by the station, and its
+	// TSS2 key file.
+	akCert *x509.Certificate
+	akKey  []byte
+}
+
+func (r *run) akCertPEM() []byte {
+	if r.att == nil || r.att.akCert == nil {
+		return nil
+	}
+	return ca.EncodeCerts(r.att.akCert)
+}
+
+func (r *run) akKeyPEM() []byte {
+	if r.att == nil {
+		return nil
+	}
+	return r.att.akKey
 }
 
 // ekCertOrder is the preference among EK certificates a TPM holds: ECC (fast activation) before RSA, low range first.
@@ -239,7 +259,40 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 	if policy == AttestRequired && ev.Status != attest.StatusTrusted {
 		return ev, fmt.Errorf("attestation required: %s: %s", ev.Status, ev.Cause)
 	}
+	if prof, err := r.profile(); err == nil && prof.UsesAK() {
+		if err := r.certifyAK(ak, ekCert, ev); err != nil {
+			return ev, err
+		}
+	}
 	return ev, nil
+}
+
+// certifyAK makes the station the attestation authority of the unit's AK: a certificate in the form an ACME CA's TPM
+// device attestation (step-ca device-attest-01) accepts, naming the TPM as its EK certificate does (or, without one,
+// as the TPM reports itself), and the AK's key file, for the profile to write into the image.
+func (r *run) certifyAK(ak *tpm.AK, ekCert *x509.Certificate, ev *attest.Evidence) error {
+	id := attest.TPMIdentity{Manufacturer: fmt.Sprintf("id:%08X", ev.TPMManufacturer), Model: ev.TPMVendorString,
+		Version: fmt.Sprintf("id:%X", ev.TPMFirmware)}
+	if ekCert != nil {
+		if eid := attest.IdentityOf(ekCert); eid.Manufacturer != "" {
+			id = eid
+		}
+	}
+	validity := time.Duration(r.s.Config.Certificate.ValidityDays) * 24 * time.Hour
+	tmpl := attest.AKCertificateTemplate(ak.PublicKey(), id, time.Now(), time.Now().Add(validity), big.NewInt(1))
+	cert, err := r.s.CA.SignAttestationKey(*tmpl, ak.PublicKey(), validity)
+	if err != nil {
+		if errors.Is(err, ca.ErrExpired) {
+			return fmt.Errorf("%w: %w", ErrCA, err)
+		}
+		return err
+	}
+	key, err := ak.PEM()
+	if err != nil {
+		return fmt.Errorf("attestation key file: %w", err)
+	}
+	r.att.akCert, r.att.akKey = cert, key
+	return nil
 }
 
 // checkBinding refuses a TPM already bound to another unit.

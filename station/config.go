@@ -160,6 +160,7 @@ tpm_roots: {{q .TPMRoots}}
 
 # Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
 #   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
+#         | ak_cert | ak_key (the unit's TPM attestation key, certified by the station: with when: tpm)
 #         | template:<file> (Go text/template, relative to this directory) | builtin:<name>
 #   when: tpm | soft | tpm-provider | tpm-engine      mode: octal (keys must not be group/other readable)
 #   owner: "uid:gid" (default 0:0)                    json_merge: keys set into an existing JSON file

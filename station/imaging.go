@@ -264,6 +264,10 @@ func (s *Station) VerifyImage(ctx context.Context, imagePath, serial string, opt
 			keyPEM = first
 		case "root", "server_ca", "chain":
 			v.check(f.DevicePath+" is the station's "+f.From, bytes.Equal(first, f.Data), "content differs from the station's")
+		case "ak_cert":
+			v.akCertificate(f.DevicePath, first, s.CA.Issuing)
+		case "ak_key":
+			v.check(f.DevicePath+" is a TSS2 key file (the attestation key)", pemType(first) == "TSS2 PRIVATE KEY", "found "+orNone(pemType(first)))
 		default:
 			v.template(f, first)
 		}
@@ -367,7 +371,7 @@ func (v *verifier) file(p image.Partition, f profile.PlannedFile) ([]byte, bool)
 		return nil, false
 	}
 	if p.FS == "vfat" {
-		if f.From == "key" && !f.AllowUnprotected {
+		if profile.IsKey(f.From) && !f.AllowUnprotected {
 			v.fail(where+" key file protected", "partition is FAT (no modes): anyone who mounts it reads the key; the profile does not say allow_unprotected_key")
 			return data, true
 		}
@@ -378,6 +382,28 @@ func (v *verifier) file(p image.Partition, f profile.PlannedFile) ([]byte, bool)
 		info.Mode.Perm() == f.Mode && info.UID == f.UID && info.GID == f.GID,
 		fmt.Sprintf("found mode %04o owner %d:%d", info.Mode.Perm(), info.UID, info.GID))
 	return data, true
+}
+
+// akCertificate checks an attestation key certificate the station issued (from: ak_cert): signed by the issuing CA,
+// valid now, with the tcg-kp-AIKCertificate key usage, followed by the issuing CA.
+func (v *verifier) akCertificate(where string, data []byte, issuing *x509.Certificate) {
+	certs, err := ca.ParseCerts(data)
+	if err != nil {
+		v.fail(where+" holds the attestation key certificate", err.Error())
+		return
+	}
+	c := certs[0]
+	v.check(where+" attestation key certificate signed by the station's issuing CA", c.CheckSignatureFrom(issuing) == nil,
+		"not signed by "+issuing.Subject.String())
+	v.check(where+" attestation key certificate valid now", !v.now.Before(c.NotBefore) && v.now.Before(c.NotAfter),
+		fmt.Sprintf("valid %s to %s", c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339)))
+	aik := false
+	for _, o := range c.UnknownExtKeyUsage {
+		aik = aik || o.String() == "2.23.133.8.3"
+	}
+	v.check(where+" attestation key certificate has the tcg-kp-AIKCertificate usage", aik, "extended key usage missing")
+	v.check(where+" carries the issuing CA after the attestation key certificate", len(certs) >= 2 && certs[1].Equal(issuing),
+		"the issuing CA certificate is missing after the leaf")
 }
 
 func (v *verifier) certificate(where string, data []byte, wantChain bool) *x509.Certificate {
@@ -481,4 +507,11 @@ func publicEqual(a, b any) bool {
 	da, err1 := x509.MarshalPKIXPublicKey(a)
 	db, err2 := x509.MarshalPKIXPublicKey(b)
 	return err1 == nil && err2 == nil && bytes.Equal(da, db)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }

@@ -34,7 +34,7 @@ func preparePlan(ctx context.Context, im *image.Image, plan *profile.Plan) (map[
 // checkKeyTargets refuses a key file aimed at a FAT partition unless its file entry says allow_unprotected_key.
 func checkKeyTargets(parts map[string]resolvedPart, plan *profile.Plan) error {
 	for _, f := range plan.Files {
-		if f.From != "key" || f.AllowUnprotected {
+		if !profile.IsKey(f.From) || f.AllowUnprotected {
 			continue
 		}
 		for _, p := range parts[f.Part].parts {

@@ -97,6 +97,9 @@ func (r *run) closeKey() {
 		r.closeFn = nil
 	}
 	clear(r.keyPEM)
+	if r.att != nil {
+		clear(r.att.akKey)
+	}
 }
 
 func (r *run) pipeline(ctx context.Context) error { return r.runUntil(ctx, "") }

@@ -36,7 +36,11 @@ func (r *run) preflight(ctx context.Context) error {
 	placeholder := func(n int) []byte { return make([]byte, n) }
 	m := profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: kind, Cert: placeholder(preflightCertBytes),
 		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA,
-		Key: placeholder(preflightKeyBytes)}
+		Key: placeholder(preflightKeyBytes), AKCert: placeholder(preflightCertBytes), AKKey: placeholder(preflightKeyBytes)}
+	if prof, err := r.profile(); err == nil && prof.UsesAK() && kind == tpm.KindTPM && r.s.Config.AttestationPolicy() == AttestOff {
+		return fmt.Errorf("profile %s writes the unit's attestation key (from: ak_cert / ak_key), which the attest step makes: "+
+			"set attestation: record or required in station.yaml: %w", r.profileName(), ErrProfile)
+	}
 	plan, err := r.planFor(m)
 	if err != nil {
 		return err

@@ -92,16 +92,22 @@ func (imageSink) reload(ctx context.Context, r *run) bool {
 }
 
 func (r *run) planFor(m profile.Material) (*profile.Plan, error) {
-	name := r.req.Profile
-	if name == "" {
-		name = r.s.Config.Profile
-	}
-	prof, err := r.s.Config.ResolveProfile(name)
+	prof, err := r.profile()
 	if err != nil {
 		return nil, err
 	}
-	return prof.Plan(name, r.s.Layout, m)
+	return prof.Plan(r.profileName(), r.s.Layout, m)
 }
+
+func (r *run) profileName() string {
+	if r.req.Profile != "" {
+		return r.req.Profile
+	}
+	return r.s.Config.Profile
+}
+
+// profile is the unit's profile, resolved.
+func (r *run) profile() (*profile.Profile, error) { return r.s.Config.ResolveProfile(r.profileName()) }
 
 func (r *run) material() (profile.Material, error) {
 	serverCA, err := r.s.ServerCA()
@@ -109,7 +115,8 @@ func (r *run) material() (profile.Material, error) {
 		return profile.Material{}, err
 	}
 	return profile.Material{Serial: r.req.Serial, Fields: r.req.Fields, KeyKind: r.keyKind, Cert: ca.EncodeCerts(r.res.Certificate),
-		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA, Key: r.keyPEM}, nil
+		Issuing: ca.EncodeCerts(r.s.CA.Issuing), Root: ca.EncodeCerts(r.s.CA.Root), ServerCA: serverCA, Key: r.keyPEM,
+		AKCert: r.akCertPEM(), AKKey: r.akKeyPEM()}, nil
 }
 
 func (imageSink) deliver(ctx context.Context, r *run) (string, error) {
@@ -122,6 +129,12 @@ func (imageSink) deliver(ctx context.Context, r *run) (string, error) {
 		return "", err
 	}
 	r.plan = plan
+	for _, f := range plan.Files {
+		if (f.From == "ak_cert" || f.From == "ak_key") && len(f.Data) == 0 {
+			return "", fmt.Errorf("profile %s: %s: the unit has no attestation key (a software key, or attestation: off): "+
+				"write it only for TPM units (when: tpm) with attestation: record or required: %w", plan.Profile, f.DevicePath, ErrProfile)
+		}
+	}
 	if err := Inject(ctx, r.req.Image, plan, r.s.ImageOptions(r.req.Image)...); err != nil {
 		return "", err
 	}

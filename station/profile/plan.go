@@ -21,6 +21,10 @@ type Material struct {
 	Root     []byte // root CA PEM
 	ServerCA []byte // the CA devices trust for the fleet's servers
 	Key      []byte // TSS2 PRIVATE KEY or PKCS#8 PEM
+	// The unit's attestation key, when the attest step made one for a profile that writes it: its certificate (PEM,
+	// issued by the station) and its TSS2 PRIVATE KEY file.
+	AKCert []byte
+	AKKey  []byte
 }
 
 // PlannedFile is one file to write in every partition its logical name selects.
@@ -202,6 +206,13 @@ func (p *Profile) content(from string, src Templates, m Material, data templateD
 		return m.ServerCA, nil
 	case "key":
 		return m.Key, nil
+	case "ak_cert":
+		if len(m.AKCert) == 0 {
+			return nil, nil
+		}
+		return concat(m.AKCert, m.Issuing), nil
+	case "ak_key":
+		return m.AKKey, nil
 	}
 	var text []byte
 	var err error

@@ -50,7 +50,7 @@ type PartitionSpec struct {
 // FileSpec writes one file.
 type FileSpec struct {
 	To    string `yaml:"to"`    // "partition:/path"
-	From  string `yaml:"from"`  // cert, cert+chain, chain, root, server_ca, key, template:<file>, builtin:<name>
+	From  string `yaml:"from"`  // cert, cert+chain, chain, root, server_ca, key, ak_cert, ak_key, template:<file>, builtin:<name>
 	Mode  string `yaml:"mode"`  // octal; default 0644, and 0600 for key
 	Owner string `yaml:"owner"` // "uid:gid" numbers; default 0:0
 	When  string `yaml:"when"`  // "", tpm, soft, tpm-provider, tpm-engine
@@ -170,8 +170,8 @@ func (p *Profile) validate(name string) error {
 		if err := checkFrom(f.From); err != nil {
 			return bad("files[%d]: %v", i, err)
 		}
-		if f.AllowUnprotectedKey && f.From != "key" {
-			return bad("files[%d]: allow_unprotected_key applies to from: key only", i)
+		if f.AllowUnprotectedKey && !IsKey(f.From) {
+			return bad("files[%d]: allow_unprotected_key applies to from: key or ak_key only", i)
 		}
 		if _, err := parseMode(f.Mode, f.From); err != nil {
 			return bad("files[%d]: %v", i, err)
@@ -232,7 +232,7 @@ func ParseSelect(sel string) ([]string, error) {
 
 func checkFrom(from string) error {
 	switch from {
-	case "cert", "cert+chain", "chain", "root", "server_ca", "key":
+	case "cert", "cert+chain", "chain", "root", "server_ca", "key", "ak_cert", "ak_key":
 		return nil
 	}
 	if name, ok := strings.CutPrefix(from, "builtin:"); ok {
@@ -249,7 +249,22 @@ func checkFrom(from string) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("from %q: use cert, cert+chain, chain, root, server_ca, key, template:<file> or builtin:<name>", from)
+	return fmt.Errorf("from %q: use cert, cert+chain, chain, root, server_ca, key, ak_cert, ak_key, template:<file> or builtin:<name>", from)
+}
+
+// IsKey reports whether a from: source is a private key file (the unit's key, or its attestation key): written 0600 by
+// default, never readable by group or others, never on FAT unless allowed.
+func IsKey(from string) bool { return from == "key" || from == "ak_key" }
+
+// UsesAK reports whether the profile writes the unit's attestation key or its certificate (from: ak_cert, ak_key): the
+// attest step then keeps the AK and the station certifies it.
+func (p *Profile) UsesAK() bool {
+	for _, f := range p.Files {
+		if f.From == "ak_cert" || f.From == "ak_key" {
+			return true
+		}
+	}
+	return false
 }
 
 func checkWhen(w string) error {
@@ -262,7 +277,7 @@ func checkWhen(w string) error {
 
 func parseMode(m, from string) (fs.FileMode, error) {
 	if m == "" {
-		if from == "key" {
+		if IsKey(from) {
 			return 0o600, nil
 		}
 		return 0o644, nil
@@ -271,7 +286,7 @@ func parseMode(m, from string) (fs.FileMode, error) {
 	if err != nil || n > 0o777 {
 		return 0, fmt.Errorf("mode %q is not an octal permission like \"0644\"", m)
 	}
-	if from == "key" && n&0o077 != 0 {
+	if IsKey(from) && n&0o077 != 0 {
 		return 0, fmt.Errorf("mode %q would let others read the private key: use 0600 or 0400", m)
 	}
 	return fs.FileMode(n), nil
