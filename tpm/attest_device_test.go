@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"errors"
 	"math/big"
 	"sync/atomic"
 	"testing"
@@ -387,5 +388,38 @@ func TestSoftAttest(t *testing.T) {
 	var ek *EK
 	if ek.Close() != nil {
 		t.Fatal("nil EK close")
+	}
+}
+
+func TestSimulatorAttest(t *testing.T) {
+	var n atomic.Int64
+	attestAll(t, openSim(t, WithCounter(&n)), &n, false)
+}
+
+// Every EK template makes a key on swtpm, with the policy the TCG profile names (the templates for which swtpm_setup
+// makes no certificate are checked here at least for what the TPM accepts).
+func TestSwtpmEKTemplates(t *testing.T) {
+	ctx := context.Background()
+	d := openSwtpm(t, testutil.StartSwtpm(t))
+	for _, tm := range ekTemplates {
+		start := time.Now()
+		d.mu.Lock()
+		rsp, err := tpm2.CreatePrimary{
+			PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+			InPublic:      tpm2.New2B(tm.public),
+		}.Execute(d.l.with(ctx))
+		if err == nil {
+			tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(d.l.with(ctx))
+		}
+		d.mu.Unlock()
+		if err != nil && tm.index == 0x01c0001e && errors.Is(err, tpm2.TPMRCValue) {
+			t.Logf("%s: not supported by swtpm (libtpms keeps RSA to 3072 bits)", tm.label)
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", tm.label, err)
+			continue
+		}
+		t.Logf("%s: %s", tm.label, time.Since(start).Round(time.Millisecond))
 	}
 }
