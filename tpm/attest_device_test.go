@@ -7,8 +7,12 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/asn1"
 	"errors"
 	"math/big"
+	"os"
+	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -85,7 +89,8 @@ func TestSwtpmEKCertificates(t *testing.T) {
 	}
 
 	var n atomic.Int64
-	d := openSwtpm(t, testutil.StartSwtpm(t, testutil.WithEKCert()), WithCounter(&n))
+	s := testutil.StartSwtpm(t, testutil.WithEKCert())
+	d := openSwtpm(t, s, WithCounter(&n))
 	var certs, chain []NVCertificate
 	var err error
 	measure(t, &n, "EKCertificates", func() { certs, chain, err = d.EKCertificates(ctx) })
@@ -101,6 +106,23 @@ func TestSwtpmEKCertificates(t *testing.T) {
 	if k, ok := parseNVCert(t, certs[1]).PublicKey.(*ecdsa.PublicKey); !ok || k.Curve.Params().BitSize != 384 {
 		t.Fatal("0x01c00016 does not hold a P-384 key")
 	}
+	// Both chain to the swtpm-localca certificates in EKRootsDir (root, then the issuer of EK certificates).
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	for name, pool := range map[string]*x509.CertPool{"swtpm-localca-rootca-cert.pem": roots, "issuercert.pem": inter} {
+		b, err := os.ReadFile(filepath.Join(s.EKRootsDir(), name))
+		if err != nil || !pool.AppendCertsFromPEM(b) {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	for _, c := range certs {
+		cert := parseNVCert(t, c)
+		cert.UnhandledCriticalExtensions = slices.DeleteFunc(cert.UnhandledCriticalExtensions,
+			func(o asn1.ObjectIdentifier) bool { return o.Equal(asn1.ObjectIdentifier{2, 5, 29, 17}) })
+		if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			t.Errorf("%#x: %v", c.Index, err)
+		}
+	}
 	if der, err := d.EKCertificate(ctx); err != nil || !bytes.Equal(der, trimDER(certs[0].Data)) {
 		t.Fatalf("EKCertificate: %v", err)
 	}
@@ -112,7 +134,7 @@ func TestSwtpmEKCertificates(t *testing.T) {
 }
 
 // evictEKs removes swtpm_setup's persistent EKs, so the EK must be recreated from its template.
-func evictEKs(t *testing.T, d *Device) {
+func evictEKs(t testing.TB, d *Device) {
 	t.Helper()
 	ctx := context.Background()
 	d.mu.Lock()
@@ -421,5 +443,84 @@ func TestSwtpmEKTemplates(t *testing.T) {
 			continue
 		}
 		t.Logf("%s: %s", tm.label, time.Since(start).Round(time.Millisecond))
+	}
+}
+
+// BenchmarkSwtpmAttest is the TPM side of one unit's attestation on swtpm with EK certificates, the device key
+// already loaded: read the EK certificates and the TPM's identity, create the AK, get the EK a certificate names (the
+// RSA one, persistent with policy A; the P-384 one, persistent with userWithAuth; the P-384 one recreated from
+// template H-3), activate a credential, certify the device key, export the AK.
+func BenchmarkSwtpmAttest(b *testing.B) {
+	testutil.RequireTool(b, "swtpm")
+	for _, tc := range []struct {
+		name     string
+		cert     int
+		recreate bool
+	}{{"rsa-persistent", 0, false}, {"p384-persistent", 1, false}, {"p384-template", 1, true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			ctx := context.Background()
+			s := testutil.StartSwtpm(b, testutil.WithEKCert())
+			var n atomic.Int64
+			d, err := Open(ctx, s.URI, WithFlushStale(true), WithCounter(&n))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer d.Close()
+			if tc.recreate {
+				evictEKs(b, d)
+			}
+			key, err := d.CreateKey(ctx, ECCP256)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer key.Close()
+			secret := make([]byte, 32)
+			n.Store(0)
+			for b.Loop() {
+				attestOnce(b, d, key, tc.cert, secret)
+			}
+			b.ReportMetric(float64(n.Load())/float64(b.N), "tpm-cmds/op")
+		})
+	}
+}
+
+func attestOnce(b *testing.B, d *Device, key *Key, which int, secret []byte) {
+	ctx := context.Background()
+	certs, _, err := d.EKCertificates(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := d.Info(ctx); err != nil {
+		b.Fatal(err)
+	}
+	ak, err := d.CreateAK(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ak.Close()
+	cert, err := x509.ParseCertificate(trimDER(certs[which].Data))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ek, err := d.EndorsementKey(ctx, certs[which].Index, cert.PublicKey)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ek.Close()
+	pub, _ := tpm2.Unmarshal[tpm2.TPMTPublic](ek.Public)
+	encap, _ := tpm2.ImportEncapsulationKey(pub)
+	blob, encSecret, err := tpm2.CreateCredential(rand.Reader, encap, ak.Name(), secret)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := d.ActivateCredential(ctx, ak, ek, blob, encSecret); err != nil {
+		b.Fatal(err)
+	}
+	ek.Close()
+	if _, _, err := d.Certify(ctx, key, ak, secret); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := ak.PEM(); err != nil {
+		b.Fatal(err)
 	}
 }
