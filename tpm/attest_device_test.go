@@ -176,6 +176,7 @@ func attestAll(t *testing.T, d *Device, n *atomic.Int64, wantPersistent bool) {
 		t.Fatal(err)
 	}
 	defer ak.Close()
+	checkName(t, ak.Public(), ak.Name())
 	for _, c := range certs {
 		want := parseNVCert(t, c).PublicKey
 		var ek *EK
@@ -187,6 +188,7 @@ func attestAll(t *testing.T, d *Device, n *atomic.Int64, wantPersistent bool) {
 			t.Fatalf("%#x: EK %s (persistent %v) does not hold the certified key", c.Index, ek.Template, ek.Persistent)
 		}
 		t.Logf("%#x: %s", c.Index, ek.Template)
+		checkName(t, ek.Public, ek.Name)
 		activate(t, d, n, ak, ek)
 		ek.Close()
 		ek.Close()
@@ -201,6 +203,19 @@ func attestAll(t *testing.T, d *Device, n *atomic.Int64, wantPersistent bool) {
 	checkCertify(t, ak, key, nonce, attest, sig)
 	key.Close() // the TPM's 3 object slots: the SRK, the AK and its key file
 	akFile(t, d, ak)
+}
+
+// checkName: a Name is what a verifier computes from the public area.
+func checkName(t *testing.T, public, name []byte) {
+	t.Helper()
+	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := tpm2.ObjectName(pub)
+	if err != nil || !bytes.Equal(n.Buffer, name) {
+		t.Fatalf("Name %x, computed %x (%v)", name, n.Buffer, err)
+	}
 }
 
 func templateLabel(index uint32) string {

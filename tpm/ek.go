@@ -381,7 +381,7 @@ func (e *EK) fill(pub tpm2.TPM2BPublic) error {
 	if e.PublicKey, err = tpm2.Pub(*p); err != nil {
 		return fmt.Errorf("tpm: endorsement key public area: %w", err)
 	}
-	e.pub, e.Public, e.Name = *p, tpm2.Marshal(p), e.name.Buffer
+	e.pub, e.Public, e.Name = *p, pub.Bytes(), e.name.Buffer
 	return nil
 }
 
