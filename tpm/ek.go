@@ -14,8 +14,8 @@ import (
 // The endorsement side of attestation: the EK certificates a TPM vendor wrote into NV, and the endorsement key itself
 // (persistent, or recreated from the TCG template its certificate's index names).
 
-// NV ranges of EK certificates (TCG EK Credential Profile 2.3, section 2.2.1.5): the certificates themselves and the
-// chain certificates a vendor may add.
+// NV ranges of EK certificates (TCG EK Credential Profile 2.3): the certificates themselves and the chain certificates
+// a vendor may add.
 const (
 	ekCertFirst  = 0x01c00002
 	ekChainFirst = 0x01c00100
@@ -30,7 +30,7 @@ const (
 	ekPersistentECC   = 0x81010002
 )
 
-// The EK authorization policies (TCG EK Credential Profile 2.3, B.6.5), per name algorithm: A is
+// The EK authorization policies (TCG EK Credential Profile 2.3, annex B), per name algorithm: A is
 // TPM2_PolicySecret(TPM_RH_ENDORSEMENT), C is TPM2_PolicyAuthorizeNV of the EK policy index (0x01C07F01/2/3), and
 // the high-range templates' authPolicy is TPM2_PolicyOR(A, C) (the profile calls it policy B).
 var ekPolicies = map[tpm2.TPMAlgID]struct{ a, c, or []byte }{
@@ -54,9 +54,10 @@ var ekPolicies = map[tpm2.TPMAlgID]struct{ a, c, or []byte }{
 // ekTemplate is one TCG EK template and the NV index of the certificate for the key it makes.
 type ekTemplate struct {
 	index      uint32
-	persistent uint32 // where a provisioned TPM conventionally keeps this EK (searched first)
-	label      string
-	public     tpm2.TPMTPublic
+	persistent uint32 // the persistent handle looked at first: 0x81010001/2 for the low range (TCG Provisioning
+	// Guidance); for the high range, 0x810100 followed by the index's last byte, where swtpm_setup puts the H-3 EK
+	label  string
+	public tpm2.TPMTPublic
 }
 
 // ekTemplates in the order EKCertificates reports the certificates: low range, then high range. H-5 (SM2) is left
@@ -177,7 +178,8 @@ func (d *Device) EKCertificate(ctx context.Context) ([]byte, error) {
 	return trimDER(certs[0].Data), nil
 }
 
-// readNV reads a whole NV index, in chunks the TPM accepts; nil when the index was never written. Callers hold d.mu.
+// readNV reads a whole NV index, in chunks the TPM accepts; nil when the index was never written or can be read only
+// under a policy. Callers hold d.mu.
 func (d *Device) readNV(ctx context.Context, index uint32) ([]byte, error) {
 	what := fmt.Sprintf("read NV index %#x", index)
 	idx := tpm2.TPMHandle(index)
@@ -202,7 +204,7 @@ func (d *Device) readNV(ctx context.Context, index uint32) ([]byte, error) {
 	case a.PPRead:
 		auth = tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)}
 	default:
-		return nil, fmt.Errorf("tpm: %s: readable only under a policy", what)
+		return nil, nil // readable only under a policy: no index of a certificate meant to be read
 	}
 	chunk, err := d.nvBufferMax(ctx)
 	if err != nil {
@@ -329,7 +331,7 @@ func (d *Device) EndorsementKey(ctx context.Context, index uint32, want crypto.P
 		if err != nil {
 			return nil, err
 		}
-		if want == nil || keyEqual(ek.PublicKey, want) {
+		if ek != nil && (want == nil || keyEqual(ek.PublicKey, want)) {
 			return ek, nil
 		}
 	}
@@ -360,15 +362,15 @@ func (d *Device) dropSRK(ctx context.Context) error {
 	return nil
 }
 
-// readEK reads the persistent object at h as an EK. Callers hold d.mu.
+// readEK reads the persistent object at h as an EK: nil when it holds no RSA or ECC key. Callers hold d.mu.
 func (d *Device) readEK(ctx context.Context, h uint32) (*EK, error) {
 	rsp, err := tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(h)}.Execute(d.l.with(ctx))
 	if err != nil {
 		return nil, mapErr(fmt.Sprintf("read persistent key %#x", h), err)
 	}
 	ek := &EK{Handle: h, Persistent: true, Template: fmt.Sprintf("persistent %#x", h), dev: d, name: rsp.Name}
-	if err := ek.fill(rsp.OutPublic); err != nil {
-		return nil, err
+	if ek.fill(rsp.OutPublic) != nil {
+		return nil, nil // some other object kept in the EK range
 	}
 	return ek, nil
 }
