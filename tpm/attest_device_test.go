@@ -11,6 +11,7 @@ import (
 	"errors"
 	"math/big"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
@@ -537,5 +538,38 @@ func attestOnce(b *testing.B, d *Device, key *Key, which int, secret []byte) {
 	}
 	if _, err := ak.PEM(); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// tpm2-tools, an independent decoder, reads the certify attestation.
+func TestCertifyTPM2Print(t *testing.T) {
+	testutil.RequireTool(t, "tpm2_print")
+	ctx := context.Background()
+	d := openSim(t)
+	key, err := d.CreateKey(ctx, ECCP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer key.Close()
+	ak, err := d.CreateAK(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ak.Close()
+	attest, _, err := d.Certify(ctx, key, ak, []byte("nonce-0123456789"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(t.TempDir(), "attest.bin")
+	if err := os.WriteFile(f, attest, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// tpm2-tools 5.4 decodes the header and then stops at the certify body ("Cannot print unsupported type 0x8017",
+	// exit 1): only quotes are printed in full.
+	out, _ := exec.Command("tpm2_print", "-t", "TPMS_ATTEST", f).CombinedOutput()
+	for _, want := range []string{"magic: ff544347", "type: 8017", "extraData: 6e6f6e63652d30313233343536373839"} {
+		if !bytes.Contains(out, []byte(want)) {
+			t.Fatalf("tpm2_print does not show %q:\n%s", want, out)
+		}
 	}
 }
