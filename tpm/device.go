@@ -105,6 +105,7 @@ type Device struct {
 	srk     tpm2.TPMHandle
 	srkName tpm2.TPM2BName
 	srkUp   bool
+	nvMax   int // TPM_PT_NV_BUFFER_MAX, once read
 	closed  bool
 }
 
@@ -293,19 +294,26 @@ func (d *Device) TransientHandles(ctx context.Context) ([]uint32, error) {
 }
 
 func (d *Device) transients(ctx context.Context) ([]uint32, error) {
+	first := uint32(tpm2.TPMHTTransient) << 24
+	return d.handles(ctx, first, first|0xffffff, "list transient handles")
+}
+
+// handles lists the handles the TPM has in use from first to last (TPM2_GetCapability, TPM_CAP_HANDLES): NV indices,
+// persistent or transient objects. Callers hold d.mu.
+func (d *Device) handles(ctx context.Context, first, last uint32, what string) ([]uint32, error) {
 	var out []uint32
-	next := uint32(tpm2.TPMHTTransient) << 24
+	next := first
 	for {
 		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: next, PropertyCount: 64}.Execute(d.l.with(ctx))
 		if err != nil {
-			return nil, mapErr("list transient handles", err)
+			return nil, mapErr(what, err)
 		}
 		hs, err := rsp.CapabilityData.Data.Handles()
 		if err != nil {
-			return nil, mapErr("list transient handles", err)
+			return nil, mapErr(what, err)
 		}
 		for _, h := range hs.Handle {
-			if uint32(h)>>24 != uint32(tpm2.TPMHTTransient) {
+			if uint32(h) > last || uint32(h)>>24 != first>>24 {
 				return out, nil
 			}
 			out = append(out, uint32(h))
@@ -333,50 +341,6 @@ func (d *Device) flushTransients(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-// EK certificate NV indices (TCG EK Credential Profile): RSA 2048, ECC P-256, ECC P-384.
-var ekCertIndices = []tpm2.TPMHandle{0x01c00002, 0x01c0000a, 0x01c00016}
-
-// EKCertificate returns the DER of the first EK certificate the TPM holds in NV (RSA, then ECC P-256, then ECC P-384),
-// or nil when it holds none. Software keys have none.
-func (d *Device) EKCertificate(ctx context.Context) ([]byte, error) {
-	if d.l == nil {
-		return nil, nil
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, idx := range ekCertIndices {
-		pub, err := tpm2.NVReadPublic{NVIndex: idx}.Execute(d.l.with(ctx))
-		if err != nil {
-			if errors.Is(err, tpm2.TPMRCHandle) {
-				continue
-			}
-			return nil, mapErr(fmt.Sprintf("read EK certificate index %#x", uint32(idx)), err)
-		}
-		contents, err := pub.NVPublic.Contents()
-		if err != nil {
-			return nil, mapErr("read EK certificate", err)
-		}
-		size := int(contents.DataSize)
-		out := make([]byte, 0, size)
-		const chunk = 512
-		for off := 0; off < size; off += chunk {
-			n := min(chunk, size-off)
-			rsp, err := tpm2.NVRead{
-				AuthHandle: tpm2.AuthHandle{Handle: idx, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)},
-				NVIndex:    tpm2.NamedHandle{Handle: idx, Name: pub.NVName},
-				Size:       uint16(n),
-				Offset:     uint16(off),
-			}.Execute(d.l.with(ctx))
-			if err != nil {
-				return nil, mapErr(fmt.Sprintf("read EK certificate index %#x", uint32(idx)), err)
-			}
-			out = append(out, rsp.Data.Buffer...)
-		}
-		return trimDER(out), nil
-	}
-	return nil, nil
 }
 
 // trimDER cuts the padding some TPMs leave after the certificate in its NV index.

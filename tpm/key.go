@@ -1,7 +1,6 @@
 package tpm
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -200,13 +199,7 @@ func (k *Key) PEM() ([]byte, error) {
 		defer clear(der)
 		return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 	}
-	// No description and no policy: OpenSSL's tpm2 provider 1.1 cannot read either.
-	tk := keyfile.NewTPMKey(keyfile.OIDLoadableKey, k.public, k.private, keyfile.WithParent(tpm2.TPMRHOwner))
-	var buf bytes.Buffer
-	if err := keyfile.Encode(&buf, tk); err != nil {
-		return nil, fmt.Errorf("tpm: encode key file: %w", err)
-	}
-	return buf.Bytes(), nil
+	return keyFilePEM(k.public, k.private)
 }
 
 // Attributes reads the key's public area back from the TPM: keys that cannot leave it have fixedTPM, fixedParent and

@@ -150,5 +150,65 @@ func provisionEK(ctx context.Context, dir string) error {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("swtpm_setup: %v: %s", err, out)
 	}
+	// The CA's certificates alone, apart from its private keys, for --tpm-roots.
+	roots := filepath.Join(dir, "ekroots")
+	if err := os.MkdirAll(roots, 0o700); err != nil {
+		return err
+	}
+	for _, name := range []string{"swtpm-localca-rootca-cert.pem", "issuercert.pem"} {
+		b, err := os.ReadFile(filepath.Join(ca, name))
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(roots, name), b, 0o600); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// EKRootsDir is a directory holding only the certificates of the swtpm-localca that signed the EK certificates of a
+// swtpm made WithEKCert (its root and the intermediate that issues EK certificates), for --tpm-roots; "" without
+// WithEKCert.
+func (s *Swtpm) EKRootsDir() string {
+	d := filepath.Join(s.Dir, "ekroots")
+	if _, err := os.Stat(d); err != nil {
+		return ""
+	}
+	return d
+}
+
+// WriteNV replaces NV index with data, as a TPM vendor writes an EK certificate: the index is (re)defined under
+// platform authorization (ppwrite, writedefine, ppread, ownerread, authread, no_da, platformcreate) and written.
+// For fixtures such as an EK certificate that belongs to another TPM. It runs tpm2-tools (tpm2_nvdefine, tpm2_nvwrite)
+// against the swtpm, so call it while no other client is connected (swtpm serves one connection at a time); tests
+// check for the tools with RequireTool(tb, "tpm2_nvdefine").
+func (s *Swtpm) WriteNV(ctx context.Context, index uint32, data []byte) error {
+	f, err := os.CreateTemp("", "nv-*.bin")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	idx := fmt.Sprintf("%#x", index)
+	run := func(args ...string) error {
+		cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+		cmd.Env = append(os.Environ(), fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", s.Port))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %v: %s", args[0], err, out)
+		}
+		return nil
+	}
+	_ = run("tpm2_nvundefine", "-C", "p", idx) // absent is fine: defining it says what is wrong
+	if err := run("tpm2_nvdefine", "-C", "p", "-s", strconv.Itoa(len(data)),
+		"-a", "ppwrite|writedefine|ppread|ownerread|authread|no_da|platformcreate", idx); err != nil {
+		return err
+	}
+	return run("tpm2_nvwrite", "-C", "p", "-i", f.Name(), idx)
 }
