@@ -166,6 +166,14 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 			ekCert, ev.EKIndex, ev.EKCertificate = pc, c.Index, pc.Raw
 		}
 	}
+	// The TPM holds three objects at a time (swtpm, the simulator, many discrete TPMs): the device key is loaded, so the
+	// AK comes next and then the EK (EndorsementKey makes room by unloading the storage root key); the EK goes before
+	// Certify.
+	ak, err := r.dev.CreateAK(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer ak.Close()
 	ek, err := r.dev.EndorsementKey(ctx, ev.EKIndex, certKey(ekCert))
 	if err != nil {
 		return nil, err
@@ -216,11 +224,6 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 	if err := r.checkBinding(ctx, row.EKSHA256); err != nil {
 		return ev, err
 	}
-	ak, err := r.dev.CreateAK(ctx)
-	if err != nil {
-		return ev, err
-	}
-	defer ak.Close()
 	ev.AKPublic = ak.Public()
 	secret := make([]byte, 32)
 	rand.Read(secret)
@@ -241,6 +244,7 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 	}
 	sum := sha256.Sum256(secret)
 	ev.Activation.SecretSHA256, ev.Activation.Activated = hex.EncodeToString(sum[:]), true
+	ek.Close() // room for Certify
 	ev.Nonce = make([]byte, 32)
 	rand.Read(ev.Nonce)
 	ev.KeyPublic = k.PublicArea()

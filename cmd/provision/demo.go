@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"provision/image/golden"
+	"provision/simulator"
 	"provision/station"
 )
 
@@ -40,6 +41,9 @@ touches nothing outside --dir (default: a new temporary directory), and says whe
 			st := filepath.Join(dir, "station")
 			res, err := station.Init(ctx, st, station.InitOptions{StationID: "demo-station", TPM: "sim", Passphrase: passphrase()})
 			if err != nil {
+				return err
+			}
+			if err := trustSimulator(st); err != nil {
 				return err
 			}
 			fmt.Fprintf(w, "station  %s  (root CA %q, issuing CA %q)\n", st, res.Root.Subject.CommonName, res.Issuing.Subject.CommonName)
@@ -101,4 +105,14 @@ Remove it all with: rm -rf %s
 	c.Flags().StringVar(&dir, "dir", "", "where to put the throw-away station and images (default: a new temporary directory)")
 	c.Flags().IntVar(&units, "units", 3, "how many units to provision")
 	return c
+}
+
+// trustSimulator puts the in-process simulator's manufacturer root into a demo station's tpm_roots, so its units
+// attest as trusted. Only demo stations do this: a simulator is not a genuine TPM.
+func trustSimulator(stationDir string) error {
+	dir := filepath.Join(stationDir, "tpm_roots")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "provision-simulator-root.pem"), simulator.EKRootPEM(), 0o644)
 }

@@ -187,6 +187,9 @@ used for every unit. --operator is recorded with every unit (asked at start when
 				if _, err := station.Init(ctx, stationDir, station.InitOptions{StationID: "demo-station", TPM: "sim"}); err != nil {
 					return err
 				}
+				if err := trustSimulator(stationDir); err != nil {
+					return err
+				}
 				if img == "" {
 					img = filepath.Join(dir, "images", "{serial}.img")
 				}
