@@ -106,11 +106,13 @@ func VerifyEvidence(ev *Evidence, roots *Roots, keySHA256 string) Check {
 
 	// The EK certificate, and what chains it.
 	var ekCert *x509.Certificate
+	keyMismatch := false
 	if len(ev.EKCertificate) > 0 {
 		if ekCert, err = ParseEKCertificate(ev.EKCertificate); err != nil {
 			problem("the EK certificate does not parse: %v", trimPrefix(err))
 		} else if ekPub != nil && !samePublicKey(ekCert.PublicKey, ekPub) {
-			problem("the EK certificate certifies another key than the EK the TPM used (%v)", ErrKeyMismatch)
+			keyMismatch = true
+			problem("%v", ErrKeyMismatch)
 		}
 	}
 	var chain []*x509.Certificate
@@ -161,6 +163,8 @@ func VerifyEvidence(ev *Evidence, roots *Roots, keySHA256 string) Check {
 		chk.Status, chk.Cause = StatusAbsent, ErrNoEKCertificate.Error()
 	case ekCert == nil:
 		chk.Status, chk.Cause = StatusUntrusted, "the EK certificate does not parse"
+	case keyMismatch:
+		chk.Status, chk.Cause = StatusUntrusted, ErrKeyMismatch.Error()
 	default:
 		if _, err := roots.Verify(ekCert, chain, ev.Time); err != nil {
 			chk.Status, chk.Cause = StatusUntrusted, err.Error()

@@ -9,7 +9,9 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"errors"
 	"math/big"
+	"strings"
 	"testing"
 	"time"
 )
@@ -162,4 +164,19 @@ func anchors(certs ...*x509.Certificate) *Roots {
 	r := &Roots{}
 	r.Add(certs...)
 	return r
+}
+
+func contains(err error, s string) bool { return err != nil && containsStr(err.Error(), s) }
+
+func containsStr(s, sub string) bool { return strings.Contains(s, sub) }
+
+func isBadEvidence(err error) bool { return errors.Is(err, ErrBadEvidence) }
+
+func anyContains(list []string, sub string) bool {
+	for _, s := range list {
+		if strings.Contains(s, sub) {
+			return true
+		}
+	}
+	return false
 }
