@@ -272,3 +272,13 @@ func TestSwtpmEKCertificates(t *testing.T) {
 		})
 	}
 }
+
+// A root with the issuer's name but another key: the cause says crypto/x509's words.
+func TestUnknownVendorSaysWhyACandidateFailed(t *testing.T) {
+	p, q := newTestPKI(t, time.Time{}), newTestPKI(t, time.Time{})
+	ek := mustParseEK(t, p.issueEK(t, newKey(t).Public(), nil).Raw)
+	_, err := anchors(q.inter).Verify(ek, nil, testNow) // same subject as p's intermediate, another key
+	if !errors.Is(err, ErrUnknownVendor) || !strings.Contains(err.Error(), "possibly because of") {
+		t.Errorf("err = %v, want ErrUnknownVendor with crypto/x509's reason", err)
+	}
+}

@@ -190,7 +190,13 @@ func chainError(ek *x509.Certificate, err error) error {
 		if unknown.Cert != nil {
 			c = unknown.Cert
 		}
-		return fmt.Errorf("%w: no trusted root for issuer %q", ErrUnknownVendor, describeName(c.Issuer.String()))
+		msg := fmt.Sprintf("no trusted root for issuer %q", describeName(c.Issuer.String()))
+		// A CA with the right name whose signature did not check (a SHA-1 signature crypto/x509 refuses, another
+		// key under the same name): crypto/x509 says which, and so do we.
+		if s := unknown.Error(); strings.Contains(s, "possibly because of") {
+			msg += " (" + s[strings.Index(s, "possibly because of"):]
+		}
+		return fmt.Errorf("%w: %s", ErrUnknownVendor, msg)
 	}
 	var invalid x509.CertificateInvalidError
 	if errors.As(err, &invalid) && invalid.Reason == x509.Expired {
