@@ -468,3 +468,42 @@ func TestVerifyEvidence(t *testing.T) {
 		})
 	}
 }
+
+func rsaAKTemplate(scheme tpm2.TPMAlgID) tpm2.TPMTPublic {
+	details := tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256})
+	if scheme == tpm2.TPMAlgRSAPSS {
+		details = tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSAPSS, &tpm2.TPMSSigSchemeRSAPSS{HashAlg: tpm2.TPMAlgSHA256})
+	}
+	return tpm2.TPMTPublic{
+		Type:             tpm2.TPMAlgRSA,
+		NameAlg:          tpm2.TPMAlgSHA256,
+		ObjectAttributes: akTemplate.ObjectAttributes,
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
+			Symmetric: tpm2.TPMTSymDefObject{Algorithm: tpm2.TPMAlgNull},
+			Scheme:    tpm2.TPMTRSAScheme{Scheme: scheme, Details: details},
+			KeyBits:   2048,
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{}),
+	}
+}
+
+func TestVerifyCertifyRSAAK(t *testing.T) {
+	s := openSim(t)
+	key := s.primary(tpm2.TPMRHOwner, deviceKeyTemplate)
+	defer s.flush(key)
+	nonce := []byte("rsa nonce")
+	for _, scheme := range []tpm2.TPMAlgID{tpm2.TPMAlgRSASSA, tpm2.TPMAlgRSAPSS} {
+		t.Run(algName(scheme), func(t *testing.T) {
+			ak := s.primary(tpm2.TPMRHOwner, rsaAKTemplate(scheme))
+			attest, sig := s.certify(key, ak, nonce)
+			s.flush(ak)
+			if err := VerifyCertify(ak.public, attest, sig, nonce, key.public); err != nil {
+				t.Errorf("VerifyCertify: %v", err)
+			}
+			attest[len(attest)-1] ^= 1
+			if err := VerifyCertify(ak.public, attest, sig, nonce, key.public); !contains(err, "does not verify") {
+				t.Errorf("VerifyCertify of a changed attestation = %v, want a signature failure", err)
+			}
+		})
+	}
+}

@@ -247,10 +247,10 @@ func verifySignature(ak *tpm2.TPMTPublic, key crypto.PublicKey, data, signature 
 	}
 	if scheme, hashAlg, ok := fixedScheme(ak); ok {
 		if sig.SigAlg != scheme {
-			return badEvidence("the AK signature's scheme %v is not the AK's %v", sig.SigAlg, scheme)
+			return badEvidence("the AK signature's scheme %s is not the AK's %s", algName(sig.SigAlg), algName(scheme))
 		}
 		if h := signatureHash(sig); h != hashAlg {
-			return badEvidence("the AK signature's hash %v is not the AK's %v", h, hashAlg)
+			return badEvidence("the AK signature's hash %s is not the AK's %s", algName(h), algName(hashAlg))
 		}
 	}
 	h, err := acceptedHash(signatureHash(sig))
@@ -263,7 +263,7 @@ func verifySignature(ak *tpm2.TPMTPublic, key crypto.PublicKey, data, signature 
 	switch k := key.(type) {
 	case *ecdsa.PublicKey:
 		if sig.SigAlg != tpm2.TPMAlgECDSA {
-			return badEvidence("the AK is an ECC key but its signature is %v, not ECDSA", sig.SigAlg)
+			return badEvidence("the AK is an ECC key but its signature is %s, not ECDSA", algName(sig.SigAlg))
 		}
 		es, err := sig.Signature.ECDSA()
 		if err != nil {
@@ -286,7 +286,7 @@ func verifySignature(ak *tpm2.TPMTPublic, key crypto.PublicKey, data, signature 
 				verr = rsa.VerifyPSS(k, h, digest, rs.Sig.Buffer, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto})
 			}
 		default:
-			return badEvidence("the AK is an RSA key but its signature is %v, not RSASSA or RSAPSS", sig.SigAlg)
+			return badEvidence("the AK is an RSA key but its signature is %s, not RSASSA or RSAPSS", algName(sig.SigAlg))
 		}
 		if err != nil {
 			return badEvidence("AK signature: %v", err)
@@ -329,7 +329,7 @@ func acceptedHash(alg tpm2.TPMIAlgHash) (crypto.Hash, error) {
 	case tpm2.TPMAlgSHA512:
 		return crypto.SHA512, nil
 	}
-	return 0, badEvidence("the AK signature uses hash %v (SHA-256, -384 or -512 needed)", alg)
+	return 0, badEvidence("the AK signature uses hash %s (SHA-256, -384 or -512 needed)", algName(alg))
 }
 
 // fixedScheme is the signing scheme and hash an AK's public area fixes, if any.
@@ -367,4 +367,29 @@ func fixedScheme(ak *tpm2.TPMTPublic) (tpm2.TPMAlgID, tpm2.TPMIAlgHash, bool) {
 		}
 	}
 	return 0, 0, false
+}
+
+// algName names a TPM algorithm in messages.
+func algName(a tpm2.TPMAlgID) string {
+	switch a {
+	case tpm2.TPMAlgNull:
+		return "none"
+	case tpm2.TPMAlgSHA1:
+		return "SHA-1"
+	case tpm2.TPMAlgSHA256:
+		return "SHA-256"
+	case tpm2.TPMAlgSHA384:
+		return "SHA-384"
+	case tpm2.TPMAlgSHA512:
+		return "SHA-512"
+	case tpm2.TPMAlgECDSA:
+		return "ECDSA"
+	case tpm2.TPMAlgRSASSA:
+		return "RSASSA"
+	case tpm2.TPMAlgRSAPSS:
+		return "RSAPSS"
+	case tpm2.TPMAlgHMAC:
+		return "HMAC"
+	}
+	return fmt.Sprintf("algorithm %#04x", uint16(a))
 }
