@@ -88,15 +88,20 @@ func (s *simTPM) child(parent object, tmpl tpm2.TPMTPublic) object {
 	return object{l.ObjectHandle, l.Name, c.OutPublic.Bytes()}
 }
 
-// activate runs TPM2_ActivateCredential with the EK's policy (PolicySecret(endorsement), TCG policy A).
+// activate runs TPM2_ActivateCredential with the authorisation the EK needs: plain auth when it has userWithAuth,
+// else its policy (PolicySecret(endorsement), TCG policy A).
 func (s *simTPM) activate(ak, ek object, blob, secret []byte) ([]byte, error) {
+	ekAuth := tpm2.AuthHandle{Handle: ek.handle, Name: ek.name, Auth: tpm2.Policy(tpm2.TPMAlgSHA256, 16,
+		func(t transport.TPM, h tpm2.TPMISHPolicy, nonce tpm2.TPM2BNonce) error {
+			_, err := tpm2.PolicySecret{AuthHandle: tpm2.TPMRHEndorsement, PolicySession: h, NonceTPM: nonce}.Execute(t)
+			return err
+		})}
+	if pub, err := decodePublic("EK", ek.public); err == nil && pub.ObjectAttributes.UserWithAuth {
+		ekAuth = ek.auth()
+	}
 	rsp, err := tpm2.ActivateCredential{
 		ActivateHandle: ak.auth(),
-		KeyHandle: tpm2.AuthHandle{Handle: ek.handle, Name: ek.name, Auth: tpm2.Policy(tpm2.TPMAlgSHA256, 16,
-			func(t transport.TPM, h tpm2.TPMISHPolicy, nonce tpm2.TPM2BNonce) error {
-				_, err := tpm2.PolicySecret{AuthHandle: tpm2.TPMRHEndorsement, PolicySession: h, NonceTPM: nonce}.Execute(t)
-				return err
-			})},
+		KeyHandle:      ekAuth,
 		CredentialBlob: tpm2.TPM2BIDObject{Buffer: blob},
 		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: secret},
 	}.Execute(s.tpm)
@@ -220,6 +225,26 @@ func (u *unit) evidence(ekCert []byte, chain [][]byte, status string) *Evidence 
 	}
 }
 
+// eccP384EKTemplate is like the high-range P-384 EK swtpm keeps persistent: SHA-384 names, AES-256, and
+// userWithAuth (plain empty auth activates).
+var eccP384EKTemplate = tpm2.TPMTPublic{
+	Type:    tpm2.TPMAlgECC,
+	NameAlg: tpm2.TPMAlgSHA384,
+	ObjectAttributes: tpm2.TPMAObject{
+		FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, AdminWithPolicy: true,
+		Restricted: true, Decrypt: true,
+	},
+	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+		Symmetric: tpm2.TPMTSymDefObject{
+			Algorithm: tpm2.TPMAlgAES,
+			KeyBits:   tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(256)),
+			Mode:      tpm2.NewTPMUSymMode(tpm2.TPMAlgAES, tpm2.TPMAlgCFB),
+		},
+		CurveID: tpm2.TPMECCNistP384,
+	}),
+	Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+}
+
 func TestMakeCredentialActivates(t *testing.T) {
 	s := openSim(t)
 	for _, tc := range []struct {
@@ -228,6 +253,7 @@ func TestMakeCredentialActivates(t *testing.T) {
 	}{
 		{"ECC P-256 EK", tpm2.ECCEKTemplate},
 		{"RSA 2048 EK", tpm2.RSAEKTemplate},
+		{"ECC P-384 EK with userWithAuth (as swtpm's high-range EK)", eccP384EKTemplate},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := attestUnit(t, s, tc.tmpl)
