@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/subtle"
+	"encoding/asn1"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -298,6 +299,38 @@ func verifySignature(ak *tpm2.TPMTPublic, key crypto.PublicKey, data, signature 
 		return badEvidence("AK key of type %T", key)
 	}
 	return nil
+}
+
+// SignatureForOpenSSL is a TPMT_SIGNATURE as other tools verify it: an ECDSA signature as the DER SEQUENCE of r and
+// s, an RSASSA or RSAPSS signature as its bytes (`openssl dgst -sha256 -verify ak.pem -signature FILE attest.bin`,
+// with `-sigopt rsa_padding_mode:pss` for RSAPSS). For exports of stored evidence.
+func SignatureForOpenSSL(signature []byte) ([]byte, error) {
+	sig, err := decodeStrict[tpm2.TPMTSignature](signature)
+	if err != nil {
+		return nil, fmt.Errorf("attest: signature: %w", err)
+	}
+	switch sig.SigAlg {
+	case tpm2.TPMAlgECDSA:
+		es, err := sig.Signature.ECDSA()
+		if err != nil {
+			return nil, fmt.Errorf("attest: signature: %w", err)
+		}
+		r, s := new(big.Int).SetBytes(es.SignatureR.Buffer), new(big.Int).SetBytes(es.SignatureS.Buffer)
+		return asn1.Marshal(struct{ R, S *big.Int }{r, s})
+	case tpm2.TPMAlgRSASSA:
+		rs, err := sig.Signature.RSASSA()
+		if err != nil {
+			return nil, fmt.Errorf("attest: signature: %w", err)
+		}
+		return rs.Sig.Buffer, nil
+	case tpm2.TPMAlgRSAPSS:
+		rs, err := sig.Signature.RSAPSS()
+		if err != nil {
+			return nil, fmt.Errorf("attest: signature: %w", err)
+		}
+		return rs.Sig.Buffer, nil
+	}
+	return nil, fmt.Errorf("attest: signature scheme %s", algName(sig.SigAlg))
 }
 
 // signatureHash is the hash algorithm a signature names (TPM_ALG_NULL when it names none).
