@@ -275,15 +275,14 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 // device attestation (step-ca device-attest-01) accepts, naming the TPM as its EK certificate does (or, without one,
 // as the TPM reports itself), and the AK's key file, for the profile to write into the image.
 func (r *run) certifyAK(ak *tpm.AK, ekCert *x509.Certificate, ev *attest.Evidence) error {
-	id := attest.TPMIdentity{Manufacturer: fmt.Sprintf("id:%08X", ev.TPMManufacturer), Model: ev.TPMVendorString,
-		Version: fmt.Sprintf("id:%X", ev.TPMFirmware)}
+	id := attest.IdentityFromTPM(ev.TPMManufacturer, ev.TPMVendorString, ev.TPMFirmware)
 	if ekCert != nil {
 		if eid := attest.IdentityOf(ekCert); eid.Manufacturer != "" {
 			id = eid
 		}
 	}
 	validity := time.Duration(r.s.Config.Certificate.ValidityDays) * 24 * time.Hour
-	tmpl := attest.AKCertificateTemplate(ak.PublicKey(), id, time.Now(), time.Now().Add(validity), big.NewInt(1))
+	tmpl := attest.AKCertificateTemplate(ak.PublicKey(), id, time.Now(), time.Now().Add(validity), big.NewInt(1), r.att.ekURI)
 	cert, err := r.s.CA.SignAttestationKey(*tmpl, ak.PublicKey(), validity)
 	if err != nil {
 		if errors.Is(err, ca.ErrExpired) {
