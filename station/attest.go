@@ -332,10 +332,12 @@ func certKey(c *x509.Certificate) any {
 	return c.PublicKey
 }
 
-// publicKeysEqual compares two public keys of any supported type.
+// publicKeysEqual compares two public keys by their SPKI DER (keys decoded from TPM structures may carry another
+// curve value than crypto/x509's, which Equal would tell apart).
 func publicKeysEqual(a, b any) bool {
-	ka, ok := a.(interface{ Equal(any) bool })
-	return ok && b != nil && ka.Equal(b)
+	x, err1 := attest.KeySHA256(a)
+	y, err2 := attest.KeySHA256(b)
+	return err1 == nil && err2 == nil && x == y
 }
 
 func vendorLabel(id uint32) string {

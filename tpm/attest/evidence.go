@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/go-tpm/tpm2"
 )
 
 // Evidence is what the station keeps of one attest run: everything needed to re-check it offline. It is stored as
@@ -144,11 +143,11 @@ func VerifyEvidence(ev *Evidence, roots *Roots, keySHA256 string) Check {
 		problem("%v", trimPrefix(err))
 	} else if err := VerifyCertify(ev.AKPublic, ev.CertifyAttest, ev.CertifySignature, ev.Nonce, ev.KeyPublic); err != nil {
 		problem("%v", trimPrefix(err))
-	} else if ev.TPMFirmware != 0 {
-		if info, err := decodeStrict[tpm2.TPMSAttest](ev.CertifyAttest); err == nil && info.FirmwareVersion != ev.TPMFirmware {
-			problem("the recorded TPM firmware %#x is not the one the TPM signed (%#x)", ev.TPMFirmware, info.FirmwareVersion)
-		}
 	}
+	// The firmware version inside the attestation is not compared with the recorded one: for a signing key outside
+	// the endorsement and platform hierarchies (our AK is under the owner's storage root key), the TPM obfuscates
+	// firmwareVersion, resetCount and restartCount (TPM 2.0 Part 1, "Privacy": attestation of non-privacy-sensitive
+	// data only).
 	if keySHA256 != "" {
 		if key, err := PublicKey(ev.KeyPublic); err != nil {
 			problem("the device key public area does not parse: %v", trimPrefix(err))
