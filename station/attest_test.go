@@ -317,3 +317,50 @@ func TestAttestVerifyTampered(t *testing.T) {
 	}
 	_ = x509.Certificate{}
 }
+
+// A profile that writes the unit's attestation key: the station certifies the AK (step-ca's device-attest-01 form:
+// empty subject, tcg-kp-AIKCertificate only, the EK URI) and writes certificate and key file; verify checks them. With
+// attestation off such a profile is refused before any key exists.
+func TestAttestAKCertificateInImage(t *testing.T) {
+	s := newStation(t)
+	data := strings.Replace(string(s.Config.Marshal()), "\nprofile: ", "\nprofiles:\n  acme:\n    base: mender\n"+
+		"    files:\n      - {to: \"data:/mender/ak.crt\", from: ak_cert, when: tpm}\n"+
+		"      - {to: \"data:/mender/ak.tss2.pem\", from: ak_key, when: tpm}\nprofile: ", 1)
+	c, err := ParseConfig("station.yaml", []byte(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Config, s.ExtraTPMRoots = c, []string{simRoots(t)}
+	ctx := context.Background()
+	img := goldenImage(t)
+	d := openDevice(t, "sim")
+	if _, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-AK-1", Image: img, Profile: "acme"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	checks, err := s.VerifyImage(ctx, img, "SN-AK-1", VerifyOptions{Profile: "acme"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := 0
+	for _, c := range checks {
+		if strings.Contains(c.Name, "attestation key") {
+			seen++
+			if !c.OK {
+				t.Errorf("%s: %s", c.Name, c.Detail)
+			}
+		}
+	}
+	if seen < 4 {
+		t.Fatalf("verify made %d attestation key checks: %+v", seen, checks)
+	}
+	// A soft unit skips the when: tpm files; attestation off refuses the profile for TPM units.
+	if _, err := s.Provision(ctx, openDevice(t, "soft"), ProvisionRequest{Serial: "SN-AK-2", Image: goldenImage(t), Profile: "acme"}, nil); err != nil {
+		t.Fatalf("soft unit with the acme profile: %v", err)
+	}
+	s.Config.Attestation = AttestOff
+	_, err = s.Provision(ctx, openDevice(t, "sim"), ProvisionRequest{Serial: "SN-AK-3", Image: goldenImage(t), Profile: "acme"}, nil)
+	if !errors.Is(err, ErrProfile) || !strings.Contains(err.Error(), "attestation: record or required") {
+		t.Fatalf("attestation off with an AK profile: %v", err)
+	}
+}

@@ -91,6 +91,7 @@ func checkNamed(checks []Check, substr string) *Check {
 // systems, and verify says which form and why; without a package database it writes provider and warns.
 func TestTPMOpenSSLAutoFromImage(t *testing.T) {
 	s := newStation(t)
+	s.Config.Attestation = AttestOff // many units on one simulator
 	d := openDevice(t, "sim")
 	debian12, debian13 := dpkgFixture(t, "debian12"), dpkgFixture(t, "debian13")
 	const cnf, dropin = "/etc/mender/openssl-tpm2.cnf", "/etc/systemd/system/mender-client.service.d/10-tpm2.conf"

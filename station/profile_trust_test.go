@@ -160,7 +160,7 @@ func TestKeyFileOnFATRefused(t *testing.T) {
 	}
 	if _, err := ParseConfig("station.yaml", []byte(string(DefaultConfig("st").Marshal())+
 		"\nprofiles: {p: {base: mender, files: [{to: \"boot:/x\", from: cert, allow_unprotected_key: true}]}}\n")); err == nil ||
-		!strings.Contains(err.Error(), "allow_unprotected_key applies to from: key only") {
+		!strings.Contains(err.Error(), "allow_unprotected_key applies to from: key or ak_key only") {
 		t.Fatalf("allow_unprotected_key on a certificate: %v", err)
 	}
 }

@@ -65,9 +65,11 @@ func TestAttestCLI(t *testing.T) {
 	// AK's public key.
 	ev := filepath.Join(dir, "evidence")
 	mustCLI(t, st, "attest", "export", "AT-0001", "--out", ev)
-	printed, err := exec.Command("tpm2_print", "-t", "TPMS_ATTEST", filepath.Join(ev, "certify.attest")).CombinedOutput()
-	if err != nil || !strings.Contains(string(printed), "ff544347") || !strings.Contains(strings.ToLower(string(printed)), "certify") {
-		t.Fatalf("tpm2_print: %v\n%s", err, printed)
+	// tpm2-tools 5.4 prints the header (magic, type TPM_ST_ATTEST_CERTIFY = 8017, the nonce) and then exits 1 with
+	// "Cannot print unsupported type 0x8017": the header is what it can check.
+	printed, _ := exec.Command("tpm2_print", "-t", "TPMS_ATTEST", filepath.Join(ev, "certify.attest")).CombinedOutput()
+	if !strings.Contains(string(printed), "magic: ff544347") || !strings.Contains(string(printed), "type: 8017") {
+		t.Fatalf("tpm2_print:\n%s", printed)
 	}
 	ok, err := exec.Command("openssl", "dgst", "-sha256", "-verify", filepath.Join(ev, "ak.pem"), "-signature",
 		filepath.Join(ev, "certify.sig.der"), filepath.Join(ev, "certify.attest")).CombinedOutput()

@@ -208,7 +208,7 @@ func TestAuditVerifyWritesNothing(t *testing.T) {
 		before := snapshot()
 		time.Sleep(20 * time.Millisecond) // mtimes have nanosecond resolution here; make any write show
 		out := mustCLI(t, st, "audit", "verify")
-		if !strings.Contains(out, "✓ audit log verifies: 6 entries") {
+		if !strings.Contains(out, "✓ audit log verifies: 8 entries") {
 			t.Fatalf("closed=%v: %s", closed, out)
 		}
 		after := snapshot()

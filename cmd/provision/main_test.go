@@ -170,8 +170,8 @@ func TestInterruptedExit130(t *testing.T) {
 	if rec.State != inventory.StateKeyed {
 		t.Errorf("interrupted after key: state %q, want %q", rec.State, inventory.StateKeyed)
 	}
-	if n := len(rec.Events); n == 0 || rec.Events[n-1].Outcome != station.OutcomeInterrupted || rec.Events[n-1].Step != string(station.StepCSR) {
-		t.Errorf("interrupted after key: last event %+v, want step csr, outcome interrupted", rec.Events)
+	if n := len(rec.Events); n == 0 || rec.Events[n-1].Outcome != station.OutcomeInterrupted || rec.Events[n-1].Step != string(station.StepAttest) {
+		t.Errorf("interrupted after key: last event %+v, want step attest, outcome interrupted", rec.Events)
 	}
 
 	stdout.Reset()

@@ -193,8 +193,12 @@ func TestUnitSwtpm(t *testing.T) {
 		t.Fatalf("output:\n%s", out)
 	}
 	checkConsistent(t, st, "SW-0001", img)
-	// A second unit reuses nothing but the TPM, and leaves no transient object behind.
-	mustCLI(t, st, "unit", "--serial", "SW-0002", "--image", img, "--tpm", sw.URI, "--reprovision")
+	// One TPM is one unit: a second serial on the same TPM is refused (exit 3) and issues nothing; the refused run
+	// leaves no transient object behind either.
+	_, errs, code := cli(t, st, "unit", "--serial", "SW-0002", "--image", img, "--tpm", sw.URI, "--reprovision")
+	if code != 3 || !strings.Contains(errs, "this TPM is already unit SW-0001") {
+		t.Fatalf("second serial on one TPM: exit %d: %s", code, errs)
+	}
 	d, err := tpm.Open(context.Background(), sw.URI)
 	if err != nil {
 		t.Fatal(err)
