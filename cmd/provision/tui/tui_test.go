@@ -271,6 +271,8 @@ func TestRunningScreen(t *testing.T) {
 	}
 	m.applyEvent(station.Event{Step: station.StepValidate, Status: station.StatusOK, Detail: "new unit"})
 	m.applyEvent(station.Event{Step: station.StepKey, Status: station.StatusOK, Duration: 41 * time.Millisecond, Detail: "tpm ecc-p256 key 0123456789abcdef"})
+	m.applyEvent(station.Event{Step: station.StepAttest, Status: station.StatusOK, Duration: 20 * time.Millisecond,
+		Detail: "trusted: EK 5d0e3d1c8a3b6f0e issued by CN=Infineon OPTIGA(TM) TPM 2.0 ECC CA 059"})
 	m.applyEvent(station.Event{Step: station.StepCSR, Status: station.StatusStarted})
 	v := m.View()
 	if !strings.Contains(v, m.spin.View()) {
