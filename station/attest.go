@@ -119,6 +119,9 @@ func (r *run) stepAttest(ctx context.Context) (string, error) {
 		return "", err
 	}
 	r.att.bind = r.att.row.EKSHA256
+	if r.att.row.EKCertSHA256 != "" {
+		r.ekSHA = r.att.row.EKCertSHA256 // the EK certificate attested, as the unit's record and enroll's JSON name it
+	}
 	detail := fmt.Sprintf("%s: EK %.16s", ev.Status, r.att.row.EKSHA256)
 	if r.att.row.EKIssuer != "" {
 		detail += " issued by " + r.att.row.EKIssuer
