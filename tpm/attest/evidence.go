@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"strings"
 	"time"
-
 )
 
 // Evidence is what the station keeps of one attest run: everything needed to re-check it offline. It is stored as
