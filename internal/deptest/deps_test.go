@@ -1,5 +1,5 @@
-// Package deptest enforces the layering: leaf packages (tpm, image, inventory, station/ca, station/handshake,
-// station/profile) import the standard library, their own third-party dependencies and internal utilities only —
+// Package deptest enforces the layering: leaf packages (tpm with tpm/attest, image, inventory, station/ca,
+// station/handshake, station/profile) import the standard library, their own third-party dependencies and internal utilities only —
 // never each other, never station, never cmd. station never imports cmd. internal/testutil is for tests only: no
 // package's non-test code imports it, and the shipped binary (cmd/provision) does not link the testing package.
 package deptest
