@@ -89,6 +89,9 @@ func (s *Station) TPMRoots() (*attest.Roots, error) {
 func (r *run) stepAttest(ctx context.Context) (string, error) {
 	policy := r.s.Config.AttestationPolicy()
 	r.att = &attestation{row: inventory.Attestation{Policy: policy, Time: time.Now().UTC()}}
+	defer func() {
+		r.res.Attestation = &AttestResult{Status: r.att.row.Status, EKSHA256: r.att.row.EKSHA256, Cause: r.att.row.Cause}
+	}()
 	if policy == AttestOff {
 		r.att.row.Status = inventory.AttestOff
 		r.statusOverride = StatusSkipped

@@ -68,6 +68,15 @@ type Result struct {
 	CertSHA256  string
 	KeyKind     string
 	Handshakes  []HandshakeResult
+	// Attestation is what this run's attest step found (nil when it did not run: a resumed unit, or a failure before).
+	Attestation *AttestResult
+}
+
+// AttestResult is the attest step's verdict on a unit's TPM.
+type AttestResult struct {
+	Status   string // trusted | untrusted | absent | off | soft
+	EKSHA256 string // SHA-256 of the EK public key (SPKI DER)
+	Cause    string // why not trusted
 }
 
 // HandshakeResult is one live mTLS test of a unit.

@@ -80,7 +80,9 @@ unit never attested.`,
 				for _, p := range rep.Problems {
 					fmt.Fprintf(g.stdout, "✗ %s\n", p)
 				}
-				if err == nil {
+				if err == nil && (a.Status == inventory.AttestOff || a.Status == inventory.AttestSoft) {
+					fmt.Fprintf(g.stdout, "✓ %s: attestation %s: no TPM evidence to verify\n", rep.Serial, a.Status)
+				} else if err == nil {
 					fmt.Fprintf(g.stdout, "✓ %s: attestation %s verifies (EK %.16s", rep.Serial, a.Status, a.EKSHA256)
 					if a.EKIssuer != "" {
 						fmt.Fprintf(g.stdout, ", issued by %s", a.EKIssuer)

@@ -34,7 +34,15 @@ type unitResultJSON struct {
 	Steps       []stepJSON      `json:"steps"`
 	Certificate *certJSON       `json:"certificate,omitempty"`
 	Handshake   *handshakeJSON  `json:"handshake,omitempty"`
+	Attestation *attestRunJSON  `json:"attestation,omitempty"`
 	Error       string          `json:"error,omitempty"`
+}
+
+// attestRunJSON is the attest step's verdict in `unit --json` (docs/json.md).
+type attestRunJSON struct {
+	Status   string `json:"status"`
+	EKSHA256 string `json:"ek_sha256,omitempty"`
+	Cause    string `json:"cause,omitempty"`
 }
 
 func toUnitJSON(res station.Result, err error) unitResultJSON {
@@ -59,6 +67,9 @@ func toUnitJSON(res station.Result, err error) unitResultJSON {
 	if len(res.Handshakes) > 0 {
 		h := res.Handshakes[0]
 		out.Handshake = &handshakeJSON{Endpoint: h.Endpoint, Protocol: h.Protocol, TLSVersion: h.TLSVersion, MS: h.Duration.Milliseconds()}
+	}
+	if a := res.Attestation; a != nil && a.Status != "" {
+		out.Attestation = &attestRunJSON{Status: a.Status, EKSHA256: a.EKSHA256, Cause: a.Cause}
 	}
 	if err != nil {
 		out.Error = err.Error()
