@@ -73,6 +73,9 @@ func TestAttestSimulator(t *testing.T) {
 		t.Fatalf("attest status %q", st)
 	}
 	a := latestAttestation(t, s, "SN-0001")
+	if res.Attestation == nil || res.Attestation.Status != inventory.AttestTrusted || res.Attestation.EKSHA256 != a.EKSHA256 {
+		t.Fatalf("result's attestation %+v", res.Attestation)
+	}
 	if a.Status != inventory.AttestTrusted || a.Outcome != "ok" || a.EKSHA256 == "" || a.EKCertSHA256 == "" {
 		t.Fatalf("attestation %+v", a)
 	}
