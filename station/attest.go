@@ -230,6 +230,9 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 	if err := r.checkBinding(ctx, row.EKSHA256); err != nil {
 		return ev, err
 	}
+	if err := r.s.checkCentralEK(ctx, row.EKSHA256, r.req.Serial); err != nil {
+		return ev, err
+	}
 	ev.AKPublic = ak.Public()
 	secret := make([]byte, 32)
 	rand.Read(secret)

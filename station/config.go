@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/url"
 	"reflect"
 	"strconv"
 	"strings"
@@ -47,6 +48,8 @@ type Config struct {
 	// TPMRoots is a folder of PEM files (relative to the station directory) with TPM vendor roots and intermediates
 	// trusted besides the built-in ones; used when it exists.
 	TPMRoots string `yaml:"tpm_roots"`
+	// Central is the factory's central store (docs/central.md); empty: this station's inventory is its only record.
+	Central CentralConfig `yaml:"central"`
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
@@ -66,6 +69,50 @@ type KeyConfig struct {
 // CertificateConfig shapes issued certificates.
 type CertificateConfig struct {
 	ValidityDays int `yaml:"validity_days" validate:"required,min=1,max=9125"`
+}
+
+// CentralConfig names the central PostgreSQL store and how the line depends on it.
+type CentralConfig struct {
+	// DSN is a PostgreSQL URL or key=value string without a password (it comes from PGPASSWORD or a pgpass file).
+	DSN string `yaml:"dsn" validate:"omitempty,max=1024,nopassword"`
+	// Mode: required (no unit starts while the store is unreachable) or preferred (default: the line goes on with the
+	// local inventory and forwards later).
+	Mode string `yaml:"mode" validate:"omitempty,oneof=required preferred"`
+}
+
+// Central modes.
+const (
+	CentralRequired  = "required"
+	CentralPreferred = "preferred"
+)
+
+// CentralMode is the mode, preferred when not set.
+func (c CentralConfig) CentralMode() string {
+	if c.Mode == "" {
+		return CentralPreferred
+	}
+	return c.Mode
+}
+
+// dsnHasPassword reports whether a PostgreSQL connection string carries a password: in a URL's user information, as
+// a password= parameter of a URL, or as a password= pair of the key=value form.
+func dsnHasPassword(dsn string) bool {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return strings.Contains(strings.ToLower(dsn), "password")
+		}
+		if _, ok := u.User.Password(); ok {
+			return true
+		}
+		return u.Query().Has("password")
+	}
+	for _, f := range strings.Fields(dsn) {
+		if k, _, _ := strings.Cut(f, "="); strings.EqualFold(strings.TrimSpace(k), "password") {
+			return true
+		}
+	}
+	return false
 }
 
 // Attestation policies (station.yaml attestation:).
@@ -157,6 +204,14 @@ profile: {{q .Profile}}
 attestation: {{q .Attestation}}
 # A folder (relative to this directory) of PEM files: TPM vendor roots/intermediates you trust besides the built-in set.
 tpm_roots: {{q .TPMRoots}}
+
+# The factory's central store (PostgreSQL) that every station forwards its records to (docs/central.md). The password
+# never goes here: set PGPASSWORD or use a pgpass file (~/.pgpass, PGPASSFILE).
+#   mode: preferred   (default) the line goes on with this station's inventory while the store is down; forwarded later
+#   mode: required    no unit starts while the store is unreachable
+# central:
+#   dsn: "postgres://provision@db.factory.example:5432/provision?sslmode=verify-full"
+#   mode: preferred
 
 # Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
 #   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
@@ -268,6 +323,8 @@ func explain(fe validator.FieldError) string {
 		return fmt.Sprintf("%s is above the maximum %s", got, fe.Param())
 	case "stationid":
 		return fmt.Sprintf("%q may hold only letters, digits, '.', '_' and '-'", got)
+	case "nopassword":
+		return "holds a password: remove it, and set PGPASSWORD or use a pgpass file (~/.pgpass) instead"
 	case "tpmuri":
 		return fmt.Sprintf("%q is not a TPM URI; use /dev/tpmrm0 (a device path), mssim://HOST:PORT, sim or soft", got)
 	case "endpoint":
@@ -303,6 +360,7 @@ func newValidator() *validator.Validate {
 		return s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == ""
 	})
 	must("tpmuri", func(fl validator.FieldLevel) bool { return ValidTPMURI(fl.Field().String()) })
+	must("nopassword", func(fl validator.FieldLevel) bool { return !dsnHasPassword(fl.Field().String()) })
 	must("endpoint", func(fl validator.FieldLevel) bool { return CheckEndpoint(fl.Field().String()) == nil })
 	must("serialpattern", func(fl validator.FieldLevel) bool {
 		_, err := NewSerialRule(fl.Field().String())

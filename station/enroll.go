@@ -245,5 +245,6 @@ func isEnvironment(err error) bool {
 // stopsStation reports errors of the station itself (TPM gone, CA unusable, inventory locked or damaged): a step that
 // meets one is not the unit's failure and is not recorded as such.
 func stopsStation(err error) bool {
-	return isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged)
+	return isEnvironment(err) || errors.Is(err, ErrCA) || errors.Is(err, inventory.ErrLocked) || errors.Is(err, inventory.ErrDamaged) ||
+		errors.Is(err, ErrCentralUnreachable)
 }

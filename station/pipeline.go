@@ -359,6 +359,13 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	if r.unclaim, err = r.s.claimUnit(r.req.Serial, r.req.Operator); err != nil {
 		return fail(err)
 	}
+	// Across the factory: the central store's claim (refused when another station has or had the unit).
+	releaseCentral, err := r.s.claimCentral(ctx, r.req.Serial, r.req.Operator)
+	if err != nil {
+		return fail(err)
+	}
+	unclaimLocal := r.unclaim
+	r.unclaim = func() { releaseCentral(); unclaimLocal() }
 	unit, err := r.s.Inv.Unit(ctx, r.req.Serial)
 	if err != nil && ctx.Err() != nil {
 		return false, r.interrupted(ctx, StepValidate, time.Since(start))

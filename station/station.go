@@ -55,6 +55,9 @@ type Station struct {
 	// ExtraTPMRoots are folders of trusted TPM vendor roots besides the built-in set and tpm_roots (--tpm-roots).
 	ExtraTPMRoots []string
 
+	syncMu  sync.Mutex   // one Sync at a time
+	central *centralLink // nil: no central store (central.go)
+
 	rootsOnce sync.Once // TPMRoots
 	roots     *attest.Roots
 	rootsErr  error
@@ -103,11 +106,13 @@ func Open(ctx context.Context, dir string, log *slog.Logger) (*Station, error) {
 // SQLite's ordinary recovery. Long-running front ends (TUI, batch) and tests use Close.
 func (s *Station) Exit() {
 	s.closeServer()
+	s.CloseCentral()
 }
 
 // Close stops the built-in handshake server and closes the inventory.
 func (s *Station) Close() error {
 	s.closeServer()
+	s.CloseCentral()
 	return s.Inv.Close()
 }
 

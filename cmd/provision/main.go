@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 
+	"provision/central"
 	"provision/inventory"
 	"provision/station"
 	"provision/station/ca"
@@ -81,7 +82,8 @@ func exitCode(err error) int {
 		return exitRefused
 	case errors.Is(err, station.ErrNotInitialised), errors.Is(err, station.ErrCA), errors.Is(err, tpm.ErrUnreachable),
 		errors.Is(err, tpm.ErrLockout), errors.Is(err, tpm.ErrBadURI), errors.Is(err, inventory.ErrLocked),
-		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound), errors.Is(err, station.ErrOutDirBusy):
+		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound), errors.Is(err, station.ErrOutDirBusy),
+		errors.Is(err, station.ErrCentralUnreachable), errors.Is(err, central.ErrUnreachable), errors.Is(err, central.ErrNotInitialised):
 		return exitStation
 	}
 	return exitInternal

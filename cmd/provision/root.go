@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"provision/central"
 	"provision/simulator"
 	"provision/station"
 	"provision/tpm"
@@ -83,7 +84,7 @@ TPM unreachable or locked out), 130 interrupted (Ctrl-C, SIGTERM): run the same 
 	root.PersistentFlags().StringVar(&g.stationDir, "station", defaultStationDir(), "station directory")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "debug log on stderr")
 	root.PersistentFlags().StringArrayVar(&g.tpmRoots, "tpm-roots", nil, "a folder of PEM files: TPM vendor roots trusted besides the built-in ones and tpm_roots (repeatable)")
-	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g), newAttestCmd(g))
+	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g), newAttestCmd(g), newCentralCmd(g), newSyncCmd(g))
 	return root
 }
 
@@ -236,9 +237,18 @@ func loggerFrom(ctx context.Context) *slog.Logger {
 func (g *globals) openStation(ctx context.Context) (*station.Station, error) {
 	st, err := station.Open(ctx, g.stationDir, g.logger())
 	if err == nil {
-		st.ExtraTPMRoots = g.tpmRoots
+		wireStation(st, g)
 	}
 	return st, err
+}
+
+// wireStation gives an open station what only the binary wires: extra TPM roots (--tpm-roots) and the central store
+// named in station.yaml (opened on first use).
+func wireStation(st *station.Station, g *globals) {
+	st.ExtraTPMRoots = g.tpmRoots
+	if dsn := st.Config.Central.DSN; dsn != "" {
+		st.ConnectCentral(func(ctx context.Context) (*central.Store, error) { return central.Open(ctx, dsn) })
+	}
 }
 
 // session is what a one-shot command holds while it runs: the open station and, after openUnit, the CA loaded, the

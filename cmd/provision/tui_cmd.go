@@ -29,6 +29,26 @@ type tuiBackend struct {
 	handshake station.HandshakeConfig // the same resolution as unit and batch
 	makeImgs  bool                    // --demo: generate a sample image for a unit that has none
 	opening   atomic.Int32            // TPM opens in progress (one that outlived its caller may still wait for the TPM)
+	sync      *station.Syncer         // nil without a central store
+}
+
+// CentralStatus is the header line about the central store (tui.CentralReporter); "" without one.
+func (b *tuiBackend) CentralStatus() (string, bool) {
+	if b.sync == nil {
+		return "", false
+	}
+	res, at, err := b.sync.Status()
+	mode := b.st.Config.Central.CentralMode()
+	switch {
+	case at.IsZero():
+		return "central store (" + mode + "): connecting…", false
+	case err != nil:
+		return fmt.Sprintf("central store DOWN since %s (%s): units are kept here and sent when it is back", at.Format("15:04:05"), mode), true
+	case len(res.Conflicts) > 0:
+		c := res.Conflicts[0]
+		return fmt.Sprintf("central store: %d CONFLICT(S), e.g. %s %s held by %s: tell the supervisor", len(res.Conflicts), c.Kind, c.Key, c.Other), true
+	}
+	return fmt.Sprintf("central store: synced %s, backlog %d", at.Format("15:04:05"), res.Backlog), false
 }
 
 func (b *tuiBackend) CheckSerial(s string) error { return b.st.Config.SerialRule().Check(s) }
@@ -116,6 +136,7 @@ func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest
 	}
 	defer dev.Close()
 	req.Profile, req.Handshake = b.profile, b.handshake
+	defer b.sync.Kick() // forward the unit to the central store soon (nil-safe)
 	return b.st.Provision(ctx, dev, req, report)
 }
 
@@ -209,7 +230,7 @@ used for every unit. --operator is recorded with every unit (asked at start when
 				return err
 			}
 			defer st.Close()
-			st.ExtraTPMRoots = g.tpmRoots
+			wireStation(st, g)
 			hc, err := hf.resolve("tui", st)
 			if err != nil {
 				return err
@@ -237,7 +258,15 @@ used for every unit. --operator is recorded with every unit (asked at start when
 			// The TPM is not opened here: the screen probes it in the background, so a silent TPM never blocks it.
 			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, CAExpiry: caExpiry(st), CALocked: locked,
 				Profile: profile, ImageTarget: img, Handshake: hc.String(), Today: todayUnits(ctx, st.Inv)}
-			return tui.Run(ctx, &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo}, h)
+			b := &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo}
+			if b.sync = st.NewSyncer(2 * time.Second); b.sync != nil {
+				sctx, stop := context.WithCancel(ctx)
+				done := make(chan struct{})
+				go func() { b.sync.Run(sctx); close(done) }()
+				defer func() { stop(); <-done }()
+				b.sync.Kick()
+			}
+			return tui.Run(ctx, b, h)
 		},
 	}
 	f := c.Flags()

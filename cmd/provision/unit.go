@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -189,6 +190,7 @@ superseded).`,
 			} else if !errors.Is(perr, station.ErrRefused) {
 				fmt.Fprintf(g.stdout, "FAILED  %s\n", serial)
 			}
+			syncAfterUnit(ctx, g, s.st)
 			if perr != nil {
 				return fmt.Errorf("unit: %w", perr)
 			}
@@ -205,4 +207,23 @@ superseded).`,
 	f.BoolVar(&reprovision, "reprovision", false, "provision a shippable unit again (new key and certificate)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return c
+}
+
+// syncAfterUnit forwards what the unit's run recorded to the central store, if the station has one, within a few
+// seconds. A store that is down changes nothing for the unit: it is recorded here and goes with the next sync.
+func syncAfterUnit(ctx context.Context, g *globals, st *station.Station) {
+	if !st.HasCentral() {
+		return
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	res, err := st.SyncCentral(sctx)
+	switch {
+	case err != nil:
+		fmt.Fprintf(g.stderr, "central store: not synced (%v): the unit is recorded in this station's inventory and goes to the central store with the next sync (provision sync)\n", err)
+	case len(res.Conflicts) > 0:
+		for _, c := range res.Conflicts {
+			fmt.Fprintf(g.stderr, "central store: CONFLICT %s %s: %s (held by %s)\n", c.Kind, c.Key, c.Detail, c.Other)
+		}
+	}
 }

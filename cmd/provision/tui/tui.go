@@ -38,6 +38,12 @@ type Backend interface {
 	UnlockCA(passphrase []byte) (time.Time, error)
 }
 
+// CentralReporter is implemented by a backend whose station forwards to a central store: one line for the header,
+// alarm when the store is down or reported conflicts (shown in the failure colour).
+type CentralReporter interface {
+	CentralStatus() (line string, alarm bool)
+}
+
 // Header is the station's state shown at the top.
 type Header struct {
 	StationID   string

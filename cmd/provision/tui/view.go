@@ -121,6 +121,15 @@ func (m Model) viewHeader(line func(string), w int) {
 	line(tpm + "  " + ca)
 	line(cut("profile "+h.Profile+"  image "+h.ImageTarget, w))
 	line(cut("handshake "+orDash(h.Handshake), w))
+	if cr, ok := m.backend.(CentralReporter); ok {
+		if text, alarm := cr.CentralStatus(); text != "" {
+			if alarm {
+				line(failSt.Render(cut(text, w)))
+			} else {
+				line(cut(text, w))
+			}
+		}
+	}
 	line(strings.Repeat("─", min(w, 100)))
 }
 
