@@ -200,3 +200,6 @@ func (s *Store) Stats(ctx context.Context) (Stats, error) { return Stats{}, errT
 
 // Conflicts lists recorded conflicts, newest first.
 func (s *Store) Conflicts(ctx context.Context, limit int) ([]Conflict, error) { return nil, errTodo }
+
+// BatchRemaining is how many units of the batch are not finished (pending, or taken by a worker).
+func (s *Store) BatchRemaining(ctx context.Context, batchID string) (int, error) { return 0, errTodo }

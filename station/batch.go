@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -30,10 +31,31 @@ type BatchOptions struct {
 	Hash        bool            // SHA-256 of every finished image (reads it whole)
 	Reprovision bool            // provision shippable units again (new key and certificate, the old one superseded)
 	Operator    string
+	// Jobs, when set, shares the batch with other workers (batch --central): a unit runs here only when Jobs hands it
+	// out; the units other workers did are BatchSkipped ("done by another batch worker").
+	Jobs BatchJobs
 	// OpenTPM, when set, opens a TPM for each unit (closed after it): each unit brings its own TPM, as the in-process
 	// simulator models it (a fresh simulator per unit). Batch's dev is then unused.
 	OpenTPM func(context.Context) (*tpm.Device, error)
 }
+
+// BatchJobs is a distributed batch's queue of units (the central store's batch_jobs): each unit handed out once; a
+// unit whose worker died (its lease expired) is handed out again.
+type BatchJobs interface {
+	// Take hands out the next unit no live worker holds; ok is false when none is available right now.
+	Take(ctx context.Context) (serial string, ok bool, err error)
+	// Finish records the unit's outcome (a Batch status).
+	Finish(ctx context.Context, serial, status string) error
+	// Remaining is how many units are not finished (pending, or held by a worker).
+	Remaining(ctx context.Context) (int, error)
+}
+
+// batchJobPoll is how often a worker with nothing to take asks again while other workers still hold units (one of
+// them may die, and its units come back when their lease expires).
+const batchJobPoll = time.Second
+
+// batchJobGiveUp is how long a worker keeps trying a queue it cannot read before its remaining units are not started.
+const batchJobGiveUp = 30 * time.Second
 
 // Batch statuses: what happened to a unit in this run (BatchResult.Status; report.json "status").
 const (
@@ -142,6 +164,13 @@ func (s *Station) Batch(ctx context.Context, dev *tpm.Device, units []BatchUnit,
 				}
 				r := s.batchUnit(ctx, dev, units[i], shippable[i], opt)
 				s.batchRecord(ctx, &r)
+				if opt.Jobs != nil {
+					fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+					if err := opt.Jobs.Finish(fctx, r.Serial, r.Status); err != nil {
+						s.Log.Warn("batch: recording the unit's outcome in the central store", "serial", r.Serial, "error", err)
+					}
+					cancel()
+				}
 				settle(i, r)
 				if r.Status == BatchFailed && opt.FailFast {
 					stopOnce.Do(func() { close(stop) })
@@ -149,22 +178,38 @@ func (s *Station) Batch(ctx context.Context, dev *tpm.Device, units []BatchUnit,
 			}
 		}()
 	}
-feed:
-	for _, i := range todo {
-		select {
-		case jobs <- i:
-		case <-ctx.Done():
-			break feed
-		case <-stop:
-			break feed
+	var jobsErr error
+	if opt.Jobs != nil {
+		jobsErr = s.feedJobs(ctx, opt.Jobs, units, todo, jobs, stop)
+	} else {
+	feed:
+		for _, i := range todo {
+			select {
+			case jobs <- i:
+			case <-ctx.Done():
+				break feed
+			case <-stop:
+				break feed
+			}
 		}
 	}
 	close(jobs)
 	wg.Wait()
+	if opt.Jobs != nil && ctx.Err() == nil && jobsErr == nil {
+		for i, u := range units { // what this worker did not take, another did
+			if !settled[i] && slices.Contains(todo, i) {
+				r := BatchResult{Serial: u.Serial, Status: BatchSkipped, Detail: "done by another batch worker"}
+				s.batchRecord(ctx, &r)
+				settle(i, r)
+			}
+		}
+	}
 
 	why := errBatchFailFast
 	if ctx.Err() != nil {
 		why = errBatchInterrupted
+	} else if jobsErr != nil {
+		why = jobsErr
 	}
 	for i, u := range units {
 		if !settled[i] {
@@ -294,4 +339,55 @@ func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, s
 	}
 	r.Image = final
 	return done(BatchOK, nil)
+}
+
+// feedJobs hands this worker's goroutines the units the shared queue gives it, until the queue has none left (waiting
+// while other workers still hold units: a dead worker's come back), ctx ends or fail-fast stops the batch.
+// It gives up (the error) when the queue cannot be read for batchJobGiveUp.
+func (s *Station) feedJobs(ctx context.Context, q BatchJobs, units []BatchUnit, todo []int, jobs chan<- int, stop <-chan struct{}) error {
+	index := map[string]int{}
+	for _, i := range todo {
+		index[units[i].Serial] = i
+	}
+	var failingSince time.Time
+	for {
+		serial, ok, err := q.Take(ctx)
+		if err != nil {
+			s.Log.Warn("batch: taking a unit from the central store", "error", err)
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			} else if time.Since(failingSince) > batchJobGiveUp {
+				return fmt.Errorf("not started: the central store's batch queue cannot be read: %w", err)
+			}
+		} else {
+			failingSince = time.Time{}
+		}
+		if ok {
+			i, known := index[serial]
+			if !known { // not in this worker's list, or settled here already (shippable): nothing to do for it here
+				q.Finish(ctx, serial, BatchSkipped)
+				continue
+			}
+			select {
+			case jobs <- i:
+				continue
+			case <-ctx.Done():
+				return nil
+			case <-stop:
+				return nil
+			}
+		}
+		if err == nil {
+			if n, rerr := q.Remaining(ctx); rerr == nil && n == 0 {
+				return nil
+			}
+		}
+		select {
+		case <-time.After(batchJobPoll):
+		case <-ctx.Done():
+			return nil
+		case <-stop:
+			return nil
+		}
+	}
 }

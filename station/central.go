@@ -63,6 +63,14 @@ func (s *Station) centralStore(ctx context.Context) (*central.Store, error) {
 	return st, nil
 }
 
+// CentralStore is the open central store (for commands that use it directly: batch --central, serve).
+func (s *Station) CentralStore(ctx context.Context) (*central.Store, error) {
+	if s.central == nil {
+		return nil, errors.New("station.yaml names no central store (central: dsn)")
+	}
+	return s.centralStore(ctx)
+}
+
 // centralFailed drops the store after an unreachable error, so the next use reopens it.
 func (s *Station) centralFailed(err error) {
 	if s.central == nil || !errors.Is(err, central.ErrUnreachable) {

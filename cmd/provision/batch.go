@@ -21,6 +21,7 @@ import (
 func newBatchCmd(g *globals) *cobra.Command {
 	var (
 		serials, golden, out, tpmURI, profile, targets, operator string
+		distributed                                              bool
 		workers                                                  int
 		asJSON, failFast, hash, reprovision                      bool
 		hf                                                       handshakeFlags
@@ -138,6 +139,18 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			prog := newProgress(g.stderr, len(units), asJSON)
 			enc := json.NewEncoder(g.stdout)
 			rows := newBatchRows(earlier, run, hash)
+			var jobs station.BatchJobs
+			if distributed {
+				if !st.HasCentral() {
+					return usagef("batch: --central needs a central store: set central: dsn in station.yaml")
+				}
+				cj, err := newCentralJobs(ctx, st, units)
+				if err != nil {
+					return fmt.Errorf("batch --central: %w", err)
+				}
+				jobs = cj
+				fmt.Fprintf(g.stderr, "batch %s: %d units shared through the central store (worker %s)\n", cj.id, len(units), cj.worker)
+			}
 			syncer := st.NewSyncer(time.Second) // nil without a central store
 			if syncer != nil {
 				sctx, stop := context.WithCancel(ctx)
@@ -147,7 +160,7 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			}
 			results, err := st.Batch(ctx, s.dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
 				Profile: profile, Handshake: s.hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
-				Operator: operatorName(operator), OpenTPM: openTPMPerUnit}, func(r station.BatchResult) {
+				Operator: operatorName(operator), OpenTPM: openTPMPerUnit, Jobs: jobs}, func(r station.BatchResult) {
 				prog.add(r)
 				syncer.Kick()
 				row := rows.add(r)
@@ -203,6 +216,7 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 	f.BoolVar(&asJSON, "json", false, "one JSON line per unit on stdout")
 	f.BoolVar(&failFast, "fail-fast", false, "take no new unit after the first failure (running ones finish)")
 	f.BoolVar(&hash, "hash", false, "add each image's SHA-256 to the report (reads every image whole)")
+	f.BoolVar(&distributed, "central", false, "share the batch with other machines running the same serial list: each unit is claimed in the central store and done once")
 	f.BoolVar(&reprovision, "reprovision", false, "provision shippable units again (new key and certificate; the old one is superseded)")
 	return c
 }
