@@ -106,7 +106,9 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 			}
 			start := time.Now()
 			results, fatal := s.st.Enroll(ctx, s.dev, units, station.EnrollOptions{OutDir: out, Reprovision: reprovision, Operator: operatorName(operator)})
-			return g.reportEnroll(results, fatal, len(units), time.Since(start), asJSON)
+			took := time.Since(start)
+			syncAfterUnit(ctx, g, s.st)
+			return g.reportEnroll(results, fatal, len(units), took, asJSON)
 		},
 	}
 	f := c.Flags()
