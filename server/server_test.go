@@ -65,8 +65,10 @@ func (f *fakeSource) Unit(ctx context.Context, serial string) (central.UnitDetai
 	return d, nil
 }
 
-func (f *fakeSource) Stations(ctx context.Context) ([]central.StationInfo, error) { return f.stations, f.err }
-func (f *fakeSource) Stats(ctx context.Context) (central.Stats, error)           { return f.stats, f.err }
+func (f *fakeSource) Stations(ctx context.Context) ([]central.StationInfo, error) {
+	return f.stations, f.err
+}
+func (f *fakeSource) Stats(ctx context.Context) (central.Stats, error) { return f.stats, f.err }
 func (f *fakeSource) Conflicts(ctx context.Context, limit int) ([]central.Conflict, error) {
 	return f.conflicts[:min(limit, len(f.conflicts))], f.err
 }
@@ -368,7 +370,7 @@ func TestDashboardHTML(t *testing.T) {
 	}
 	for _, want := range []string{
 		`<noscript><meta http-equiv="refresh" content="10"></noscript>`, // works without JavaScript
-		`&lt;script&gt;alert(1)&lt;/script&gt;`,                          // escaped
+		`&lt;script&gt;alert(1)&lt;/script&gt;`,                         // escaped
 		`id="conflicts"`, `id="unit"`, `id="events"`, `trusted`, `partition not found`,
 	} {
 		if !strings.Contains(page, want) {
