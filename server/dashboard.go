@@ -84,6 +84,7 @@ type (
 		N, Max int
 	}
 	search struct {
+		Q       string
 		Err     string
 		Units   []central.Unit
 		More    bool
@@ -149,7 +150,7 @@ func (s *Server) search(r *http.Request, q string) *search {
 	}
 	ctx, cancel := s.queryContext(r)
 	defer cancel()
-	out := &search{}
+	out := &search{Q: q}
 	units, next, err := s.src.Units(ctx, central.UnitFilter{Q: q, Limit: searchLimit})
 	if err != nil {
 		s.cfg.Logger.Error("serve: search: central store", "err", err)

@@ -66,7 +66,20 @@ func (f *fakeSource) Unit(ctx context.Context, serial string) (central.UnitDetai
 }
 
 func (f *fakeSource) Stations(ctx context.Context) ([]central.StationInfo, error) {
-	return f.stations, f.err
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.stations), f.err
+}
+
+// setBacklog changes a station's backlog while the server runs.
+func (f *fakeSource) setBacklog(station string, n int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i := range f.stations {
+		if f.stations[i].ID == station {
+			f.stations[i].Backlog = n
+		}
+	}
 }
 func (f *fakeSource) Stats(ctx context.Context) (central.Stats, error) { return f.stats, f.err }
 func (f *fakeSource) Conflicts(ctx context.Context, limit int) ([]central.Conflict, error) {

@@ -1,0 +1,147 @@
+package server
+
+import (
+	"context"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"provision/internal/testutil"
+)
+
+// browser starts a headless Chromium for the test (no sandbox: the tests run as root) and returns a tab's context.
+func browser(t *testing.T) context.Context {
+	t.Helper()
+	testutil.RequireTool(t, "chromium")
+	path, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(path), chromedp.NoSandbox,
+		chromedp.Headless, chromedp.DisableGPU, chromedp.UserDataDir(t.TempDir()), chromedp.WindowSize(1280, 900))
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	ctx, cancelTab := chromedp.NewContext(actx, chromedp.WithErrorf(t.Logf))
+	t.Cleanup(func() { cancelTab(); cancelAlloc() })
+	if err := chromedp.Do(ctx); err != nil { // start the browser without a deadline: a deadline would stop it
+		t.Fatalf("start chromium: %v", err)
+	}
+	return ctx
+}
+
+// text is the visible text of the first element sel matches.
+func text(t *testing.T, ctx context.Context, sel string) string {
+	t.Helper()
+	s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+	if err != nil {
+		t.Fatalf("text of %s: %v", sel, err)
+	}
+	return s
+}
+
+func TestDashboardInBrowser(t *testing.T) {
+	bctx := browser(t)
+	ts := newTestServer(t, newFake(), Config{})
+	ctx, cancel := context.WithTimeout(bctx, 30*time.Second)
+	defer cancel()
+
+	// First render: the stations, their state, the latest unit, the loud conflicts.
+	if err := chromedp.Do(ctx, chromedp.Navigate(ts.URL), chromedp.WaitVisible(chromedp.CSS("#stations"))); err != nil {
+		t.Fatal(err)
+	}
+	stations := text(t, ctx, "#stations")
+	for _, want := range []string{"line1-a", "line1-b", "silent", "1 conflict", "30 s ago", "SN-0001"} {
+		if !strings.Contains(stations, want) {
+			t.Errorf("stations lack %q:\n%s", want, stations)
+		}
+	}
+	if s := text(t, ctx, "#recent"); !strings.Contains(s, "SN-0001") {
+		t.Errorf("latest units lack SN-0001:\n%s", s)
+	}
+	if s := text(t, ctx, "#conflicts"); !strings.Contains(s, "SN-0004") {
+		t.Errorf("conflicts lack SN-0004:\n%s", s)
+	}
+	if s := text(t, ctx, "#causes"); !strings.Contains(s, "handshake: certificate unknown") {
+		t.Errorf("failure causes:\n%s", s)
+	}
+	bars, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("#hours rect[height]:not([height='0'])").length`))
+	if err != nil || bars != 2 { // line1-b's two hours add to line1-a's last two
+		t.Errorf("units per hour: %d non-empty bars (%v), want 2", bars, err)
+	}
+
+	// Search: type a serial into the box and submit; the unit's history opens.
+	if err := chromedp.Do(ctx,
+		chromedp.SendKeys(chromedp.CSS("#q"), "SN-0001"),
+		chromedp.Submit(chromedp.CSS("#q")),
+		chromedp.WaitVisible(chromedp.CSS("#unit")),
+	); err != nil {
+		t.Fatal(err)
+	}
+	if loc, _ := chromedp.Run(ctx, chromedp.Location()); !strings.HasSuffix(loc, "/?q=SN-0001") {
+		t.Errorf("location %s, want /?q=SN-0001", loc)
+	}
+	events := text(t, ctx, "#events")
+	for _, step := range []string{"key", "attest", "csr", "image", "verify", "handshake"} {
+		if !strings.Contains(events, step) {
+			t.Errorf("history lacks step %s:\n%s", step, events)
+		}
+	}
+	if s := text(t, ctx, "#attestation"); !strings.Contains(s, "trusted") {
+		t.Errorf("attestation: %s", s)
+	}
+	if s := text(t, ctx, "#certificates"); !strings.Contains(s, "7f01") || !strings.Contains(s, "active") {
+		t.Errorf("certificates: %s", s)
+	}
+
+	// A prefix lists the matching serials.
+	if err := chromedp.Do(ctx, chromedp.Navigate(ts.URL+"/?q=SN-000"), chromedp.WaitVisible(chromedp.CSS("#search .results"))); err != nil {
+		t.Fatal(err)
+	}
+	if s := text(t, ctx, "#search"); !strings.Contains(s, "5 serials") || !strings.Contains(s, "SN-0005") {
+		t.Errorf("prefix search:\n%s", s)
+	}
+
+	// On a phone: nothing wider than the screen, touch targets at least 44 px high.
+	for _, page := range []string{"/", "/?q=SN-0001"} {
+		if err := chromedp.Do(ctx, chromedp.EmulateViewport(390, 844, chromedp.EmulateScale(3), chromedp.EmulateMobile),
+			chromedp.Navigate(ts.URL+page), chromedp.WaitVisible(chromedp.CSS("#stations"))); err != nil {
+			t.Fatal(err)
+		}
+		fits, err := chromedp.Run(ctx, chromedp.Evaluate[[]float64](
+			`[document.documentElement.scrollWidth, window.innerWidth,
+			  Math.min(...[...document.querySelectorAll("header input, header button")].map(e => e.getBoundingClientRect().height))]`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fits[0] > fits[1] {
+			t.Errorf("%s on a phone: page %v px wide in a %v px screen", page, fits[0], fits[1])
+		}
+		if fits[2] < 44 {
+			t.Errorf("%s on a phone: search box or button %v px high, want at least 44", page, fits[2])
+		}
+	}
+}
+
+// TestDashboardPolls checks the page refreshes itself (the polling script, allowed by the page's CSP) and keeps what
+// is being typed in the search box.
+func TestDashboardPolls(t *testing.T) {
+	bctx := browser(t)
+	src := newFake()
+	ts := newTestServer(t, src, Config{Refresh: time.Second})
+	ctx, cancel := context.WithTimeout(bctx, 20*time.Second)
+	defer cancel()
+	if err := chromedp.Do(ctx, chromedp.Navigate(ts.URL), chromedp.WaitVisible(chromedp.CSS("#stations")),
+		chromedp.SendKeys(chromedp.CSS("#q"), "SN-00")); err != nil {
+		t.Fatal(err)
+	}
+	src.setBacklog("line1-b", 4321)
+	if err := chromedp.Do(ctx, chromedp.WaitVisible(chromedp.CSS(`[data-station="line1-b"] [data-backlog="4321"]`))); err != nil {
+		t.Fatalf("the page did not refresh: %v\n%s", err, text(t, bctx, "#stations"))
+	}
+	typed, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.getElementById("q").value`))
+	if err != nil || typed != "SN-00" {
+		t.Errorf("search box after a refresh: %q (%v), want what was typed", typed, err)
+	}
+}
