@@ -117,7 +117,12 @@ func (s *Server) queryContext(r *http.Request) (context.Context, context.CancelF
 }
 
 func (s *Server) handleUnits(w http.ResponseWriter, r *http.Request) {
-	f, err := unitsQuery(r.URL.Query())
+	v, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "malformed query string")
+		return
+	}
+	f, err := unitsQuery(v)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return

@@ -260,6 +260,7 @@ func TestAPIErrors(t *testing.T) {
 		{"/api/units?q=SN%201", 400},
 		{"/api/units?after=%00", 400},
 		{"/api/units?sort=serial", 400},
+		{"/api/units?q=%zz", 400},
 		{"/api/units/NOPE-1", 404},
 		{"/api/units/SN%200001", 400},
 		{"/api/nothing", 404},
