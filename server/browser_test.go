@@ -41,6 +41,17 @@ func text(t *testing.T, ctx context.Context, sel string) string {
 	return s
 }
 
+// wantText checks the text of sel holds each of wants.
+func wantText(t *testing.T, ctx context.Context, sel string, wants ...string) {
+	t.Helper()
+	s := text(t, ctx, sel)
+	for _, w := range wants {
+		if !strings.Contains(s, w) {
+			t.Errorf("%s lacks %q:\n%s", sel, w, s)
+		}
+	}
+}
+
 func TestDashboardInBrowser(t *testing.T) {
 	bctx := browser(t)
 	ts := newTestServer(t, newFake(), Config{})
@@ -51,21 +62,10 @@ func TestDashboardInBrowser(t *testing.T) {
 	if err := chromedp.Do(ctx, chromedp.Navigate(ts.URL), chromedp.WaitVisible(chromedp.CSS("#stations"))); err != nil {
 		t.Fatal(err)
 	}
-	stations := text(t, ctx, "#stations")
-	for _, want := range []string{"line1-a", "line1-b", "silent", "1 conflict", "30 s ago", "SN-0001"} {
-		if !strings.Contains(stations, want) {
-			t.Errorf("stations lack %q:\n%s", want, stations)
-		}
-	}
-	if s := text(t, ctx, "#recent"); !strings.Contains(s, "SN-0001") {
-		t.Errorf("latest units lack SN-0001:\n%s", s)
-	}
-	if s := text(t, ctx, "#conflicts"); !strings.Contains(s, "SN-0004") {
-		t.Errorf("conflicts lack SN-0004:\n%s", s)
-	}
-	if s := text(t, ctx, "#causes"); !strings.Contains(s, "handshake: certificate unknown") {
-		t.Errorf("failure causes:\n%s", s)
-	}
+	wantText(t, ctx, "#stations", "line1-a", "line1-b", "silent", "1 conflict", "30 s ago", "SN-0001")
+	wantText(t, ctx, "#recent", "SN-0001")
+	wantText(t, ctx, "#conflicts", "SN-0004")
+	wantText(t, ctx, "#causes", "handshake: certificate unknown")
 	bars, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("#hours rect[height]:not([height='0'])").length`))
 	if err != nil || bars != 2 { // line1-b's two hours add to line1-a's last two
 		t.Errorf("units per hour: %d non-empty bars (%v), want 2", bars, err)
@@ -82,26 +82,15 @@ func TestDashboardInBrowser(t *testing.T) {
 	if loc, _ := chromedp.Run(ctx, chromedp.Location()); !strings.HasSuffix(loc, "/?q=SN-0001") {
 		t.Errorf("location %s, want /?q=SN-0001", loc)
 	}
-	events := text(t, ctx, "#events")
-	for _, step := range []string{"key", "attest", "csr", "image", "verify", "handshake"} {
-		if !strings.Contains(events, step) {
-			t.Errorf("history lacks step %s:\n%s", step, events)
-		}
-	}
-	if s := text(t, ctx, "#attestation"); !strings.Contains(s, "trusted") {
-		t.Errorf("attestation: %s", s)
-	}
-	if s := text(t, ctx, "#certificates"); !strings.Contains(s, "7f01") || !strings.Contains(s, "active") {
-		t.Errorf("certificates: %s", s)
-	}
+	wantText(t, ctx, "#events", "key", "attest", "csr", "image", "verify", "handshake")
+	wantText(t, ctx, "#attestation", "trusted")
+	wantText(t, ctx, "#certificates", "7f01", "active")
 
 	// A prefix lists the matching serials.
 	if err := chromedp.Do(ctx, chromedp.Navigate(ts.URL+"/?q=SN-000"), chromedp.WaitVisible(chromedp.CSS("#search .results"))); err != nil {
 		t.Fatal(err)
 	}
-	if s := text(t, ctx, "#search"); !strings.Contains(s, "5 serials") || !strings.Contains(s, "SN-0005") {
-		t.Errorf("prefix search:\n%s", s)
-	}
+	wantText(t, ctx, "#search", "5 serials start with “SN-000”", "SN-0005")
 
 	// On a phone: nothing wider than the screen, touch targets at least 44 px high.
 	for _, page := range []string{"/", "/?q=SN-0001"} {

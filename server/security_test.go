@@ -43,8 +43,9 @@ func newPKI(t *testing.T) *pki {
 	return p
 }
 
-// serve runs a Server on a loopback listener until the test ends, and returns its https URL.
-func serve(t *testing.T, cfg Config) string {
+// start runs a Server on a loopback listener; stop cancels its context and returns what Serve returned (failing the
+// test when Serve takes more than 10 s to stop).
+func start(t *testing.T, cfg Config) (addr string, stop func() error) {
 	t.Helper()
 	s, err := New(newFake(), cfg)
 	if err != nil {
@@ -57,13 +58,28 @@ func serve(t *testing.T, cfg Config) string {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx, ln) }()
-	t.Cleanup(func() {
+	return ln.Addr().String(), func() error {
 		cancel()
-		if err := <-done; err != nil {
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(10 * time.Second):
+			t.Fatal("Serve did not stop after cancel")
+			return nil
+		}
+	}
+}
+
+// serve starts a Server for the rest of the test and returns its https URL.
+func serve(t *testing.T, cfg Config) string {
+	t.Helper()
+	addr, stop := start(t, cfg)
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
 			t.Errorf("Serve after cancel: %v", err)
 		}
 	})
-	return "https://" + ln.Addr().String()
+	return "https://" + addr
 }
 
 // client verifies the server against the test CA (never InsecureSkipVerify), presenting certs.
@@ -231,32 +247,16 @@ func TestTLSClientCertificate(t *testing.T) {
 }
 
 func TestServeStopsOnCancel(t *testing.T) {
-	s, err := New(newFake(), Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx, ln) }()
-	resp, err := http.Get("http://" + ln.Addr().String() + "/api/stations")
+	addr, stop := start(t, Config{})
+	resp, err := http.Get("http://" + addr + "/api/stations")
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not stop after cancel")
+	if err := stop(); err != nil {
+		t.Errorf("Serve: %v", err)
 	}
-	if _, err := net.DialTimeout("tcp", ln.Addr().String(), time.Second); err == nil {
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		t.Error("still listening after Serve returned")
 	}
 }
