@@ -113,8 +113,8 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 }
 
-// TestDashboardPolls checks the page refreshes itself (the polling script, allowed by the page's CSP) and keeps what
-// is being typed in the search box.
+// TestDashboardPolls checks the page refreshes itself (the polling script, allowed by the page's CSP), keeps what is
+// being typed in the search box, and keeps its figures, marked stale, when the store goes down.
 func TestDashboardPolls(t *testing.T) {
 	bctx := browser(t)
 	src := newFake()
@@ -133,4 +133,10 @@ func TestDashboardPolls(t *testing.T) {
 	if err != nil || typed != "SN-00" {
 		t.Errorf("search box after a refresh: %q (%v), want what was typed", typed, err)
 	}
+	// The store goes down: the page keeps the last figures and says they may be old.
+	src.down.Store(true)
+	if err := chromedp.Do(ctx, chromedp.WaitVisible(chromedp.CSS(".stale-note"))); err != nil {
+		t.Fatalf("no stale note after a failed refresh: %v", err)
+	}
+	wantText(t, ctx, "#stations", "4321")
 }

@@ -47,15 +47,16 @@ func newPKI(t *testing.T) *pki {
 // test when Serve takes more than 10 s to stop).
 func start(t *testing.T, cfg Config) (addr string, stop func() error) {
 	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
 	s, err := New(newFake(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ctx, cancel := context.WithCancel(context.Background())
+	ln, err := s.Listen(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx, ln) }()
 	return ln.Addr().String(), func() error {

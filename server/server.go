@@ -229,12 +229,21 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	return <-done
 }
 
-// ListenAndServe listens on Config.Listen and serves until ctx is cancelled.
-func (s *Server) ListenAndServe(ctx context.Context) error {
+// Listen opens Config.Listen, for a caller that wants the bound address (port 0) before serving on it with Serve.
+func (s *Server) Listen(ctx context.Context) (net.Listener, error) {
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)
 	if err != nil {
-		return fmt.Errorf("serve: %w", err)
+		return nil, fmt.Errorf("serve: %w", err)
+	}
+	return ln, nil
+}
+
+// ListenAndServe listens on Config.Listen and serves until ctx is cancelled.
+func (s *Server) ListenAndServe(ctx context.Context) error {
+	ln, err := s.Listen(ctx)
+	if err != nil {
+		return err
 	}
 	return s.Serve(ctx, ln)
 }

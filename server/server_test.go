@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -28,7 +29,8 @@ type fakeSource struct {
 	stations  []central.StationInfo
 	stats     central.Stats
 	conflicts []central.Conflict
-	err       error // every query fails with it
+	err       error       // every query fails with it
+	down      atomic.Bool // every query fails (set while a server runs)
 
 	mu      sync.Mutex
 	filters []central.UnitFilter
@@ -38,8 +40,8 @@ func (f *fakeSource) Units(ctx context.Context, flt central.UnitFilter) ([]centr
 	f.mu.Lock()
 	f.filters = append(f.filters, flt)
 	f.mu.Unlock()
-	if f.err != nil {
-		return nil, "", f.err
+	if f.failure() != nil {
+		return nil, "", f.failure()
 	}
 	var out []central.Unit
 	for _, u := range f.units {
@@ -55,8 +57,8 @@ func (f *fakeSource) Units(ctx context.Context, flt central.UnitFilter) ([]centr
 }
 
 func (f *fakeSource) Unit(ctx context.Context, serial string) (central.UnitDetail, error) {
-	if f.err != nil {
-		return central.UnitDetail{}, f.err
+	if f.failure() != nil {
+		return central.UnitDetail{}, f.failure()
 	}
 	d, ok := f.details[serial]
 	if !ok {
@@ -68,7 +70,7 @@ func (f *fakeSource) Unit(ctx context.Context, serial string) (central.UnitDetai
 func (f *fakeSource) Stations(ctx context.Context) ([]central.StationInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return slices.Clone(f.stations), f.err
+	return slices.Clone(f.stations), f.failure()
 }
 
 // setBacklog changes a station's backlog while the server runs.
@@ -81,16 +83,24 @@ func (f *fakeSource) setBacklog(station string, n int64) {
 		}
 	}
 }
-func (f *fakeSource) Stats(ctx context.Context) (central.Stats, error) { return f.stats, f.err }
+func (f *fakeSource) Stats(ctx context.Context) (central.Stats, error) { return f.stats, f.failure() }
 func (f *fakeSource) Conflicts(ctx context.Context, limit int) ([]central.Conflict, error) {
-	return f.conflicts[:min(limit, len(f.conflicts))], f.err
+	return f.conflicts[:min(limit, len(f.conflicts))], f.failure()
+}
+
+// failure is the error every query returns: err, or a store that went down.
+func (f *fakeSource) failure() error {
+	if f.down.Load() {
+		return errors.New("connection refused")
+	}
+	return f.err
 }
 
 // RecentUnits makes fakeSource a RecentSource: newest first.
 func (f *fakeSource) RecentUnits(ctx context.Context, limit int) ([]central.Unit, error) {
 	out := slices.Clone(f.units)
 	slices.SortFunc(out, func(a, b central.Unit) int { return b.Updated.Compare(a.Updated) })
-	return out[:min(limit, len(out))], f.err
+	return out[:min(limit, len(out))], f.failure()
 }
 
 // newFake is two stations of one line: line1-a syncing, with a trusted unit SN-0001 and its full history; line1-b
