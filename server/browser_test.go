@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/emulation"
 	"github.com/chromedp/chromedp"
 
 	"provision/internal/testutil"
@@ -91,6 +93,28 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantText(t, ctx, "#search", "5 serials start with “SN-000”", "SN-0005")
+
+	// With scripting on, the polling script refreshes the page, not the <meta refresh>.
+	if n, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll('noscript meta').length`)); err != nil || n != 0 {
+		t.Errorf("with JavaScript, the meta refresh is in effect too (%d, %v)", n, err)
+	}
+
+	// Without JavaScript: the page is complete and the search form works (it submits natively on Enter).
+	noJS, cancelNoJS := chromedp.NewContext(ctx) // a new tab
+	defer cancelNoJS()
+	if err := chromedp.Do(noJS, chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
+		_, err := cdp.Call(ctx, t, emulation.SetScriptExecutionDisabled, emulation.SetScriptExecutionDisabledParams{Value: true})
+		return err
+	}), chromedp.Navigate(ts.URL), chromedp.WaitVisible(chromedp.CSS("#stations")),
+		chromedp.SendKeys(chromedp.CSS("#q"), "SN-0001\r"), chromedp.WaitVisible(chromedp.CSS("#unit"))); err != nil {
+		t.Fatalf("without JavaScript: %v", err)
+	}
+	wantText(t, noJS, "#events", "handshake")
+	// With scripting off, <noscript>'s content is markup: the <meta refresh> reloads the page.
+	if n, err := chromedp.Run(noJS, chromedp.Evaluate[int](`document.querySelectorAll('noscript meta[http-equiv="refresh"]').length`)); err != nil || n != 1 {
+		t.Errorf("without JavaScript, no meta refresh in effect (%d, %v)", n, err)
+	}
+	cancelNoJS()
 
 	// On a phone: nothing wider than the screen, touch targets at least 44 px high.
 	for _, page := range []string{"/", "/?q=SN-0001"} {

@@ -174,9 +174,6 @@ func loadTLS(cfg Config) (*tls.Config, error) {
 // Handler is the server's HTTP handler (authentication included), for tests and for embedding.
 func (s *Server) Handler() http.Handler { return s.handler }
 
-// TLSConfig is the TLS configuration Serve uses (nil for plain HTTP).
-func (s *Server) TLSConfig() *tls.Config { return s.tls }
-
 // Serve serves on ln (with TLS when configured) until ctx is cancelled, then shuts down gracefully (in-flight requests
 // get a few seconds) and returns nil. A listener that is not on loopback is refused as New refuses the address.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
