@@ -39,7 +39,8 @@ func (s *Server) routes() http.Handler {
 	return securityHeaders(h)
 }
 
-// securityHeaders keeps pages from being framed or sniffed, and from loading anything but their own files.
+// securityHeaders keeps pages from being framed or sniffed, from loading anything but their own files, and (over
+// TLS) browsers from falling back to plain HTTP.
 func securityHeaders(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
@@ -48,6 +49,9 @@ func securityHeaders(next http.Handler) http.Handler {
 		h.Set("X-Frame-Options", "DENY")
 		h.Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "+
 			"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+		if r.TLS != nil {
+			h.Set("Strict-Transport-Security", "max-age=31536000")
+		}
 		next.ServeHTTP(w, r)
 	})
 }

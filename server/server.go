@@ -101,7 +101,7 @@ func New(src Source, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("serve: listen address %q: %w", cfg.Listen, err)
 	}
-	if err := s.checkExposure(host); err != nil {
+	if err := s.checkExposure(host, cfg.Listen); err != nil {
 		return nil, err
 	}
 	if (cfg.TLSCert == "") != (cfg.TLSKey == "") {
@@ -127,17 +127,14 @@ func New(src Source, cfg Config) (*Server, error) {
 	return s, nil
 }
 
-// checkExposure refuses to serve a host that is not loopback without TLS and client authentication.
-func (s *Server) checkExposure(host string) error {
+// checkExposure refuses to serve addr, whose host is host, when it is not loopback and the server lacks TLS or
+// client authentication.
+func (s *Server) checkExposure(host, addr string) error {
 	if isLoopback(host) || (s.cfg.TLSCert != "" && (s.cfg.ClientCA != "" || s.cfg.TokenFile != "")) {
 		return nil
 	}
-	shown := host
-	if shown == "" {
-		shown = "every interface"
-	}
-	return fmt.Errorf("serve: %s is not a loopback address: give a TLS certificate and key and a client CA or a token file: %w",
-		shown, ErrInsecure)
+	return fmt.Errorf("serve: listening on %s (not loopback) needs TLS (a certificate and its key) and client "+
+		"authentication (a client CA or a token file): %w", addr, ErrInsecure)
 }
 
 // isLoopback says whether host names only this machine: 127.0.0.0/8, ::1 or "localhost". The empty host and the
@@ -178,7 +175,7 @@ func (s *Server) Handler() http.Handler { return s.handler }
 // get a few seconds) and returns nil. A listener that is not on loopback is refused as New refuses the address.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
-		if err := s.checkExposure(tcp.IP.String()); err != nil {
+		if err := s.checkExposure(tcp.IP.String(), tcp.String()); err != nil {
 			ln.Close()
 			return err
 		}
