@@ -2,6 +2,7 @@ package server
 
 import (
 	"cmp"
+	"context"
 	"embed"
 	"errors"
 	"fmt"
@@ -84,12 +85,11 @@ type (
 		N, Max int
 	}
 	search struct {
-		Q       string
-		Err     string
-		Units   []central.Unit
-		More    bool
-		Detail  *central.UnitDetail
-		Present bool // Detail is the exact match
+		Q      string
+		Err    string
+		Units  []central.Unit
+		More   bool
+		Detail *central.UnitDetail // the exact match
 	}
 )
 
@@ -130,7 +130,7 @@ func (s *Server) handleDashboard(w http.ResponseWriter, r *http.Request) {
 	d.Causes = causeBars(stats.FailureCauses)
 	d.Steps = stepBars(stats.FailuresByStep)
 	if r.URL.Query().Has("q") {
-		d.Search = s.search(r, d.Q)
+		d.Search = s.search(ctx, d.Q)
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -141,15 +141,13 @@ func (s *Server) handleDashboard(w http.ResponseWriter, r *http.Request) {
 }
 
 // search lists the units whose serial starts with q and, when one is exactly q, its history.
-func (s *Server) search(r *http.Request, q string) *search {
+func (s *Server) search(ctx context.Context, q string) *search {
 	if q == "" {
 		return &search{Err: "Type a serial, or the first characters of one."}
 	}
 	if !validSerial(q) {
 		return &search{Err: "A serial has no '/' or spaces."}
 	}
-	ctx, cancel := s.queryContext(r)
-	defer cancel()
 	out := &search{Q: q}
 	units, next, err := s.src.Units(ctx, central.UnitFilter{Q: q, Limit: searchLimit})
 	if err != nil {
@@ -160,7 +158,7 @@ func (s *Server) search(r *http.Request, q string) *search {
 	d, err := s.src.Unit(ctx, q)
 	switch {
 	case err == nil:
-		out.Detail, out.Present = &d, true
+		out.Detail = &d
 	case !errors.Is(err, central.ErrNotFound):
 		s.cfg.Logger.Error("serve: search: central store", "err", err)
 		out.Err = "The unit's history cannot be read right now."
