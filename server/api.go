@@ -222,7 +222,7 @@ func writeError(w http.ResponseWriter, code int, msg string) {
 	json.NewEncoder(w).Encode(errorJSON{Error: msg})
 }
 
-// The JSON documents (API.md describes each field).
+// The JSON documents (docs/api.md describes each field).
 type (
 	errorJSON struct {
 		Error string `json:"error"`

@@ -5,7 +5,7 @@
 //
 // Security: loopback by default. A listen address that is not loopback is refused (ErrInsecure) unless the server has a
 // TLS certificate and authenticates its clients, by a client certificate from ClientCA (mTLS) or by a bearer token read
-// from a file only its owner can read. API.md documents the paths, parameters and JSON fields.
+// from a file only its owner can read. docs/api.md documents the paths, parameters and JSON fields.
 package server
 
 import (
