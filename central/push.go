@@ -1,0 +1,643 @@
+package central
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// A push is one transaction: lock the station's row (serialises its pushes: the chain check reads its head), store
+// the events that continue the chain and compare the repeats, then units, certificates and attestations, each read
+// with FOR UPDATE in key order and written with one statement over arrays (unnest), then the conflicts found, then the
+// station's head. Decisions are taken in Go on rows this transaction has locked; a race the locks cannot see (another
+// station inserting the same serial, EK or fingerprint at the same moment) ends in a unique violation, and the whole
+// push is retried, when the other station's row is visible and judged like any other.
+
+// pushAttempts bounds the retries of a push (or claim) after a deadlock, serialisation failure or unique violation.
+const pushAttempts = 4
+
+// retryable says whether a transaction that failed with err can simply run again.
+func retryable(err error) bool {
+	switch sqlState(err) {
+	case "40P01", "40001", "23505": // deadlock, serialisation failure, unique violation (a concurrent insert)
+		return true
+	}
+	return false
+}
+
+// inTx runs fn in a transaction, again (a few times) when it fails in a way a second run can fix.
+func (s *Store) inTx(ctx context.Context, fn func(pgx.Tx) error) error {
+	var err error
+	for attempt := 0; attempt < pushAttempts; attempt++ {
+		if err = pgx.BeginFunc(ctx, s.pool, fn); err == nil || !retryable(err) || ctx.Err() != nil {
+			return err
+		}
+	}
+	return err
+}
+
+// Push stores b in one transaction. Repeats are no-ops; a differing repeat, or a unit/EK/certificate serial that
+// another station already holds, is a Conflict: recorded in the conflicts table, returned, the rest of the batch still
+// stored. A gap in a station's event chain (first event's seq > last + 1, or PrevHash not the stored Hash) is an error
+// wrapping ErrConflict and stores nothing.
+//
+// Units: a station's own unit is replaced by a version not older than the stored one. A serial another station holds
+// is taken over only when it is new, failed or returned there; otherwise the push is a conflict and the other
+// station's row stays (a pushed unit still in state new made nothing, and is ignored). A unit whose EK another serial
+// holds is a conflict of kind ek and is not stored. Certificates: stored by serial; the same serial or fingerprint
+// held by another station, unit or fingerprint is a conflict; the station's own certificate may change its status.
+func (s *Store) Push(ctx context.Context, b Batch) (PushResult, error) {
+	if err := b.normalise(); err != nil {
+		return PushResult{}, err
+	}
+	var res PushResult
+	err := s.inTx(ctx, func(tx pgx.Tx) error {
+		res = PushResult{}
+		p := pusher{ctx: ctx, tx: tx, b: &b, res: &res}
+		return p.push()
+	})
+	if err != nil {
+		return PushResult{}, classify(s.where, "push from station "+b.Station, err)
+	}
+	return res, nil
+}
+
+// StationHead is what the store holds of a station's chain: its last seq and hash (0, "" for none).
+func (s *Store) StationHead(ctx context.Context, station string) (seq int64, hash string, err error) {
+	err = s.pool.QueryRow(ctx, "SELECT last_seq, last_hash FROM stations WHERE id = $1", station).Scan(&seq, &hash)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, "", nil
+	}
+	if err != nil {
+		return 0, "", classify(s.where, "station head", err)
+	}
+	return seq, hash, nil
+}
+
+// micro is t as PostgreSQL keeps it (UTC, microseconds), so that what was pushed compares equal to what is read back.
+func micro(t time.Time) time.Time {
+	if t.IsZero() {
+		return t
+	}
+	return t.UTC().Truncate(time.Microsecond)
+}
+
+// normalise checks b and puts it in the form push expects: every record of b's station, times in microseconds,
+// events in chain order, units, certificates and attestations in key order (the lock order) without duplicates (the
+// newest unit version wins).
+func (b *Batch) normalise() error {
+	if b.Station == "" {
+		return errors.New("central: push without a station id")
+	}
+	own := func(kind string, st *string) error {
+		if *st == "" {
+			*st = b.Station
+		}
+		if *st != b.Station {
+			return fmt.Errorf("central: push from station %s carries a %s of station %s", b.Station, kind, *st)
+		}
+		return nil
+	}
+	// The caller's slices are its own: work on copies.
+	b.Events = append([]Event(nil), b.Events...)
+	sort.SliceStable(b.Events, func(i, j int) bool { return b.Events[i].Seq < b.Events[j].Seq })
+	for i := range b.Events {
+		e := &b.Events[i]
+		if err := own("event", &e.Station); err != nil {
+			return err
+		}
+		e.Time = micro(e.Time)
+		if e.Seq < 1 {
+			return fmt.Errorf("central: push from station %s: event seq %d: %w", b.Station, e.Seq, ErrConflict)
+		}
+		if i > 0 {
+			if p := b.Events[i-1]; e.Seq != p.Seq+1 || e.PrevHash != p.Hash {
+				return fmt.Errorf("central: push from station %s: event %d does not follow event %d: %w",
+					b.Station, e.Seq, p.Seq, ErrConflict)
+			}
+		}
+	}
+	units := map[string]Unit{}
+	for _, u := range b.Units {
+		if err := own("unit", &u.Station); err != nil {
+			return err
+		}
+		if u.Serial == "" {
+			return fmt.Errorf("central: push from station %s: a unit without a serial", b.Station)
+		}
+		u.Created, u.Updated = micro(u.Created), micro(u.Updated)
+		if have, ok := units[u.Serial]; !ok || !u.Updated.Before(have.Updated) {
+			units[u.Serial] = u
+		}
+	}
+	b.Units = make([]Unit, 0, len(units))
+	for _, u := range units {
+		b.Units = append(b.Units, u)
+	}
+	sort.Slice(b.Units, func(i, j int) bool { return b.Units[i].Serial < b.Units[j].Serial })
+	certs := map[string]Certificate{}
+	for _, c := range b.Certificates {
+		if err := own("certificate", &c.Station); err != nil {
+			return err
+		}
+		if c.Serial == "" || c.SHA256 == "" {
+			return fmt.Errorf("central: push from station %s: a certificate without a serial or fingerprint", b.Station)
+		}
+		c.NotBefore, c.NotAfter, c.Issued = micro(c.NotBefore), micro(c.NotAfter), micro(c.Issued)
+		certs[c.Serial] = c
+	}
+	b.Certificates = make([]Certificate, 0, len(certs))
+	for _, c := range certs {
+		b.Certificates = append(b.Certificates, c)
+	}
+	sort.Slice(b.Certificates, func(i, j int) bool { return b.Certificates[i].Serial < b.Certificates[j].Serial })
+	atts := map[int64]Attestation{}
+	for _, a := range b.Attestations {
+		if err := own("attestation", &a.Station); err != nil {
+			return err
+		}
+		a.Time = micro(a.Time)
+		atts[a.LocalID] = a
+	}
+	b.Attestations = make([]Attestation, 0, len(atts))
+	for _, a := range atts {
+		b.Attestations = append(b.Attestations, a)
+	}
+	sort.Slice(b.Attestations, func(i, j int) bool { return b.Attestations[i].LocalID < b.Attestations[j].LocalID })
+	return nil
+}
+
+// pusher is one attempt at storing a batch.
+type pusher struct {
+	ctx       context.Context
+	tx        pgx.Tx
+	b         *Batch
+	res       *PushResult
+	lastSeq   int64
+	lastHash  string
+	lastEvent time.Time
+}
+
+func (p *pusher) conflict(kind, key, other, format string, args ...any) {
+	p.res.Conflicts = append(p.res.Conflicts, Conflict{Kind: kind, Key: key, Station: p.b.Station, Other: other,
+		Detail: fmt.Sprintf(format, args...), Time: time.Now().UTC()})
+}
+
+func (p *pusher) push() error {
+	// The station's row, created on its first push, locked until commit.
+	if err := p.tx.QueryRow(p.ctx, `INSERT INTO stations (id) VALUES ($1)
+		ON CONFLICT (id) DO UPDATE SET id = excluded.id RETURNING last_seq, last_hash`, p.b.Station).
+		Scan(&p.lastSeq, &p.lastHash); err != nil {
+		return err
+	}
+	for _, step := range []func() error{p.events, p.units, p.certificates, p.attestations, p.conflicts} {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	var lastEvent *time.Time
+	if !p.lastEvent.IsZero() {
+		lastEvent = &p.lastEvent
+	}
+	_, err := p.tx.Exec(p.ctx, `UPDATE stations SET last_sync = statement_timestamp(), last_seq = $2, last_hash = $3,
+		last_event = greatest(last_event, $4), backlog = $5 WHERE id = $1`,
+		p.b.Station, p.lastSeq, p.lastHash, lastEvent, p.b.Backlog)
+	return err
+}
+
+// events stores the events that continue the station's chain and compares those already stored.
+func (p *pusher) events() error {
+	var fresh, repeats []Event
+	for _, e := range p.b.Events {
+		if e.Seq <= p.lastSeq {
+			repeats = append(repeats, e)
+		} else {
+			fresh = append(fresh, e)
+		}
+	}
+	if len(fresh) > 0 {
+		if f := fresh[0]; f.Seq != p.lastSeq+1 || (p.lastSeq > 0 && f.PrevHash != p.lastHash) {
+			return fmt.Errorf("station %s's chain does not continue: the store holds it up to event %d (hash %.16s), "+
+				"the push goes on with event %d (previous hash %.16s): %w",
+				p.b.Station, p.lastSeq, p.lastHash, f.Seq, f.PrevHash, ErrConflict)
+		}
+		n := len(fresh)
+		seq, ms := make([]int64, n), make([]int64, n)
+		tm := make([]time.Time, n)
+		serial, step, outcome, detail := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		operator, cert, prev, hash := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		for i, e := range fresh {
+			seq[i], tm[i], serial[i], step[i], outcome[i], detail[i] = e.Seq, e.Time, e.Serial, e.Step, e.Outcome, e.Detail
+			ms[i], operator[i], cert[i], prev[i], hash[i] = e.MS, e.Operator, e.CertSHA256, e.PrevHash, e.Hash
+			if e.Time.After(p.lastEvent) {
+				p.lastEvent = e.Time
+			}
+		}
+		tag, err := p.tx.Exec(p.ctx, `INSERT INTO events (station, seq, time, received, serial, step, outcome, detail, ms,
+			operator, cert_sha256, prev_hash, hash)
+			SELECT $1, e.seq, e.time, statement_timestamp(), e.serial, e.step, e.outcome, e.detail, e.ms, e.operator,
+				e.cert, e.prev, e.hash
+			FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[],
+				$9::text[], $10::text[], $11::text[], $12::text[])
+				AS e(seq, time, serial, step, outcome, detail, ms, operator, cert, prev, hash)`,
+			p.b.Station, seq, tm, serial, step, outcome, detail, ms, operator, cert, prev, hash)
+		if err != nil {
+			return err
+		}
+		p.res.Events = int(tag.RowsAffected())
+		last := fresh[n-1]
+		p.lastSeq, p.lastHash = last.Seq, last.Hash
+	}
+	if len(repeats) == 0 {
+		return nil
+	}
+	seqs := make([]int64, len(repeats))
+	for i, e := range repeats {
+		seqs[i] = e.Seq
+	}
+	rows, err := p.tx.Query(p.ctx, "SELECT seq, hash FROM events WHERE station = $1 AND seq = ANY($2)", p.b.Station, seqs)
+	if err != nil {
+		return err
+	}
+	stored := map[int64]string{}
+	var sq int64
+	var h string
+	if _, err := pgx.ForEachRow(rows, []any{&sq, &h}, func() error { stored[sq] = h; return nil }); err != nil {
+		return err
+	}
+	for _, e := range repeats {
+		if h, ok := stored[e.Seq]; !ok {
+			p.conflict("event", fmt.Sprintf("%s/%d", e.Station, e.Seq), "", "event %d is below the stored head but not stored", e.Seq)
+		} else if h != e.Hash {
+			p.conflict("event", fmt.Sprintf("%s/%d", e.Station, e.Seq), "", "event %d: stored hash %s, pushed %s", e.Seq, h, e.Hash)
+		}
+	}
+	return nil
+}
+
+// takeable are the states in which another station's unit may be taken over: nothing of it is in use.
+var takeable = map[string]bool{"new": true, "failed": true, "returned": true}
+
+// units decides each unit against the locked rows of its serial and of its EK, then inserts and updates in bulk.
+func (p *pusher) units() error {
+	if len(p.b.Units) == 0 {
+		return nil
+	}
+	serials, eks := make([]string, 0, len(p.b.Units)), []string{}
+	for _, u := range p.b.Units {
+		serials = append(serials, u.Serial)
+		if u.EKSHA256 != "" {
+			eks = append(eks, u.EKSHA256)
+		}
+	}
+	rows, err := p.tx.Query(p.ctx, "SELECT "+unitColumns+` FROM units WHERE serial = ANY($1) OR ek_sha256 = ANY($2)
+		ORDER BY serial FOR UPDATE`, serials, eks)
+	if err != nil {
+		return err
+	}
+	existing, err := pgx.CollectRows(rows, scanUnit)
+	if err != nil {
+		return err
+	}
+	bySerial, byEK := map[string]Unit{}, map[string]Unit{}
+	for _, u := range existing {
+		bySerial[u.Serial] = u
+		if u.EKSHA256 != "" {
+			byEK[u.EKSHA256] = u
+		}
+	}
+	var inserts, updates []Unit
+	for _, u := range p.b.Units {
+		ex, held := bySerial[u.Serial]
+		if h, ok := byEK[u.EKSHA256]; ok && u.EKSHA256 != "" && h.Serial != u.Serial {
+			p.conflict("ek", u.EKSHA256, h.Station, "the TPM of %s (EK %.16s…) is bound to %s at station %s",
+				u.Serial, u.EKSHA256, h.Serial, h.Station)
+			continue
+		}
+		switch {
+		case !held:
+			inserts = append(inserts, u)
+		case ex.Station == u.Station:
+			if u.Updated.Before(ex.Updated) || sameUnit(u, ex) {
+				continue // an older version, or a repeat
+			}
+			updates = append(updates, u)
+		case u.State == "new":
+			continue // nothing was made of it at this station: no key, no certificate
+		case takeable[ex.State] && !u.Updated.Before(ex.Updated):
+			updates = append(updates, u)
+		default:
+			p.conflict("unit", u.Serial, ex.Station, "%s is %s at station %s since %s; station %s has it %s",
+				u.Serial, ex.State, ex.Station, ex.Updated.Format(time.RFC3339), u.Station, u.State)
+			continue
+		}
+		if held && ex.EKSHA256 != "" {
+			delete(byEK, ex.EKSHA256)
+		}
+		if u.EKSHA256 != "" {
+			byEK[u.EKSHA256] = u
+		}
+	}
+	if len(inserts) > 0 {
+		tag, err := p.tx.Exec(p.ctx, "INSERT INTO units ("+unitColumns+") SELECT * FROM "+unitArrays, unitArgs(inserts)...)
+		if err != nil {
+			return err
+		}
+		p.res.Units += int(tag.RowsAffected())
+	}
+	if len(updates) > 0 {
+		tag, err := p.tx.Exec(p.ctx, `UPDATE units AS t SET station = v.station, state = v.state,
+			failed_step = v.failed_step, error = v.error, key_kind = v.key_kind, public_sha256 = v.public_sha256,
+			ek_sha256 = v.ek_sha256, ek_cert_sha256 = v.ek_cert_sha256, operator = v.operator, created = v.created,
+			updated = v.updated
+			FROM `+unitArrays+" WHERE t.serial = v.serial", unitArgs(updates)...)
+		if err != nil {
+			return err
+		}
+		p.res.Units += int(tag.RowsAffected())
+	}
+	return nil
+}
+
+const unitColumns = "serial, station, state, failed_step, error, key_kind, public_sha256, ek_sha256, ek_cert_sha256, operator, created, updated"
+
+const unitArrays = `unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+	$9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[]) AS v(serial, station, state, failed_step, error,
+	key_kind, public_sha256, ek_sha256, ek_cert_sha256, operator, created, updated)`
+
+func scanUnit(row pgx.CollectableRow) (Unit, error) {
+	var u Unit
+	err := row.Scan(&u.Serial, &u.Station, &u.State, &u.FailedStep, &u.Error, &u.KeyKind, &u.PublicSHA256,
+		&u.EKSHA256, &u.EKCertSHA256, &u.Operator, &u.Created, &u.Updated)
+	u.Created, u.Updated = u.Created.UTC(), u.Updated.UTC()
+	return u, err
+}
+
+func sameUnit(a, b Unit) bool {
+	return a.Serial == b.Serial && a.Station == b.Station && a.State == b.State && a.FailedStep == b.FailedStep &&
+		a.Error == b.Error && a.KeyKind == b.KeyKind && a.PublicSHA256 == b.PublicSHA256 && a.EKSHA256 == b.EKSHA256 &&
+		a.EKCertSHA256 == b.EKCertSHA256 && a.Operator == b.Operator && a.Created.Equal(b.Created) &&
+		a.Updated.Equal(b.Updated)
+}
+
+// unitArgs are the columns of us as arrays, in unitColumns order.
+func unitArgs(us []Unit) []any {
+	cols := make([][]string, 10)
+	for i := range cols {
+		cols[i] = make([]string, len(us))
+	}
+	created, updated := make([]time.Time, len(us)), make([]time.Time, len(us))
+	for i, u := range us {
+		for j, v := range []string{u.Serial, u.Station, u.State, u.FailedStep, u.Error, u.KeyKind, u.PublicSHA256,
+			u.EKSHA256, u.EKCertSHA256, u.Operator} {
+			cols[j][i] = v
+		}
+		created[i], updated[i] = u.Created, u.Updated
+	}
+	args := make([]any, 0, 12)
+	for _, c := range cols {
+		args = append(args, c)
+	}
+	return append(args, created, updated)
+}
+
+// certificates stores new certificates and status changes of the station's own, and refuses any other change.
+func (p *pusher) certificates() error {
+	if len(p.b.Certificates) == 0 {
+		return nil
+	}
+	serials, shas := make([]string, len(p.b.Certificates)), make([]string, len(p.b.Certificates))
+	for i, c := range p.b.Certificates {
+		serials[i], shas[i] = c.Serial, c.SHA256
+	}
+	rows, err := p.tx.Query(p.ctx, "SELECT "+certColumns+` FROM certificates WHERE serial = ANY($1) OR sha256 = ANY($2)
+		ORDER BY serial FOR UPDATE`, serials, shas)
+	if err != nil {
+		return err
+	}
+	existing, err := pgx.CollectRows(rows, scanCertificate)
+	if err != nil {
+		return err
+	}
+	bySerial, bySHA := map[string]Certificate{}, map[string]Certificate{}
+	for _, c := range existing {
+		bySerial[c.Serial], bySHA[c.SHA256] = c, c
+	}
+	var inserts, updates []Certificate
+	for _, c := range p.b.Certificates {
+		ex, held := bySerial[c.Serial]
+		if h, ok := bySHA[c.SHA256]; ok && h.Serial != c.Serial {
+			p.conflict("certificate", c.Serial, h.Station, "fingerprint %.16s… is certificate %s of %s at station %s",
+				c.SHA256, h.Serial, h.Unit, h.Station)
+			continue
+		}
+		switch {
+		case !held:
+			inserts = append(inserts, c)
+			bySHA[c.SHA256] = c
+		case ex.Station != c.Station || ex.Unit != c.Unit || ex.SHA256 != c.SHA256:
+			p.conflict("certificate", c.Serial, ex.Station, "certificate %s is stored for %s at station %s "+
+				"(fingerprint %.16s…); station %s has it for %s (fingerprint %.16s…)",
+				c.Serial, ex.Unit, ex.Station, ex.SHA256, c.Station, c.Unit, c.SHA256)
+		case !sameCertificate(ex, c):
+			updates = append(updates, c)
+		}
+	}
+	if len(inserts) > 0 {
+		tag, err := p.tx.Exec(p.ctx, "INSERT INTO certificates ("+certColumns+") SELECT * FROM "+certArrays, certArgs(inserts)...)
+		if err != nil {
+			return err
+		}
+		p.res.Certificates += int(tag.RowsAffected())
+	}
+	if len(updates) > 0 {
+		tag, err := p.tx.Exec(p.ctx, `UPDATE certificates AS t SET status = v.status, not_before = v.not_before,
+			not_after = v.not_after, issued = v.issued FROM `+certArrays+" WHERE t.serial = v.serial", certArgs(updates)...)
+		if err != nil {
+			return err
+		}
+		p.res.Certificates += int(tag.RowsAffected())
+	}
+	return nil
+}
+
+const certColumns = "serial, unit, station, sha256, status, not_before, not_after, issued"
+
+const certArrays = `unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+	$7::timestamptz[], $8::timestamptz[]) AS v(serial, unit, station, sha256, status, not_before, not_after, issued)`
+
+func scanCertificate(row pgx.CollectableRow) (Certificate, error) {
+	var c Certificate
+	err := row.Scan(&c.Serial, &c.Unit, &c.Station, &c.SHA256, &c.Status, &c.NotBefore, &c.NotAfter, &c.Issued)
+	c.NotBefore, c.NotAfter, c.Issued = c.NotBefore.UTC(), c.NotAfter.UTC(), c.Issued.UTC()
+	return c, err
+}
+
+func sameCertificate(a, b Certificate) bool {
+	return a.Serial == b.Serial && a.Unit == b.Unit && a.Station == b.Station && a.SHA256 == b.SHA256 &&
+		a.Status == b.Status && a.NotBefore.Equal(b.NotBefore) && a.NotAfter.Equal(b.NotAfter) && a.Issued.Equal(b.Issued)
+}
+
+func certArgs(cs []Certificate) []any {
+	n := len(cs)
+	serial, unit, station, sha, status := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	nb, na, issued := make([]time.Time, n), make([]time.Time, n), make([]time.Time, n)
+	for i, c := range cs {
+		serial[i], unit[i], station[i], sha[i], status[i] = c.Serial, c.Unit, c.Station, c.SHA256, c.Status
+		nb[i], na[i], issued[i] = c.NotBefore, c.NotAfter, c.Issued
+	}
+	return []any{serial, unit, station, sha, status, nb, na, issued}
+}
+
+// attestations inserts new evidence and compares the repeats with what is stored.
+func (p *pusher) attestations() error {
+	if len(p.b.Attestations) == 0 {
+		return nil
+	}
+	args, err := attestationArgs(p.b.Attestations)
+	if err != nil {
+		return err
+	}
+	rows, err := p.tx.Query(p.ctx, "INSERT INTO attestations ("+attestationColumns+") SELECT * FROM "+attestationArrays+
+		" ON CONFLICT (station, local_id) DO NOTHING RETURNING local_id", args...)
+	if err != nil {
+		return err
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return err
+	}
+	p.res.Attestations = len(ids)
+	inserted := map[int64]bool{}
+	for _, id := range ids {
+		inserted[id] = true
+	}
+	var repeats []int64
+	for _, a := range p.b.Attestations {
+		if !inserted[a.LocalID] {
+			repeats = append(repeats, a.LocalID)
+		}
+	}
+	if len(repeats) == 0 {
+		return nil
+	}
+	rows, err = p.tx.Query(p.ctx, "SELECT "+attestationColumns+" FROM attestations WHERE station = $1 AND local_id = ANY($2)",
+		p.b.Station, repeats)
+	if err != nil {
+		return err
+	}
+	stored, err := pgx.CollectRows(rows, scanAttestation)
+	if err != nil {
+		return err
+	}
+	byID := map[int64]Attestation{}
+	for _, a := range stored {
+		byID[a.LocalID] = a
+	}
+	for _, a := range p.b.Attestations {
+		if inserted[a.LocalID] {
+			continue
+		}
+		if ex := byID[a.LocalID]; !sameAttestation(ex, a) {
+			p.conflict("attestation", fmt.Sprintf("%s/%d", a.Station, a.LocalID), "",
+				"attestation %d of %s differs from the stored one (evidence %.16s…, pushed %.16s…)",
+				a.LocalID, a.Serial, ex.EvidenceSHA256, a.EvidenceSHA256)
+		}
+	}
+	return nil
+}
+
+const attestationColumns = `station, local_id, serial, time, policy, outcome, status, ek_sha256, ek_cert_sha256,
+	ek_issuer, tpm_manufacturer, cause, warnings, evidence, evidence_sha256`
+
+const attestationArrays = `unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+	$7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bytea[], $15::text[])`
+
+func scanAttestation(row pgx.CollectableRow) (Attestation, error) {
+	var a Attestation
+	var warnings string
+	err := row.Scan(&a.Station, &a.LocalID, &a.Serial, &a.Time, &a.Policy, &a.Outcome, &a.Status, &a.EKSHA256,
+		&a.EKCertSHA256, &a.EKIssuer, &a.TPMManufacturer, &a.Cause, &warnings, &a.Evidence, &a.EvidenceSHA256)
+	if err != nil {
+		return a, err
+	}
+	a.Time = a.Time.UTC()
+	if err := json.Unmarshal([]byte(warnings), &a.Warnings); err != nil {
+		return a, fmt.Errorf("attestation %s/%d: warnings: %w", a.Station, a.LocalID, err)
+	}
+	return a, nil
+}
+
+func attestationArgs(as []Attestation) ([]any, error) {
+	n := len(as)
+	str := make([][]string, 12)
+	for i := range str {
+		str[i] = make([]string, n)
+	}
+	ids, times, evidence := make([]int64, n), make([]time.Time, n), make([][]byte, n)
+	for i, a := range as {
+		w, err := json.Marshal(nonNil(a.Warnings))
+		if err != nil {
+			return nil, err
+		}
+		for j, v := range []string{a.Station, a.Serial, a.Policy, a.Outcome, a.Status, a.EKSHA256, a.EKCertSHA256,
+			a.EKIssuer, a.TPMManufacturer, a.Cause, string(w), a.EvidenceSHA256} {
+			str[j][i] = v
+		}
+		ids[i], times[i], evidence[i] = a.LocalID, a.Time, a.Evidence
+	}
+	return []any{str[0], ids, str[1], times, str[2], str[3], str[4], str[5], str[6], str[7], str[8], str[9], str[10],
+		evidence, str[11]}, nil
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func sameAttestation(a, b Attestation) bool {
+	wa, _ := json.Marshal(nonNil(a.Warnings))
+	wb, _ := json.Marshal(nonNil(b.Warnings))
+	return a.Station == b.Station && a.LocalID == b.LocalID && a.Serial == b.Serial && a.Time.Equal(b.Time) &&
+		a.Policy == b.Policy && a.Outcome == b.Outcome && a.Status == b.Status && a.EKSHA256 == b.EKSHA256 &&
+		a.EKCertSHA256 == b.EKCertSHA256 && a.EKIssuer == b.EKIssuer && a.TPMManufacturer == b.TPMManufacturer &&
+		a.Cause == b.Cause && bytes.Equal(wa, wb) && bytes.Equal(a.Evidence, b.Evidence) &&
+		a.EvidenceSHA256 == b.EvidenceSHA256
+}
+
+// conflicts records the conflicts found (once per kind, key, station and other station).
+func (p *pusher) conflicts() error {
+	cs := p.res.Conflicts
+	if len(cs) == 0 {
+		return nil
+	}
+	sorted := append([]Conflict(nil), cs...)
+	sort.Slice(sorted, func(i, j int) bool {
+		a, b := sorted[i], sorted[j]
+		if a.Kind != b.Kind {
+			return a.Kind < b.Kind
+		}
+		if a.Key != b.Key {
+			return a.Key < b.Key
+		}
+		return a.Other < b.Other
+	})
+	n := len(sorted)
+	kind, key, station, other, detail := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	for i, c := range sorted {
+		kind[i], key[i], station[i], other[i], detail[i] = c.Kind, c.Key, c.Station, c.Other, c.Detail
+	}
+	_, err := p.tx.Exec(p.ctx, `INSERT INTO conflicts (kind, key, station, other, detail, time)
+		SELECT v.*, statement_timestamp() FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+			AS v(kind, key, station, other, detail)
+		ON CONFLICT (kind, key, station, other) DO NOTHING`, kind, key, station, other, detail)
+	return err
+}
