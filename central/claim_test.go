@@ -15,7 +15,7 @@ import (
 // TestClaimRace: two stations claim the same serial at the same moment: exactly one wins, the other is told who.
 func TestClaimRace(t *testing.T) {
 	s := newStore(t)
-	for i := 0; i < 20; i++ {
+	for i := 0; i < 10; i++ {
 		serial := fmt.Sprintf("SN-%04d", i)
 		var wg sync.WaitGroup
 		start := make(chan struct{})

@@ -261,7 +261,8 @@ func (p *pusher) events() error {
 	for i, e := range repeats {
 		seqs[i] = e.Seq
 	}
-	rows, err := p.tx.Query(p.ctx, "SELECT seq, hash FROM events WHERE station = $1 AND seq = ANY($2)", p.b.Station, seqs)
+	rows, err := p.tx.Query(p.ctx, `SELECT seq, hash FROM events
+		WHERE station = $1 AND seq IN (SELECT unnest($2::bigint[]))`, p.b.Station, seqs)
 	if err != nil {
 		return err
 	}
@@ -296,7 +297,10 @@ func (p *pusher) units() error {
 			eks = append(eks, u.EKSHA256)
 		}
 	}
-	rows, err := p.tx.Query(p.ctx, "SELECT "+unitColumns+` FROM units WHERE serial = ANY($1) OR ek_sha256 = ANY($2)
+	// Joins with the arrays, not "= ANY($1)": a generic plan's ANY over a parameter is a linear search per row.
+	rows, err := p.tx.Query(p.ctx, "SELECT "+unitColumns+` FROM units WHERE serial IN (
+			SELECT unnest($1::text[])
+			UNION SELECT serial FROM units WHERE ek_sha256 IN (SELECT unnest($2::text[])) AND ek_sha256 <> '')
 		ORDER BY serial FOR UPDATE`, serials, eks)
 	if err != nil {
 		return err
@@ -416,7 +420,9 @@ func (p *pusher) certificates() error {
 	for i, c := range p.b.Certificates {
 		serials[i], shas[i] = c.Serial, c.SHA256
 	}
-	rows, err := p.tx.Query(p.ctx, "SELECT "+certColumns+` FROM certificates WHERE serial = ANY($1) OR sha256 = ANY($2)
+	rows, err := p.tx.Query(p.ctx, "SELECT "+certColumns+` FROM certificates WHERE serial IN (
+			SELECT unnest($1::text[])
+			UNION SELECT serial FROM certificates WHERE sha256 IN (SELECT unnest($2::text[])))
 		ORDER BY serial FOR UPDATE`, serials, shas)
 	if err != nil {
 		return err
@@ -527,8 +533,8 @@ func (p *pusher) attestations() error {
 	if len(repeats) == 0 {
 		return nil
 	}
-	rows, err = p.tx.Query(p.ctx, "SELECT "+attestationColumns+" FROM attestations WHERE station = $1 AND local_id = ANY($2)",
-		p.b.Station, repeats)
+	rows, err = p.tx.Query(p.ctx, "SELECT "+attestationColumns+` FROM attestations
+		WHERE station = $1 AND local_id IN (SELECT unnest($2::bigint[]))`, p.b.Station, repeats)
 	if err != nil {
 		return err
 	}
