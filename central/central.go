@@ -5,11 +5,11 @@
 // station converts its records into this package's types.
 //
 // The schema is embedded (migrations/NNNN_*.sql, applied in order by Init, each in its own transaction, recorded in
-// schema_version). Concurrency: every transaction takes its locks in one order (the pushing station's row, then units,
-// certificates, attestations and conflicts, each by key order), so stations pushing at once never deadlock, and a
-// station's own pushes are serialised by its row lock (the chain check needs it). Connection failures, timeouts and
-// authentication failures wrap ErrUnreachable, so callers can tell an outage from a refusal; no error carries the
-// DSN's password (DSNs are shown as RedactDSN gives them).
+// schema_version). Concurrency: every transaction takes its locks in one order (the pushing station's row and its
+// events, then units, certificates, attestations and conflicts, each by key order), so stations pushing at once never
+// deadlock, and a station's own pushes are serialised by its row lock (the chain check needs it). Connection failures,
+// timeouts and authentication failures wrap ErrUnreachable, so callers can tell an outage from a refusal; no error
+// carries the DSN's password (DSNs are shown as RedactDSN gives them).
 package central
 
 import (

@@ -9,8 +9,9 @@ package testutil
 //
 // Two ways in: StartPostgres gives a test its own cluster (Stop and Start simulate an outage); PostgresDB gives a
 // test a fresh database on one cluster shared by the whole test binary (2 s of initdb paid once). The postgres
-// process gets SIGQUIT (immediate shutdown) when the test binary dies, and each cluster directory names the process
-// that owns it, so directories left by a killed test run are removed by the next one.
+// process gets SIGQUIT (immediate shutdown) when the test binary dies; the shared cluster's directory is removed after
+// the binary exits, and each cluster directory names the process that owns it, so a directory left by a killed test
+// run is removed by the next one.
 
 import (
 	"errors"
@@ -248,7 +249,11 @@ var shared struct {
 func PostgresDB(tb testing.TB) string {
 	tb.Helper()
 	bin := requirePostgres(tb)
-	shared.once.Do(func() { shared.p, shared.err = newPostgres(bin) })
+	shared.once.Do(func() {
+		if shared.p, shared.err = newPostgres(bin); shared.err == nil {
+			reapAtExit(shared.p.Dir)
+		}
+	})
 	if shared.err != nil {
 		tb.Fatal(shared.err)
 	}
@@ -296,6 +301,17 @@ func freeTCPPort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// reapAtExit removes dir once this process has ended, however it ends (its postgres gets SIGQUIT then): a detached
+// shell polls for the process, so the shared cluster, which no test's cleanup may remove, leaves nothing behind.
+func reapAtExit(dir string) {
+	cmd := exec.Command("sh", "-c", `while kill -0 "$0" 2>/dev/null; do sleep 1; done; sleep 1; rm -rf -- "$1"`,
+		strconv.Itoa(os.Getpid()), dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if cmd.Start() == nil {
+		cmd.Process.Release()
+	}
 }
 
 // sweepStalePostgres removes cluster directories whose owning test process is gone (a killed test run).
