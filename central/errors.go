@@ -73,10 +73,13 @@ func classify(where, op string, err error) error {
 		return nil
 	}
 	var pe *pgconn.PgError
+	var ce *pgconn.ConnectError
 	switch {
 	case errors.Is(err, context.Canceled), errors.Is(err, ErrConflict), errors.Is(err, ErrClaimed),
 		errors.Is(err, ErrNotFound), errors.Is(err, ErrBadCursor):
 		return fmt.Errorf("central: %s: %w", op, err)
+	case errors.As(err, &ce): // refused, timed out, authentication failed, no such database
+		return fmt.Errorf("central: %s: %w", op, unreachable(where, err))
 	case errors.As(err, &pe):
 		if c := pe.Code; strings.HasPrefix(c, "08") || strings.HasPrefix(c, "28") || strings.HasPrefix(c, "57P") {
 			return fmt.Errorf("central: %s: %w", op, unreachable(where, err))

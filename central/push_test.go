@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -319,4 +320,73 @@ func BenchmarkPush(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.N*perBatch)/time.Since(start).Seconds(), "units/s")
+}
+
+// BenchmarkPushStations is BenchmarkPush with 8 stations draining their backlogs at once (each b.N batches of 500
+// units). Reports the store's total units/s.
+func BenchmarkPushStations(b *testing.B) {
+	s := newStore(b)
+	const stations, perBatch = 8, 500
+	work := make([][]Batch, stations)
+	for st := range work {
+		c := newChain(fmt.Sprintf("line-%d", st))
+		for i := 0; i < b.N; i++ {
+			work[st] = append(work[st], c.unitBatch(serials(fmt.Sprintf("L%d-B%06d-", st, i), perBatch)...))
+		}
+	}
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for st := range work {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, batch := range work[st] {
+				if _, err := s.Push(context.Background(), batch); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.ReportMetric(float64(stations*b.N*perBatch)/time.Since(start).Seconds(), "units/s")
+}
+
+// BenchmarkPushLatency: 8 stations each push one unit at a time (a running line syncing as it goes): reports the p50
+// and p99 time of a push, the store's share of the sync lag.
+func BenchmarkPushLatency(b *testing.B) {
+	s := newStore(b)
+	const stations = 8
+	work := make([][]Batch, stations)
+	for st := range work {
+		c := newChain(fmt.Sprintf("line-%d", st))
+		for i := 0; i < b.N; i++ {
+			work[st] = append(work[st], c.unitBatch(fmt.Sprintf("L%d-%06d", st, i)))
+		}
+	}
+	b.ResetTimer()
+	var mu sync.Mutex
+	var took []time.Duration
+	var wg sync.WaitGroup
+	for st := range work {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, batch := range work[st] {
+				t0 := time.Now()
+				if _, err := s.Push(context.Background(), batch); err != nil {
+					b.Error(err)
+					return
+				}
+				mu.Lock()
+				took = append(took, time.Since(t0))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	slices.Sort(took)
+	b.ReportMetric(float64(took[len(took)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(took[len(took)*99/100].Microseconds())/1000, "p99-ms")
 }

@@ -164,6 +164,15 @@ func TestOpenBadPassword(t *testing.T) {
 	}
 }
 
+func TestOpenNoDatabase(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	dsn := strings.Replace(pg.DSN, "/postgres?", "/nosuchdb?", 1)
+	_, err := Open(context.Background(), dsn)
+	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "nosuchdb") {
+		t.Fatalf("open of a missing database: %v, want ErrUnreachable naming it", err)
+	}
+}
+
 func TestDSNNeverShown(t *testing.T) {
 	for _, dsn := range []string{
 		"postgres://bob:" + secret + "@db.example:notaport/x",
