@@ -22,7 +22,8 @@ const (
 //
 // FailuresByStep and FailureCauses count failed events of the last 24 hours (by event time); StepMS holds the ok
 // steps of the last hour; SyncLagMS the newest 1,000 events per station received in the last hour; UnitsPerHour counts
-// units that are shippable now by the hour of their last update. A cause is the failure's detail with the unit's
+// units that are shippable now by the hour of their last update (the last slot is the past hour); each station's
+// SyncLagMS is sorted, smallest first. A cause is the failure's detail with the unit's
 // serial replaced by {serial}, cut to its first six words.
 func (s *Store) Stats(ctx context.Context) (Stats, error) {
 	st := Stats{
