@@ -94,6 +94,10 @@ func TestOpenUnreachable(t *testing.T) {
 	if strings.Contains(err.Error(), secret) {
 		t.Errorf("message shows the password: %v", err)
 	}
+	t.Logf("open of a stopped server: %v", err)
+	if err := Init(ctx, withPassword); !errors.Is(err, ErrUnreachable) || strings.Contains(err.Error(), secret) {
+		t.Errorf("init of a stopped server: %v, want ErrUnreachable without the password", err)
+	}
 	if err := s.Ping(ctx); !errors.Is(err, ErrUnreachable) {
 		t.Errorf("ping of a stopped server: %v, want ErrUnreachable", err)
 	}
@@ -121,6 +125,7 @@ func TestOpenTimeout(t *testing.T) {
 	if !errors.Is(err, ErrUnreachable) {
 		t.Fatalf("open of a silent server: %v, want ErrUnreachable", err)
 	}
+	t.Logf("open of a silent server: %v (%v)", err, time.Since(start))
 	if took := time.Since(start); took > ConnectTimeout+2*time.Second {
 		t.Errorf("open of a silent server took %v, want about %v", took, ConnectTimeout)
 	}
@@ -159,6 +164,7 @@ func TestOpenBadPassword(t *testing.T) {
 	if strings.Contains(err.Error(), secret) {
 		t.Errorf("message shows the password: %v", err)
 	}
+	t.Logf("open with a wrong password: %v", err)
 	if !strings.Contains(err.Error(), "alice") {
 		t.Errorf("message %q does not name the user", err)
 	}
