@@ -3,15 +3,24 @@
 // is recorded, never overwritten), claims serials and TPMs across stations, hands out the units of a distributed batch,
 // and answers the supervisor's queries (API, dashboard, metrics). It knows nothing of the station's own packages: the
 // station converts its records into this package's types.
+//
+// The schema is embedded (migrations/NNNN_*.sql, applied in order by Init, each in its own transaction, recorded in
+// schema_version). Concurrency: every transaction takes its locks in one order (the pushing station's row and its
+// events, then units, certificates, attestations and conflicts, each by key order), so stations pushing at once never
+// deadlock, and a station's own pushes are serialised by its row lock (the chain check needs it). Connection failures,
+// timeouts and authentication failures wrap ErrUnreachable, so callers can tell an outage from a refusal; no error
+// carries the DSN's password (DSNs are shown as RedactDSN gives them).
 package central
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
-)
 
-var errTodo = errors.New("central: not implemented yet")
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
 
 // Errors.
 var (
@@ -20,24 +29,95 @@ var (
 	ErrClaimed        = errors.New("claimed at another station")          // serial or TPM taken elsewhere
 	ErrConflict       = errors.New("conflicting record in central store") // a differing repeat
 	ErrNotFound       = errors.New("not found")
+	ErrSchemaTooNew   = errors.New("central store schema newer than this binary") // upgrade provision
+	ErrBadCursor      = errors.New("bad page cursor")                             // UnitFilter.After not from Units
 )
 
+// ConnectTimeout bounds a connection attempt when the DSN sets no connect_timeout: `required` mode fails fast.
+const ConnectTimeout = 3 * time.Second
+
 // Store is an open central store (a pgx connection pool).
-type Store struct{}
+type Store struct {
+	pool  *pgxpool.Pool
+	where string // the redacted DSN, for messages
+}
 
 // Init creates or migrates the schema (embedded, versioned migrations, each in its own transaction; idempotent).
-func Init(ctx context.Context, dsn string) error { return errTodo }
+func Init(ctx context.Context, dsn string) error {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return parseError(err)
+	}
+	setDefaults(cfg)
+	where := redact(cfg)
+	conn, err := pgx.ConnectConfig(ctx, cfg.ConnConfig)
+	if err != nil {
+		return unreachable(where, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if err := migrate(ctx, conn); err != nil {
+		return classify(where, "init", err)
+	}
+	return nil
+}
 
 // Open connects (within ctx) and checks the schema version. The password comes from the DSN's environment
 // (PGPASSWORD, PGPASSFILE / ~/.pgpass, as libpq does), never from a flag. Errors wrap ErrUnreachable or
-// ErrNotInitialised, and never print the password.
-func Open(ctx context.Context, dsn string) (*Store, error) { return nil, errTodo }
+// ErrNotInitialised (or ErrSchemaTooNew), and never print the password.
+func Open(ctx context.Context, dsn string) (*Store, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, parseError(err)
+	}
+	setDefaults(cfg)
+	where := redact(cfg)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, unreachable(where, err)
+	}
+	s := &Store{pool: pool, where: where}
+	if err := s.checkSchema(ctx); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// checkSchema fails unless the store's schema is exactly the version this binary's migrations make.
+func (s *Store) checkSchema(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.pool.Config().ConnConfig.ConnectTimeout+5*time.Second)
+	defer cancel()
+	v, err := schemaVersion(ctx, s.pool)
+	if err != nil {
+		return classify(s.where, "open", err)
+	}
+	want := latestVersion()
+	switch {
+	case v == 0:
+		return fmt.Errorf("%w (%s has no schema): run `provision central init`", ErrNotInitialised, s.where)
+	case v < want:
+		return fmt.Errorf("%w (%s has schema version %d, this binary needs %d): run `provision central init`",
+			ErrNotInitialised, s.where, v, want)
+	case v > want:
+		return fmt.Errorf("%w (%s has schema version %d, this binary knows up to %d): upgrade provision",
+			ErrSchemaTooNew, s.where, v, want)
+	}
+	return nil
+}
 
 // Close closes the pool.
-func (s *Store) Close() {}
+func (s *Store) Close() { s.pool.Close() }
 
 // Ping checks the store answers (within ctx).
-func (s *Store) Ping(ctx context.Context) error { return errTodo }
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.pool.Ping(ctx); err != nil {
+		return classify(s.where, "ping", err)
+	}
+	return nil
+}
+
+// Where is the store's DSN without its password (for status lines).
+func (s *Store) Where() string { return s.where }
 
 // Unit is a unit as a station recorded it.
 type Unit struct {
@@ -103,46 +183,6 @@ type PushResult struct {
 	Conflicts                                 []Conflict
 }
 
-// Push stores b in one transaction. Repeats are no-ops; a differing repeat, or a unit/EK/certificate serial that
-// another station already holds, is a Conflict: recorded in the conflicts table, returned, the rest of the batch still
-// stored. A gap in a station's event chain (first event's seq > last + 1, or PrevHash not the stored Hash) is an error
-// wrapping ErrConflict and stores nothing.
-func (s *Store) Push(ctx context.Context, b Batch) (PushResult, error) { return PushResult{}, errTodo }
-
-// StationHead is what the store holds of a station's chain: its last seq and hash (0, "" for none).
-func (s *Store) StationHead(ctx context.Context, station string) (seq int64, hash string, err error) {
-	return 0, "", errTodo
-}
-
-// ClaimUnit claims serial for station before the unit's key is made. It fails with ErrClaimed (the message names the
-// other station and the date) when the unit is shippable at another station, or another station's unexpired claim
-// holds it. A claim expires after ttl; the same station's claim is renewed.
-func (s *Store) ClaimUnit(ctx context.Context, serial, station, operator string, ttl time.Duration) error {
-	return errTodo
-}
-
-// ReleaseUnit drops station's claim on serial (no-op when it holds none).
-func (s *Store) ReleaseUnit(ctx context.Context, serial, station string) error { return errTodo }
-
-// CheckEK fails with ErrClaimed when the TPM with this EK fingerprint is bound to another serial in the store.
-func (s *Store) CheckEK(ctx context.Context, ekSHA256, serial string) error { return errTodo }
-
-// AddBatchJobs records the serials of a distributed batch (idempotent: serials already there keep their state).
-func (s *Store) AddBatchJobs(ctx context.Context, batchID string, serials []string) error {
-	return errTodo
-}
-
-// TakeBatchJob hands worker the next unit of the batch no live worker holds (FOR UPDATE SKIP LOCKED): pending, or
-// taken by a worker whose lease expired. ok is false when none is left.
-func (s *Store) TakeBatchJob(ctx context.Context, batchID, worker string, lease time.Duration) (serial string, ok bool, err error) {
-	return "", false, errTodo
-}
-
-// FinishBatchJob records the outcome (ok, failed, skipped) of worker's unit.
-func (s *Store) FinishBatchJob(ctx context.Context, batchID, serial, worker, status string) error {
-	return errTodo
-}
-
 // UnitFilter selects units: State, Station exact; Q a serial prefix; Limit (default 1000, at most 1000); After the
 // cursor a previous page returned.
 type UnitFilter struct {
@@ -151,22 +191,12 @@ type UnitFilter struct {
 	After             string
 }
 
-// Units lists units by serial, and the cursor of the next page ("" when this is the last).
-func (s *Store) Units(ctx context.Context, f UnitFilter) ([]Unit, string, error) {
-	return nil, "", errTodo
-}
-
 // UnitDetail is one unit with its certificates, events (oldest first) and latest attestation.
 type UnitDetail struct {
 	Unit         Unit
 	Certificates []Certificate
 	Events       []Event
 	Attestation  *Attestation
-}
-
-// Unit returns one unit's detail, or ErrNotFound.
-func (s *Store) Unit(ctx context.Context, serial string) (UnitDetail, error) {
-	return UnitDetail{}, errTodo
 }
 
 // StationInfo is one station as the store sees it.
@@ -181,9 +211,6 @@ type StationInfo struct {
 	Conflicts         int
 }
 
-// Stations lists every station that pushed.
-func (s *Store) Stations(ctx context.Context) ([]StationInfo, error) { return nil, errTodo }
-
 // Stats are the figures of the dashboard and /metrics.
 type Stats struct {
 	UnitsByState   map[string]map[string]int     // station → state → units
@@ -194,12 +221,3 @@ type Stats struct {
 	SyncLagMS      map[string][]int64            // station → push time − event time of recent events
 	Conflicts      int
 }
-
-// Stats computes the figures (bounded queries; fine to poll every few seconds).
-func (s *Store) Stats(ctx context.Context) (Stats, error) { return Stats{}, errTodo }
-
-// Conflicts lists recorded conflicts, newest first.
-func (s *Store) Conflicts(ctx context.Context, limit int) ([]Conflict, error) { return nil, errTodo }
-
-// BatchRemaining is how many units of the batch are not finished (pending, or taken by a worker).
-func (s *Store) BatchRemaining(ctx context.Context, batchID string) (int, error) { return 0, errTodo }

@@ -13,7 +13,7 @@ import (
 
 const module = "provision"
 
-var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile"}
+var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile", "central"}
 
 type pkg struct {
 	ImportPath string
