@@ -221,7 +221,7 @@ func TestCentralDistributedBatch(t *testing.T) {
 	var units []BatchUnit
 	var serials []string
 	for i := 1; i <= 12; i++ {
-		units = append(units, BatchUnit{Serial: fmt.Sprintf("SN-B-%03d", i)})
+		units = append(units, BatchUnit{UnitRequest: UnitRequest{Serial: fmt.Sprintf("SN-B-%03d", i)}})
 		serials = append(serials, units[i-1].Serial)
 	}
 	if err := store.AddBatchJobs(ctx, "b1", serials); err != nil {
