@@ -183,3 +183,20 @@ func (s *Store) Conflicts(ctx context.Context, limit int) ([]Conflict, error) {
 	}
 	return out, nil
 }
+
+// RecentUnits lists the units updated last, newest first (at most limit, at most MaxUnits): the dashboard's latest
+// units and each station's last one.
+func (s *Store) RecentUnits(ctx context.Context, limit int) ([]Unit, error) {
+	if limit <= 0 || limit > MaxUnits {
+		limit = MaxUnits
+	}
+	rows, err := s.pool.Query(ctx, "SELECT "+unitColumns+" FROM units ORDER BY updated DESC LIMIT $1", limit)
+	if err != nil {
+		return nil, classify(s.where, "recent units", err)
+	}
+	units, err := pgx.CollectRows(rows, scanUnit)
+	if err != nil {
+		return nil, classify(s.where, "recent units", err)
+	}
+	return units, nil
+}

@@ -83,7 +83,8 @@ func exitCode(err error) int {
 	case errors.Is(err, station.ErrNotInitialised), errors.Is(err, station.ErrCA), errors.Is(err, tpm.ErrUnreachable),
 		errors.Is(err, tpm.ErrLockout), errors.Is(err, tpm.ErrBadURI), errors.Is(err, inventory.ErrLocked),
 		errors.Is(err, inventory.ErrDamaged), errors.Is(err, inventory.ErrNotFound), errors.Is(err, station.ErrOutDirBusy),
-		errors.Is(err, station.ErrCentralUnreachable), errors.Is(err, central.ErrUnreachable), errors.Is(err, central.ErrNotInitialised), errors.Is(err, central.ErrConflict):
+		errors.Is(err, station.ErrCentralUnreachable), errors.Is(err, central.ErrUnreachable), errors.Is(err, central.ErrNotInitialised), errors.Is(err, central.ErrConflict),
+		errors.Is(err, central.ErrSchemaTooNew):
 		return exitStation
 	}
 	return exitInternal

@@ -1,0 +1,2 @@
+-- The dashboard's latest units (RecentUnits).
+CREATE INDEX units_updated ON units (updated);
