@@ -1,7 +1,8 @@
-// Package deptest enforces the layering: leaf packages (tpm with tpm/attest, image, inventory, station/ca,
-// station/handshake, station/profile) import the standard library, their own third-party dependencies and internal utilities only —
-// never each other, never station, never cmd. station never imports cmd. internal/testutil is for tests only: no
-// package's non-test code imports it, and the shipped binary (cmd/provision) does not link the testing package.
+// Package deptest enforces the layering: leaf packages (tpm with tpm/attest, image, inventory, central, station/ca,
+// station/handshake, station/profile) import the standard library, their own third-party dependencies and internal
+// utilities only — never each other, never station, never cmd. server imports only central. station never imports
+// cmd. internal/testutil is for tests only: no package's non-test code imports it, and the shipped binary
+// (cmd/provision) does not link the testing package.
 package deptest
 
 import (
@@ -62,6 +63,22 @@ func TestLeavesStayLeaves(t *testing.T) {
 					t.Errorf("%s imports %s: leaf packages must not import other project packages", p.ImportPath, d)
 				}
 			}
+		}
+	}
+}
+
+// server (provision serve's HTTP side) reads the central store and nothing else of the project: it never reaches a
+// station's inventory, CA or TPM.
+func TestServerImportsOnlyCentral(t *testing.T) {
+	for _, p := range listDeps(t, "../../server/...") {
+		if !strings.HasPrefix(p.ImportPath, module+"/") {
+			continue
+		}
+		for _, d := range p.Deps {
+			if !strings.HasPrefix(d, module+"/") || strings.HasPrefix(d, module+"/internal/") || d == module+"/central" {
+				continue
+			}
+			t.Errorf("%s imports %s: server may import only central", p.ImportPath, d)
 		}
 	}
 }
