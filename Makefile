@@ -35,6 +35,8 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	bash bench/enroll.sh
 	bash bench/inject.sh
+	bash bench/batch.sh
+	bash bench/central.sh
 
 vet:
 	$(GO) vet ./...
