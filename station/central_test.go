@@ -210,7 +210,9 @@ func (j storeJobs) Take(ctx context.Context) (string, bool, error) {
 func (j storeJobs) Finish(ctx context.Context, serial, status string) error {
 	return j.st.FinishBatchJob(ctx, j.batch, serial, j.worker, status)
 }
-func (j storeJobs) Remaining(ctx context.Context) (int, error) { return j.st.BatchRemaining(ctx, j.batch) }
+func (j storeJobs) Remaining(ctx context.Context) (int, error) {
+	return j.st.BatchRemaining(ctx, j.batch)
+}
 
 // A distributed batch of two workers (two stations) over one list: every unit done exactly once; a unit a dead
 // worker held comes back when its lease expires.
