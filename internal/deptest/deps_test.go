@@ -14,7 +14,7 @@ import (
 
 const module = "provision"
 
-var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile", "central"}
+var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile", "central", "export"}
 
 type pkg struct {
 	ImportPath string
