@@ -1,0 +1,193 @@
+package station
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"provision/export"
+	"provision/inventory"
+	"provision/tpm/attest"
+)
+
+// `provision export` (docs/exports.md): the station gathers its units from the inventory into export.Unit values; the
+// export package writes the formats.
+
+// ExportOptions select the units to export: one unit (Serial), or every exportable unit changed at or after Since
+// (zero: all of them). BundlesDir, when set, is a directory of enroll bundles (<dir>/<serial>/device.crt) to take
+// certificates from while the inventory keeps none.
+type ExportOptions struct {
+	Serial     string
+	Since      time.Time
+	BundlesDir string
+}
+
+// exportable: the states in which a unit has left, or can leave, the station with its identity: shippable (unit, tui,
+// batch) and certified (enroll's end state).
+func exportable(st inventory.State) bool {
+	return st == inventory.StateShippable || st == inventory.StateCertified
+}
+
+// certificateDERReader is what the inventory offers once it keeps each certificate's DER (a later migration: a
+// certificates.der column behind inventory.Certificate.DER). Until then certificates come from enroll bundles
+// (ExportOptions.BundlesDir), and formats that need the certificate skip units without one.
+type certificateDERReader interface {
+	CertificateDER(ctx context.Context, certSerial string) ([]byte, error)
+}
+
+// ExportUnits reads the selected units with their active certificate and attestation evidence. An unknown serial, or
+// a unit that is not exportable (not certified or shippable, or without an active certificate), is ErrRefused.
+func (s *Station) ExportUnits(ctx context.Context, opt ExportOptions) ([]export.Unit, error) {
+	var recs []inventory.Unit
+	if opt.Serial != "" {
+		u, err := s.Inv.Unit(ctx, opt.Serial)
+		if errors.Is(err, inventory.ErrNotFound) {
+			return nil, fmt.Errorf("export: no unit %q in %s: %w", opt.Serial, s.Inv.Path(), ErrRefused)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("export: %w", err)
+		}
+		if !exportable(u.State) {
+			return nil, fmt.Errorf("export: unit %q is %s: only certified and shippable units are exported: %w", u.Serial, u.State, ErrRefused)
+		}
+		recs = []inventory.Unit{u}
+	} else {
+		all, err := s.Inv.Units(ctx, "")
+		if err != nil {
+			return nil, fmt.Errorf("export: %w", err)
+		}
+		for _, u := range all {
+			if exportable(u.State) && !u.Updated.Before(opt.Since) {
+				recs = append(recs, u)
+			}
+		}
+	}
+	out := make([]export.Unit, 0, len(recs))
+	for _, u := range recs {
+		eu, err := s.exportUnit(ctx, u, opt)
+		if errors.Is(err, inventory.ErrNotFound) && opt.Serial == "" {
+			continue // no active certificate: nothing to hand off
+		}
+		if errors.Is(err, inventory.ErrNotFound) {
+			return nil, fmt.Errorf("export: unit %q holds no active certificate: %w", u.Serial, ErrRefused)
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, eu)
+	}
+	return out, nil
+}
+
+func (s *Station) exportUnit(ctx context.Context, u inventory.Unit, opt ExportOptions) (export.Unit, error) {
+	c, err := s.Inv.ActiveCertificate(ctx, u.Serial)
+	if err != nil {
+		return export.Unit{}, err
+	}
+	eu := export.Unit{Serial: u.Serial, State: string(u.State), Station: u.Station, Operator: u.Operator, Updated: u.Updated,
+		KeyKind: u.KeyKind, EKSHA256: u.EKSHA256, Fields: u.Fields,
+		Certificate: export.Certificate{Serial: c.Serial, SHA256: c.SHA256, NotAfter: c.NotAfter}}
+	if eu.Certificate.DER, err = s.certificateDER(ctx, c, opt.BundlesDir); err != nil {
+		return export.Unit{}, err
+	}
+	a, err := s.Inv.Attestation(ctx, u.Serial)
+	if errors.Is(err, inventory.ErrNotFound) {
+		return eu, nil
+	}
+	if err != nil {
+		return export.Unit{}, fmt.Errorf("export: %w", err)
+	}
+	var ev attest.Evidence
+	if len(a.Evidence) == 0 || json.Unmarshal(a.Evidence, &ev) != nil {
+		return eu, nil // no usable evidence: formats that need it skip the unit
+	}
+	// The EK only when it is the TPM the unit is bound to; the key only when it is the unit's recorded key.
+	if u.EKSHA256 != "" && a.EKSHA256 == u.EKSHA256 {
+		eu.EKPublic = ev.EKPublic
+	}
+	if pub, err := attest.PublicKey(ev.KeyPublic); err == nil {
+		if der, err := x509.MarshalPKIXPublicKey(pub); err == nil && sha256Hex(der) == u.PublicSHA256 {
+			eu.PublicKey = der
+		}
+	}
+	return eu, nil
+}
+
+// certificateDER is the DER of certificate c: from the inventory when it keeps it, else from the unit's enroll bundle
+// when bundles is set and the bundle's device.crt is that certificate; nil when neither has it.
+func (s *Station) certificateDER(ctx context.Context, c inventory.Certificate, bundles string) ([]byte, error) {
+	if r, ok := any(s.Inv).(certificateDERReader); ok {
+		der, err := r.CertificateDER(ctx, c.Serial)
+		if err == nil && sha256Hex(der) == c.SHA256 {
+			return der, nil
+		}
+		if err != nil && !errors.Is(err, inventory.ErrNotFound) {
+			return nil, fmt.Errorf("export: %w", err)
+		}
+	}
+	if bundles == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(filepath.Join(bundles, c.Unit, "device.crt"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("export: bundle of %s: %w", c.Unit, err)
+	}
+	for rest := b; ; {
+		var blk *pem.Block
+		if blk, rest = pem.Decode(rest); blk == nil {
+			return nil, nil
+		}
+		if blk.Type == "CERTIFICATE" && sha256Hex(blk.Bytes) == c.SHA256 {
+			return blk.Bytes, nil
+		}
+	}
+}
+
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// IssuingCertPEM is the station's issuing CA certificate (ca/issuing.crt), the CA a fleet backend registers (aws).
+func (s *Station) IssuingCertPEM() ([]byte, error) {
+	b, err := os.ReadFile(s.Layout.IssuingCert())
+	if err != nil {
+		return nil, fmt.Errorf("export: issuing CA certificate: %w: %w", err, ErrCA)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("export: %s is not a PEM certificate: %w", s.Layout.IssuingCert(), ErrCA)
+	}
+	return pem.EncodeToMemory(blk), nil
+}
+
+// ExportManifest is the signed manifest of units: the document and its detached signature by the station audit key
+// (ca/audit.key). A station without an audit key cannot sign: ErrAuditKey (run `provision audit adopt-key`).
+func (s *Station) ExportManifest(units []export.Unit, now time.Time) (doc, sig []byte, err error) {
+	key, err := loadAuditKey(s.Layout)
+	if err != nil {
+		return nil, nil, fmt.Errorf("export manifest: %w", err)
+	}
+	if key == nil {
+		return nil, nil, fmt.Errorf("export manifest: %w: %s is missing: run `provision audit adopt-key`", ErrAuditKey, s.Layout.AuditKey())
+	}
+	if doc, err = export.Manifest(s.Config.StationID, now, units); err != nil {
+		return nil, nil, fmt.Errorf("export manifest: %w", err)
+	}
+	if sig, err = export.Sign(key, doc); err != nil {
+		return nil, nil, err
+	}
+	return doc, sig, nil
+}

@@ -1,0 +1,120 @@
+package station
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"provision/export"
+)
+
+func TestExportUnitsFromTheInventory(t *testing.T) {
+	ctx := context.Background()
+	s := newStation(t)
+	out := t.TempDir()
+	if r := enrollOne(t, s, openDevice(t, "sim"), "SN-0001", out, false); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	if r := enrollOne(t, s, openDevice(t, "soft"), "SN-0002", out, false); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+
+	units, err := s.ExportUnits(ctx, ExportOptions{BundlesDir: out})
+	if err != nil || len(units) != 2 {
+		t.Fatalf("ExportUnits: %d units, %v", len(units), err)
+	}
+	for _, u := range units {
+		if u.Certificate.DER == nil || sha256Hex(u.Certificate.DER) != u.Certificate.SHA256 {
+			t.Errorf("%s: certificate not taken from its bundle", u.Serial)
+		}
+	}
+	tpmUnit := units[0]
+	if tpmUnit.Serial != "SN-0001" || tpmUnit.KeyKind != "tpm" || tpmUnit.PublicKey == nil {
+		t.Fatalf("TPM unit without its attested public key: %+v", tpmUnit)
+	}
+	if tpmUnit.EKSHA256 == "" || tpmUnit.EKPublic == nil {
+		t.Errorf("TPM unit without its EK public area: ek_sha256 %q", tpmUnit.EKSHA256)
+	}
+	cert, err := x509.ParseCertificate(tpmUnit.Certificate.DER)
+	if err != nil || !bytes.Equal(cert.RawSubjectPublicKeyInfo, tpmUnit.PublicKey) {
+		t.Errorf("the attested key is not the certificate's key (%v)", err)
+	}
+
+	// Without a copy of the certificates: Mender still gets the TPM unit's attested key; the soft unit is skipped.
+	bare, err := s.ExportUnits(ctx, ExportOptions{})
+	if err != nil || len(bare) != 2 || bare[0].Certificate.DER != nil {
+		t.Fatalf("ExportUnits without bundles: %d units, %v", len(bare), err)
+	}
+	var buf bytes.Buffer
+	skipped, err := export.Mender(&buf, bare)
+	if err != nil || len(skipped) != 1 || skipped[0].Serial != "SN-0002" {
+		t.Fatalf("mender: skipped %v, %v", skipped, err)
+	}
+	var dev export.MenderDevice
+	if err := json.Unmarshal(buf.Bytes(), &dev); err != nil {
+		t.Fatal(err)
+	}
+	if blk, _ := pem.Decode([]byte(dev.PubKey)); blk == nil || !bytes.Equal(blk.Bytes, cert.RawSubjectPublicKeyInfo) {
+		t.Errorf("mender pubkey is not the unit's key")
+	}
+
+	// Selection: one serial, --since, unknown serials.
+	one, err := s.ExportUnits(ctx, ExportOptions{Serial: "SN-0002"})
+	if err != nil || len(one) != 1 || one[0].Serial != "SN-0002" {
+		t.Errorf("--serial SN-0002: %v, %v", one, err)
+	}
+	if _, err := s.ExportUnits(ctx, ExportOptions{Serial: "SN-9999"}); !errors.Is(err, ErrRefused) {
+		t.Errorf("unknown serial: %v, want ErrRefused", err)
+	}
+	if later, err := s.ExportUnits(ctx, ExportOptions{Since: time.Now().Add(time.Hour)}); err != nil || len(later) != 0 {
+		t.Errorf("--since an hour ahead: %d units, %v", len(later), err)
+	}
+	if earlier, err := s.ExportUnits(ctx, ExportOptions{Since: time.Now().Add(-time.Hour)}); err != nil || len(earlier) != 2 {
+		t.Errorf("--since an hour ago: %d units, %v", len(earlier), err)
+	}
+
+	ca, err := s.IssuingCertPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if skipped, err := export.AWS(&bytes.Buffer{}, units, ca); err != nil || len(skipped) != 0 {
+		t.Errorf("aws: skipped %v, %v", skipped, err)
+	}
+}
+
+func TestExportManifestSignedByTheAuditKey(t *testing.T) {
+	s := newStation(t)
+	if r := enrollOne(t, s, openDevice(t, "soft"), "SN-0001", t.TempDir(), false); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	units, err := s.ExportUnits(context.Background(), ExportOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc, sig, err := s.ExportManifest(units, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := loadAuditPub(s.Layout)
+	if err != nil || !export.Verify(pub, doc, sig) || len(sig) != ed25519.SignatureSize {
+		t.Fatalf("manifest signature does not verify with ca/audit.pub (%v)", err)
+	}
+	var m export.ManifestDoc
+	if err := json.Unmarshal(doc, &m); err != nil || m.Station != "test" || len(m.Units) != 1 || m.Units[0].Certificate.SHA256 == "" {
+		t.Errorf("manifest: %+v, %v", m, err)
+	}
+	if err := os.Remove(filepath.Join(s.Layout.Dir, "ca", "audit.key")); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.ExportManifest(units, time.Now()); !errors.Is(err, ErrAuditKey) {
+		t.Errorf("without ca/audit.key: %v, want ErrAuditKey", err)
+	}
+}
