@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
 	"flag"
@@ -158,6 +159,15 @@ func TestExportFieldsMeanWhatTheySay(t *testing.T) {
 	want := b64(append([]byte{byte(len(ek) >> 8), byte(len(ek))}, ek...))
 	if !strings.Contains(buf.String(), `"endorsementKey":"`+want+`"`) {
 		t.Errorf("azure endorsementKey is not TPM2B_PUBLIC of the EK: %s", buf.String())
+	}
+	// go-tpm reads it back as a TPM2B_PUBLIC holding the RSA EK.
+	raw, _ := base64.StdEncoding.DecodeString(want)
+	t2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pub, err := t2b.Contents(); err != nil || pub.Type != tpm2.TPMAlgRSA {
+		t.Errorf("endorsementKey does not hold the RSA EK: %v", err)
 	}
 	// A copy that is not the inventory's certificate is never exported.
 	bad := units[1]

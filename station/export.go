@@ -96,7 +96,7 @@ func (s *Station) exportUnit(ctx context.Context, u inventory.Unit, opt ExportOp
 	eu := export.Unit{Serial: u.Serial, State: string(u.State), Station: u.Station, Operator: u.Operator, Updated: u.Updated,
 		KeyKind: u.KeyKind, EKSHA256: u.EKSHA256, Fields: u.Fields,
 		Certificate: export.Certificate{Serial: c.Serial, SHA256: c.SHA256, NotAfter: c.NotAfter}}
-	if eu.Certificate.DER, err = s.certificateDER(ctx, c, opt.BundlesDir); err != nil {
+	if eu.Certificate.DER, err = certificateDER(ctx, s.Inv, c, opt.BundlesDir); err != nil {
 		return export.Unit{}, err
 	}
 	a, err := s.Inv.Attestation(ctx, u.Serial)
@@ -122,10 +122,11 @@ func (s *Station) exportUnit(ctx context.Context, u inventory.Unit, opt ExportOp
 	return eu, nil
 }
 
-// certificateDER is the DER of certificate c: from the inventory when it keeps it, else from the unit's enroll bundle
-// when bundles is set and the bundle's device.crt is that certificate; nil when neither has it.
-func (s *Station) certificateDER(ctx context.Context, c inventory.Certificate, bundles string) ([]byte, error) {
-	if r, ok := any(s.Inv).(certificateDERReader); ok {
+// certificateDER is the DER of certificate c: from inv when it keeps certificates (certificateDERReader), else from
+// the unit's enroll bundle when bundles is set and the bundle's device.crt is that certificate; nil when neither has it.
+// A copy whose fingerprint is not the inventory's is never used.
+func certificateDER(ctx context.Context, inv any, c inventory.Certificate, bundles string) ([]byte, error) {
+	if r, ok := inv.(certificateDERReader); ok {
 		der, err := r.CertificateDER(ctx, c.Serial)
 		if err == nil && sha256Hex(der) == c.SHA256 {
 			return der, nil

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"provision/export"
+	"provision/inventory"
 )
 
 func TestExportUnitsFromTheInventory(t *testing.T) {
@@ -116,5 +117,31 @@ func TestExportManifestSignedByTheAuditKey(t *testing.T) {
 	}
 	if _, _, err := s.ExportManifest(units, time.Now()); !errors.Is(err, ErrAuditKey) {
 		t.Errorf("without ca/audit.key: %v, want ErrAuditKey", err)
+	}
+}
+
+// derInventory is an inventory that keeps certificate DER, as certificateDERReader describes.
+type derInventory map[string][]byte
+
+func (d derInventory) CertificateDER(_ context.Context, serial string) ([]byte, error) {
+	if der, ok := d[serial]; ok {
+		return der, nil
+	}
+	return nil, inventory.ErrNotFound
+}
+
+// Once the inventory keeps certificates, they come from it; a copy that is not the recorded certificate is ignored.
+func TestExportCertificateFromAnInventoryThatKeepsDER(t *testing.T) {
+	ctx := context.Background()
+	der := []byte("certificate DER")
+	c := inventory.Certificate{Serial: "01", Unit: "SN-0001", SHA256: sha256Hex(der)}
+	if got, err := certificateDER(ctx, derInventory{"01": der}, c, ""); err != nil || !bytes.Equal(got, der) {
+		t.Errorf("from the inventory: %q, %v", got, err)
+	}
+	if got, err := certificateDER(ctx, derInventory{"01": []byte("another")}, c, ""); err != nil || got != nil {
+		t.Errorf("a mismatched copy: %q, %v", got, err)
+	}
+	if got, err := certificateDER(ctx, derInventory{}, c, ""); err != nil || got != nil {
+		t.Errorf("none kept: %q, %v", got, err)
 	}
 }
