@@ -82,6 +82,26 @@ func TestExportUnitsFromTheInventory(t *testing.T) {
 		t.Errorf("--since an hour ago: %d units, %v", len(earlier), err)
 	}
 
+	// Azure: TPM attestation exactly when the unit's EK is RSA; X.509 for the soft unit.
+	var az bytes.Buffer
+	if skipped, err := export.Azure(&az, units); err != nil || len(skipped) != 0 {
+		t.Fatalf("azure: skipped %v, %v", skipped, err)
+	}
+	var enr []export.AzureEnrollment
+	for _, line := range bytes.Split(bytes.TrimSpace(az.Bytes()), []byte("\n")) {
+		var e export.AzureEnrollment
+		if err := json.Unmarshal(line, &e); err != nil {
+			t.Fatal(err)
+		}
+		enr = append(enr, e)
+	}
+	if rsa := tpmUnit.EKPublic[0] == 0 && tpmUnit.EKPublic[1] == 1; (enr[0].Attestation.Type == "tpm") != rsa {
+		t.Errorf("TPM unit: attestation %q with an RSA EK: %v", enr[0].Attestation.Type, rsa)
+	}
+	if enr[1].Attestation.Type != "x509" {
+		t.Errorf("soft unit: attestation %q, want x509", enr[1].Attestation.Type)
+	}
+
 	ca, err := s.IssuingCertPEM()
 	if err != nil {
 		t.Fatal(err)

@@ -69,6 +69,18 @@ func TestExportCmd(t *testing.T) {
 	if code != 0 || !strings.Contains(stdout, `"ThingName":"SN-0002"`) || strings.Contains(stdout, "SN-0001") {
 		t.Errorf("--serial SN-0002: exit %d, %s", code, stdout)
 	}
+	// The AWS line's CA certificate is the one that issued its certificate (what register-ca-certificate needs).
+	var thing struct{ CertificatePem, CACertificatePem string }
+	if err := json.Unmarshal([]byte(stdout), &thing); err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	os.WriteFile(filepath.Join(tmp, "ca.pem"), []byte(thing.CACertificatePem), 0o644)
+	os.WriteFile(filepath.Join(tmp, "cert.pem"), []byte(thing.CertificatePem), 0o644)
+	if out, err := exec.Command("openssl", "verify", "-partial_chain", "-CAfile", filepath.Join(tmp, "ca.pem"),
+		filepath.Join(tmp, "cert.pem")).CombinedOutput(); err != nil {
+		t.Errorf("openssl verify of the AWS line: %v\n%s", err, out)
+	}
 	if stdout, _, code = runExport(t, dir, "--format", "aws", "--since", "2999-01-01"); code != 0 || stdout != "" {
 		t.Errorf("--since in the future: exit %d, %q", code, stdout)
 	}
