@@ -48,7 +48,7 @@ func (m Model) start(serial string, reprovision bool) (tea.Model, tea.Cmd) {
 	m.run++
 	m.cancel, m.cancelling = cancel, false
 	m.phase, m.serial, m.banner, m.cause, m.advice = phaseRunning, serial, "", "", ""
-	m.steps = nil
+	m.steps, m.label = nil, labelState{}
 	for _, s := range station.Steps {
 		m.steps = append(m.steps, stepLine{name: s})
 	}
@@ -126,7 +126,10 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 		m.tpm = tpmAnswers // the unit's key was made in it
 		m.header.Today[m.serial] = resultShippable
 		m.history = append(m.history, historyLine{m.serial, "SHIPPABLE", now})
-		return m, quit
+		if quit != nil {
+			return m, quit
+		}
+		return m.printLabel()
 	case interrupted(d.err):
 		m.banner = bannerCancelled
 		m.cause = "cancelled: stopped between steps; the inventory is consistent and the unit resumes where it stopped"
