@@ -191,8 +191,18 @@ func TestFilePrinter(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(dir, "SN-0001.zpl")); err != nil || string(b) != "^XA^XZ" {
 		t.Fatalf("file: %q %v", b, err)
 	}
-	if err := (FilePrinter{Path: filepath.Join(dir, "none", "x")}).Print(context.Background(), "S", nil); err == nil {
+	if err := Check(p); err != nil {
+		t.Fatal(err)
+	}
+	missing := FilePrinter{Path: filepath.Join(dir, "none", "{serial}")}
+	if err := missing.Print(context.Background(), "S", nil); err == nil {
 		t.Fatal("printed into a missing directory")
+	}
+	if err := Check(missing); err == nil {
+		t.Fatal("Check accepted a missing directory")
+	}
+	if err := Check(LPRPrinter{Command: filepath.Join(dir, "no-lpr")}); err == nil {
+		t.Fatal("Check accepted a missing lpr")
 	}
 }
 

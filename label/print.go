@@ -59,6 +59,27 @@ func ParsePrinter(spec string, f Format) (Printer, error) {
 	return nil, fmt.Errorf("label: printer %q: use file:PATH, lpr:QUEUE or tcp:HOST:PORT", spec)
 }
 
+// Check says whether a printer can be used at all, before the first label: a file printer's directory exists, lpr is
+// installed. A TCP printer is not contacted (it may be switched on later); its labels fail one by one instead.
+func Check(p Printer) error {
+	switch p := p.(type) {
+	case FilePrinter:
+		dir := filepath.Dir(strings.ReplaceAll(p.Path, "{serial}", "x"))
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return fmt.Errorf("label: %s: no directory %s", p, dir)
+		}
+	case LPRPrinter:
+		name := p.Command
+		if name == "" {
+			name = "lpr"
+		}
+		if _, err := exec.LookPath(name); err != nil {
+			return fmt.Errorf("label: %s: %w (Debian: apt-get install cups-bsd)", p, err)
+		}
+	}
+	return nil
+}
+
 // FilePrinter writes each label to a file; {serial} in Path is replaced by the unit's serial.
 type FilePrinter struct{ Path string }
 

@@ -3,12 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"provision/internal/testutil"
 	"provision/inventory"
 	"provision/label"
 	"provision/station"
@@ -87,6 +90,65 @@ func TestLabelCommand(t *testing.T) {
 	} {
 		if _, errs, code := runLabel(t, dir, tt.args...); code != tt.code || !strings.Contains(errs, tt.want) {
 			t.Errorf("label %v: exit %d %q; want exit %d with %q", tt.args, code, errs, tt.code, tt.want)
+		}
+	}
+}
+
+// The real binary's tui with a PNG label printer (a file): the unit passes, its label is printed, zbarimg reads the
+// label's QR code back, and scanning that payload is LABEL OK; another unit's label is a FAIL naming the mismatch.
+func TestLabelTUIInTmux(t *testing.T) {
+	testutil.RequireTool(t, "zbarimg")
+	dir, st, _ := sampleStation(t, "line-3", "SN-0001.img", "tmux")
+	labels := filepath.Join(dir, "labels")
+	if err := os.Mkdir(labels, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tt := startTUI(t, st, nil, "--tpm", "sim", "--operator", "dana", "--image", filepath.Join(dir, "{serial}.img"),
+		"--label-printer", "file:"+filepath.Join(labels, "{serial}.png"), "--label-format", "png")
+	tt.waitFor("scan or type a serial", "TPM sim (answers)")
+	tt.scan("SN-0001")
+	tt.waitFor("✓ SHIPPABLE", "stick it on")
+	out, err := exec.Command("zbarimg", "--quiet", "--raw", filepath.Join(labels, "SN-0001.png")).Output()
+	if err != nil {
+		t.Fatalf("zbarimg: %v", err)
+	}
+	payload := strings.TrimSpace(string(out))
+	serial, sha, err := label.ParsePayload(payload)
+	if err != nil || serial != "SN-0001" {
+		t.Fatalf("label's QR code %q: %v", payload, err)
+	}
+	tt.scan(label.Payload("SN-0009", sha))
+	tt.waitFor("WRONG LABEL", "label is for SN-0009, unit is SN-0001")
+	tt.scan(payload)
+	tt.waitFor("✓ LABEL OK", "SN-0001")
+	tt.key("C-c")
+	tt.exited(0)
+	var shownCert struct {
+		Certificates []struct {
+			SHA256 string `json:"sha256"`
+			Status string `json:"status"`
+		} `json:"certificates"`
+	}
+	if err := json.Unmarshal([]byte(mustCLI(t, st, "inventory", "show", "SN-0001", "--json")), &shownCert); err != nil {
+		t.Fatal(err)
+	}
+	if c := shownCert.Certificates; len(c) != 1 || c[0].SHA256 != sha || c[0].Status != "active" {
+		t.Fatalf("the label's fingerprint %s is not the unit's active certificate: %+v", sha, c)
+	}
+}
+
+// Bad label flags on tui are a usage error (exit 2) before anything starts.
+func TestLabelTUIFlags(t *testing.T) {
+	dir := labelStation(t)
+	for _, args := range [][]string{
+		{"--label-printer", "tcp:printer:9100", "--label-format", "png"},
+		{"--label-printer", "smb:printer"},
+		{"--label-printer", "file:" + filepath.Join(t.TempDir(), "none", "{serial}.zpl")},
+		{"--label-format", "pdf"},
+	} {
+		if _, errs, code := cli(t, dir, append([]string{"tui", "--image", "x.img", "--tpm", "sim"}, args...)...); code != exitUsage ||
+			!strings.Contains(errs, "--label-") {
+			t.Errorf("tui %v: exit %d %q, want exit 2", args, code, errs)
 		}
 	}
 }

@@ -262,6 +262,9 @@ the label again. Scanning the next serial instead simply starts the next unit.
 				if printer, err = label.ParsePrinter(labelPrinter, lf); err != nil {
 					return usageError{fmt.Errorf("tui: --label-printer: %w", err)}
 				}
+				if err := label.Check(printer); err != nil {
+					return usageError{fmt.Errorf("tui: --label-printer: %w", err)}
+				}
 			}
 			if img == "" {
 				return usagef("tui: --image is required (a path with {serial}, or the fixture's block device)")
