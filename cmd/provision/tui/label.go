@@ -97,9 +97,9 @@ func (m Model) printed(msg labelMsg) (tea.Model, tea.Cmd) {
 	return m, nil
 }
 
-// reprint is ctrl+p: print the shown unit's label again.
+// reprint is ctrl+p: print the shown unit's label again, or the label of a unit shown as already shippable.
 func (m Model) reprint() (tea.Model, tea.Cmd) {
-	if m.phase != phaseDone || m.label.status == labelNone || m.label.status == labelPrinting {
+	if m.phase != phaseDone || m.label.status == labelPrinting || m.label.status == labelNone && m.banner != bannerAlready {
 		return m, nil
 	}
 	return m.printLabel()
@@ -122,7 +122,7 @@ func (m Model) checkLabel(code string) (tea.Model, tea.Cmd) {
 		m.cause = fmt.Sprintf("label is for %s, unit is %s", serial, m.label.serial)
 	case sha != m.label.sha:
 		m.cause = fmt.Sprintf("label's certificate is not the unit's (label %s…, unit %s…): an old label of this unit",
-			sha[:12], m.label.sha[:12])
+			prefix(sha, 12), prefix(m.label.sha, 12))
 	default:
 		m.banner, m.cause, m.advice = bannerLabelOK, "", "scan the next unit"
 		m.history = append(m.history, historyLine{m.serial, "LABEL OK", time.Now()})
@@ -149,6 +149,13 @@ func (m Model) labelLine(w int) string {
 		return failSt.Render("✗ ") + cut("label NOT printed: "+m.label.err+"; ctrl+p prints it again", w-2)
 	}
 	return ""
+}
+
+func prefix(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
 }
 
 // isLabelCode says whether a scan is a label's QR code rather than a serial.

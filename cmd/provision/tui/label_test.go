@@ -139,6 +139,19 @@ func TestLabelNotPrinted(t *testing.T) {
 		t.Fatalf("ctrl+p: status %d", got.label.status)
 	}
 
+	// A unit already shippable: ctrl+p prints its label, which can then be checked.
+	m = New(b, h)
+	m.phase, m.serial, m.banner = phaseDone, "SN-0001", bannerAlready
+	nm, cmd = m.Update(key(tea.KeyCtrlP))
+	if got := nm.(Model); got.label.status != labelPrinting || got.label.serial != "SN-0001" || cmd == nil {
+		t.Fatalf("ctrl+p on an already shippable unit: status %d", got.label.status)
+	}
+	nm, _ = nm.Update(labelMsg{run: m.run, sha: strings.Repeat("c", 64)})
+	nm, _ = scanKeys(t, nm, label.Payload("SN-0001", strings.Repeat("c", 64)))
+	if got := nm.(Model); got.banner != bannerLabelOK {
+		t.Fatalf("banner %q after scanning the reprinted label", got.banner)
+	}
+
 	// No label printer: a label code is never taken for a serial, and nothing is checked.
 	m = New(rb, h)
 	m.phase, m.serial, m.banner = phaseDone, "SN-0001", bannerPass

@@ -109,6 +109,9 @@ func (m Model) already(a alreadyMsg) (tea.Model, tea.Cmd) {
 	m.cause = fmt.Sprintf("%s was already provisioned on %s by %s: nothing changed", m.serial,
 		a.since.Local().Format("2006-01-02 15:04"), orDash(a.operator))
 	m.advice = "set the unit aside; ctrl+r twice re-provisions it"
+	if m.labeller() != nil {
+		m.advice += "; ctrl+p prints its label"
+	}
 	return m, quit
 }
 
