@@ -14,6 +14,7 @@ import (
 	"provision/cmd/provision/tui"
 	"provision/image/golden"
 	"provision/inventory"
+	"provision/label"
 	"provision/simulator"
 	"provision/station"
 	"provision/station/ca"
@@ -30,6 +31,30 @@ type tuiBackend struct {
 	makeImgs  bool                    // --demo: generate a sample image for a unit that has none
 	opening   atomic.Int32            // TPM opens in progress (one that outlived its caller may still wait for the TPM)
 	sync      *station.Syncer         // nil without a central store
+	printer   label.Printer           // nil: no labels
+	labelFmt  label.Format
+	labelName string // --label-title
+}
+
+// LabelPrinter names the label printer (tui.Labeller); "" without one.
+func (b *tuiBackend) LabelPrinter() string {
+	if b.printer == nil {
+		return ""
+	}
+	return b.printer.String() + " (" + string(b.labelFmt) + ")"
+}
+
+// PrintLabel prints the label of a unit that passed, from its active certificate in the inventory (tui.Labeller).
+func (b *tuiBackend) PrintLabel(ctx context.Context, serial string) (string, error) {
+	l, err := unitLabel(ctx, b.st.Inv, serial, b.labelName)
+	if err != nil {
+		return "", err
+	}
+	data, err := l.Render(b.labelFmt)
+	if err != nil {
+		return l.CertSHA256, err
+	}
+	return l.CertSHA256, b.printer.Print(ctx, serial, data)
 }
 
 // CentralStatus is the header line about the central store (tui.CentralReporter); "" without one.
@@ -172,6 +197,7 @@ func newTUICmd(g *globals) *cobra.Command {
 	var img, tpmURI, operator, profile string
 	var hf handshakeFlags
 	var demo bool
+	var labelPrinter, labelFormat, labelTitle string
 	c := &cobra.Command{
 		Use:   "tui --image PATH [--operator NAME] [--tpm URI] [--endpoint URL --endpoint-ca FILE]",
 		Short: "The operator's terminal UI for the line: scan a serial, the unit is provisioned, PASS or FAIL",
@@ -194,6 +220,11 @@ PROVISION_CA_PASSPHRASE is not set (not shown as typed).
 
 --image names the unit's storage: a path with {serial} (images/{serial}.img) or the fixture's block device (/dev/sda)
 used for every unit. --operator is recorded with every unit (asked at start when not given).
+--label-printer prints each unit's label as soon as it passes (serial, date, and a QR code with the serial and the
+certificate fingerprint; see "provision label"): file:PATH ({serial} in PATH), lpr:QUEUE (lpr -o raw for ZPL; lpr: the
+default queue) or tcp:HOST:9100 (raw ZPL); --label-format zpl (default) or png. Then the screen asks for the label's QR
+code: scanning it checks that the label is the unit's (LABEL OK, or a FAIL band naming the mismatch); ctrl+p prints
+the label again. Scanning the next serial instead simply starts the next unit.
 --demo: simulator TPM, a throw-away station and generated sample images: try it in one command.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -221,6 +252,19 @@ used for every unit. --operator is recorded with every unit (asked at start when
 			}
 			if err := hf.check("tui"); err != nil {
 				return err
+			}
+			var printer label.Printer
+			lf, err := label.ParseFormat(labelFormat)
+			if err != nil {
+				return usageError{fmt.Errorf("tui: --label-format: %w", err)}
+			}
+			if labelPrinter != "" {
+				if printer, err = label.ParsePrinter(labelPrinter, lf); err != nil {
+					return usageError{fmt.Errorf("tui: --label-printer: %w", err)}
+				}
+				if err := label.Check(printer); err != nil {
+					return usageError{fmt.Errorf("tui: --label-printer: %w", err)}
+				}
 			}
 			if img == "" {
 				return usagef("tui: --image is required (a path with {serial}, or the fixture's block device)")
@@ -258,7 +302,8 @@ used for every unit. --operator is recorded with every unit (asked at start when
 			// The TPM is not opened here: the screen probes it in the background, so a silent TPM never blocks it.
 			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, CAExpiry: caExpiry(st), CALocked: locked,
 				Profile: profile, ImageTarget: img, Handshake: hc.String(), Today: todayUnits(ctx, st.Inv)}
-			b := &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo}
+			b := &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo,
+				printer: printer, labelFmt: lf, labelName: labelTitle}
 			if b.sync = st.NewSyncer(2 * time.Second); b.sync != nil {
 				sctx, stop := context.WithCancel(ctx)
 				done := make(chan struct{})
@@ -275,6 +320,9 @@ used for every unit. --operator is recorded with every unit (asked at start when
 	f.StringVar(&operator, "operator", "", "operator name recorded with every unit (asked at start when empty)")
 	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
 	hf.register(f)
+	f.StringVar(&labelPrinter, "label-printer", "", "print each passing unit's label: file:PATH, lpr:QUEUE or tcp:HOST:9100")
+	f.StringVar(&labelFormat, "label-format", "zpl", "label format: zpl (thermal printers) or png")
+	f.StringVar(&labelTitle, "label-title", "", "a product name printed above the serial on labels")
 	f.BoolVar(&demo, "demo", false, "simulator TPM, throw-away station, generated sample images")
 	return c
 }

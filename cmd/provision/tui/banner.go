@@ -9,6 +9,8 @@ var font = map[rune][5]string{
 	'F': {"█████", "█    ", "████ ", "█    ", "█    "},
 	'I': {"███", " █ ", " █ ", " █ ", "███"},
 	'L': {"█    ", "█    ", "█    ", "█    ", "█████"},
+	'O': {" ███ ", "█   █", "█   █", "█   █", " ███ "},
+	'K': {"█   █", "█  █ ", "███  ", "█  █ ", "█   █"},
 }
 
 // blockWord renders word in the block font (5 rows), or nil when word is empty or has a letter the font lacks.

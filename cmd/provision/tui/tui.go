@@ -144,6 +144,7 @@ type Model struct {
 	probeWait  time.Duration // ProbeTimeout; shorter in tests
 	unlocking  bool
 	help       bool
+	label      labelState // the shown unit's label (labels on)
 	width      int
 	height     int
 }
@@ -243,6 +244,8 @@ func (m Model) Update(msg tea.Msg) (tea.Model, tea.Cmd) {
 		return m, tea.Tick(ProbeEvery, func(time.Time) tea.Msg { return probeTickMsg{} })
 	case unlockMsg:
 		return m.unlocked(msg)
+	case labelMsg:
+		return m.printed(msg)
 	case InterruptMsg:
 		m.signalled = true
 		if m.phase == phaseRunning {
@@ -313,6 +316,8 @@ func (m Model) key(k tea.KeyMsg) (tea.Model, tea.Cmd) {
 		return m, nil
 	case tea.KeyCtrlR:
 		return m.again(prev)
+	case tea.KeyCtrlP:
+		return m.reprint()
 	case tea.KeyEnter, tea.KeyCtrlJ: // scanners end a scan with CR (Enter) or LF (ctrl+j)
 		return m.enter()
 	case tea.KeyRunes, tea.KeySpace, tea.KeyBackspace, tea.KeyDelete, tea.KeyLeft, tea.KeyRight, tea.KeyHome, tea.KeyEnd,
@@ -351,7 +356,7 @@ func (m Model) again(prev confirm) (tea.Model, tea.Cmd) {
 	switch m.banner {
 	case bannerFail, bannerCancelled:
 		return m.start(m.serial, false)
-	case bannerPass, bannerAlready:
+	case bannerPass, bannerAlready, bannerLabelOK, bannerLabelFail:
 		if prev == confirmReprovision {
 			return m.start(m.serial, true)
 		}
@@ -394,6 +399,9 @@ func (m Model) enter() (tea.Model, tea.Cmd) {
 	if v == "" {
 		return m, nil
 	}
+	if isLabelCode(v) && m.awaitsLabel() {
+		return m.checkLabel(v)
+	}
 	// A new scan replaces the previous unit on the screen, whether it is accepted or not.
 	m.serial, m.steps, m.banner, m.cause, m.advice = "", nil, "", "", ""
 	if err := m.checkScan(v); err != nil {
@@ -406,7 +414,7 @@ func (m Model) enter() (tea.Model, tea.Cmd) {
 
 // checkScan checks a scanned value; its error names the value.
 func (m Model) checkScan(v string) error {
-	if strings.HasPrefix(v, "P1/") {
+	if isLabelCode(v) {
 		return fmt.Errorf("%q is a label code, not a serial: scan the unit's serial", v)
 	}
 	if err := m.backend.CheckSerial(v); err != nil {

@@ -48,7 +48,7 @@ func (m Model) start(serial string, reprovision bool) (tea.Model, tea.Cmd) {
 	m.run++
 	m.cancel, m.cancelling = cancel, false
 	m.phase, m.serial, m.banner, m.cause, m.advice = phaseRunning, serial, "", "", ""
-	m.steps = nil
+	m.steps, m.label = nil, labelState{}
 	for _, s := range station.Steps {
 		m.steps = append(m.steps, stepLine{name: s})
 	}
@@ -109,6 +109,9 @@ func (m Model) already(a alreadyMsg) (tea.Model, tea.Cmd) {
 	m.cause = fmt.Sprintf("%s was already provisioned on %s by %s: nothing changed", m.serial,
 		a.since.Local().Format("2006-01-02 15:04"), orDash(a.operator))
 	m.advice = "set the unit aside; ctrl+r twice re-provisions it"
+	if m.labeller() != nil {
+		m.advice += "; ctrl+p prints its label"
+	}
 	return m, quit
 }
 
@@ -126,7 +129,10 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 		m.tpm = tpmAnswers // the unit's key was made in it
 		m.header.Today[m.serial] = resultShippable
 		m.history = append(m.history, historyLine{m.serial, "SHIPPABLE", now})
-		return m, quit
+		if quit != nil {
+			return m, quit
+		}
+		return m.printLabel()
 	case interrupted(d.err):
 		m.banner = bannerCancelled
 		m.cause = "cancelled: stopped between steps; the inventory is consistent and the unit resumes where it stopped"

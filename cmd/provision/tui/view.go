@@ -83,6 +83,9 @@ func (m Model) View() string {
 	if m.cause != "" {
 		line(clampLines(wrap(m.cause, w), 2, w))
 	}
+	if l := m.labelLine(w); l != "" {
+		line(l)
+	}
 	if m.advice != "" && m.phase == phaseDone {
 		line(titleSt.Render(clampLines(wrap("→ "+m.advice, w), 2, w)))
 	}
@@ -165,6 +168,10 @@ func (m Model) bandView(w int) string {
 		st, word, side = passBand, "PASS", []string{"", "✓ SHIPPABLE", "", m.serial, ""}
 	case bannerFail:
 		st, word, side = failBand, "FAIL", []string{"", "✗ FAILED", "", m.serial, ""}
+	case bannerLabelOK:
+		st, word, side = passBand, "OK", []string{"", "✓ LABEL OK", "", m.serial, ""}
+	case bannerLabelFail:
+		st, word, side = failBand, "FAIL", []string{"", "✗ WRONG LABEL", "", m.serial, ""}
 	case bannerAlready:
 		st, side = warnBand, []string{"", "ALREADY SHIPPABLE  " + m.serial + "  (not touched)", ""}
 	default:
@@ -184,6 +191,8 @@ func (m Model) bandView(w int) string {
 
 const helpText = `Keys: a barcode scanner types only characters and Enter; the rest are commands.
   Enter    ends a scan: the unit starts (the field is cleared, accepted or not)
+  ctrl+p   prints the shown unit's label again (with a label printer); scanning
+           the label's QR code checks that it is the unit's own label
   ctrl+r   runs the shown unit again: a failed or cancelled unit resumes at
            once, a shippable one is re-provisioned when ctrl+r is pressed twice
   Esc      cancels the running unit: it stops between steps, the inventory stays
