@@ -14,7 +14,7 @@ import (
 
 const module = "provision"
 
-var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile", "central", "export"}
+var leaves = []string{"tpm", "image", "inventory", "station/ca", "station/handshake", "station/profile", "central", "export", "label"}
 
 type pkg struct {
 	ImportPath string
