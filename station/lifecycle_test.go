@@ -126,6 +126,17 @@ func TestRevokeCRLMosquitto(t *testing.T) {
 	if err := connect(bad); err == nil || !strings.Contains(err.Error(), "rejected our certificate") {
 		t.Fatalf("the revoked unit: %v\n%s", err, m.log())
 	}
+	// A unit provisioned with the server root as its trust anchor (server_ca, written into its image by the mqtt
+	// profile) connects to the broker: the handshake step checks the broker exactly as the device will.
+	s.Config.ServerCA = "ca/server-root.crt"
+	hc, err := s.HandshakeConfig([]string{fmt.Sprintf("mqtts://localhost:%d", m.port)}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-MQTT", Image: goldenImage(t), Profile: "mqtt", Operator: "t", Handshake: hc}, nil)
+	if err != nil || pr.State != inventory.StateShippable || len(pr.Handshakes) != 1 {
+		t.Fatalf("unit trusting the server root: %v %+v\n%s", err, pr, m.log())
+	}
 	auditClean(t, s)
 }
 
