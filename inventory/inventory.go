@@ -541,20 +541,11 @@ func (tx *Tx) ActiveCertificate(serial string) (Certificate, error) {
 
 // Certificates lists every certificate issued to the unit, oldest first.
 func (db *DB) Certificates(ctx context.Context, serial string) ([]Certificate, error) {
-	rows, err := db.db.QueryContext(ctx, "SELECT "+certColumns+" FROM certificates WHERE unit = ? ORDER BY issued_at, rowid", serial)
+	certs, err := db.listCerts(ctx, "WHERE unit = ? ORDER BY issued_at, rowid", serial)
 	if err != nil {
-		return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, classify(err))
+		return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, err)
 	}
-	defer rows.Close()
-	var out []Certificate
-	for rows.Next() {
-		c, err := scanCert(rows)
-		if err != nil {
-			return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, classify(err))
-		}
-		out = append(out, c)
-	}
-	return out, rows.Err()
+	return certs, nil
 }
 
 // AddCertificate records a newly issued certificate as the unit's active one; any other active certificate of the unit is

@@ -89,27 +89,38 @@ func (tx *Tx) Revoke(certSerial, reason string, at time.Time) error {
 }
 
 // RevokedCertificates lists the certificates on the CRL at time now: revoked (or superseded and revoked) and not yet
-// expired (an expired certificate ages out of the CRL), oldest revocation first.
+// expired (an expired certificate ages out of the CRL), oldest revocation first. Times are compared as stored text
+// (RFC 3339 UTC), so the bound is taken to the second, as certificates' times are.
 func (db *DB) RevokedCertificates(ctx context.Context, now time.Time) ([]Certificate, error) {
-	return db.listCerts(ctx, "WHERE revoked_at != '' AND not_after > ? ORDER BY revoked_at, rowid", fmtTime(now))
+	certs, err := db.listCerts(ctx, "WHERE revoked_at != '' AND not_after > ? ORDER BY revoked_at, rowid", fmtTime(now.Truncate(time.Second)))
+	if err != nil {
+		return nil, fmt.Errorf("inventory: revoked certificates: %w", err)
+	}
+	return certs, nil
 }
 
 // ExpiringCertificates lists the active certificates that expire before the given time, soonest first.
 func (db *DB) ExpiringCertificates(ctx context.Context, before time.Time) ([]Certificate, error) {
-	return db.listCerts(ctx, "WHERE status = 'active' AND not_after < ? ORDER BY not_after, unit", fmtTime(before))
+	certs, err := db.listCerts(ctx, "WHERE status = 'active' AND not_after < ? ORDER BY not_after, unit", fmtTime(before.Truncate(time.Second)))
+	if err != nil {
+		return nil, fmt.Errorf("inventory: expiring certificates: %w", err)
+	}
+	return certs, nil
 }
+
+// listCerts lists certificates by a WHERE (and ORDER BY) clause.
 
 func (db *DB) listCerts(ctx context.Context, where string, args ...any) ([]Certificate, error) {
 	rows, err := db.db.QueryContext(ctx, "SELECT "+certColumns+" FROM certificates "+where, args...)
 	if err != nil {
-		return nil, fmt.Errorf("inventory: certificates: %w", classify(err))
+		return nil, classify(err)
 	}
 	defer rows.Close()
 	var out []Certificate
 	for rows.Next() {
 		c, err := scanCert(rows)
 		if err != nil {
-			return nil, fmt.Errorf("inventory: certificates: %w", classify(err))
+			return nil, classify(err)
 		}
 		out = append(out, c)
 	}
