@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"provision/central"
 	"provision/internal/fsutil"
 	"provision/inventory"
 	"provision/station/ca"
@@ -143,12 +144,13 @@ func (s *Station) CRL(ctx context.Context) (der []byte, number int64, err error)
 func CRLPEM(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}) }
 
 // ServeCRL is the hook for `provision serve`'s GET /crl/{station_id} (server.Config.CRL): this station's latest CRL
-// (DER) for its own id, inventory.ErrNotFound for another id or before the first CRL. With the CA loaded (s.CA), a
+// (DER) for its own id; for another id or before the first CRL an error wrapping both inventory.ErrNotFound and
+// central.ErrNotFound (the server's 404). With the CA loaded (s.CA), a
 // CRL past half its validity is made anew first, so a running serve keeps it fresh; without it, `provision crl` must
 // run at least every crl.next_update_hours (a timer).
 func (s *Station) ServeCRL(ctx context.Context, stationID string) ([]byte, error) {
 	if stationID != s.Config.StationID {
-		return nil, fmt.Errorf("crl of station %q: %w", stationID, inventory.ErrNotFound)
+		return nil, fmt.Errorf("crl of station %q: not this station (%s): %w: %w", stationID, s.Config.StationID, inventory.ErrNotFound, central.ErrNotFound)
 	}
 	der, err := os.ReadFile(s.Layout.CRLFile())
 	stale := err != nil
@@ -166,7 +168,7 @@ func (s *Station) ServeCRL(ctx context.Context, stationID string) ([]byte, error
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("crl of station %q: no CRL made yet (run provision crl): %w", stationID, inventory.ErrNotFound)
+		return nil, fmt.Errorf("crl of station %q: no CRL made yet (run provision crl): %w: %w", stationID, inventory.ErrNotFound, central.ErrNotFound)
 	}
 	return der, nil
 }

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"provision/central"
 	"provision/internal/testutil"
 	"provision/inventory"
 	"provision/station/ca"
@@ -68,7 +69,7 @@ func TestRevokeCRLMosquitto(t *testing.T) {
 	if served, err := s.ServeCRL(ctx, "test"); err != nil || string(served) != string(der) {
 		t.Fatalf("serve CRL: %v", err)
 	}
-	if _, err := s.ServeCRL(ctx, "other"); !errors.Is(err, inventory.ErrNotFound) {
+	if _, err := s.ServeCRL(ctx, "other"); !errors.Is(err, inventory.ErrNotFound) || !errors.Is(err, central.ErrNotFound) {
 		t.Fatalf("another station's CRL: %v", err)
 	}
 	crlPEM := s.Layout.CRLPEMFile()
