@@ -305,3 +305,34 @@ func publicKeysEqualForTest(a, b *x509.Certificate) bool {
 	pb, _ := x509.MarshalPKIXPublicKey(b.PublicKey)
 	return string(pa) == string(pb)
 }
+
+// A run interrupted after sign resumes with a new key and certificate: the interrupted run's certificate is on the
+// CRL as superseded.
+func TestResumedUnitSupersededOnCRL(t *testing.T) {
+	s := newStation(t)
+	d := openDevice(t, "soft")
+	img := goldenImage(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	first, err := s.Provision(ctx, d, ProvisionRequest{Serial: "SN-RES", Image: img}, func(e Event) {
+		if e.Step == StepSign && e.Status == StatusOK {
+			cancel()
+		}
+	})
+	if !errors.Is(err, ErrInterrupted) || first.Certificate == nil {
+		t.Fatalf("interrupted run: %v", err)
+	}
+	second, err := s.Provision(context.Background(), d, ProvisionRequest{Serial: "SN-RES", Image: img}, nil)
+	if err != nil || second.Certificate.Equal(first.Certificate) {
+		t.Fatalf("resumed run: %v", err)
+	}
+	der, _, err := s.CRL(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rl, _ := x509.ParseRevocationList(der)
+	if len(rl.RevokedCertificateEntries) != 1 || rl.RevokedCertificateEntries[0].SerialNumber.Cmp(first.Certificate.SerialNumber) != 0 ||
+		rl.RevokedCertificateEntries[0].ReasonCode != 4 {
+		t.Fatalf("CRL entries %+v", rl.RevokedCertificateEntries)
+	}
+	auditClean(t, s)
+}
