@@ -32,28 +32,39 @@ const (
 	ServerClientCAFile = "client-ca.crt" // the device chain (issuing CA, root): what the server verifies devices with
 )
 
+// MakeServerRoot makes the station's server root (ca/server-root.crt, key ca/server-root.key 0600, encrypted with
+// passphrase when set) unless it exists; created reports whether it did. For init, and on first use.
+func MakeServerRoot(l Layout, stationID string, passphrase []byte) (sca *ca.ServerCA, created bool, err error) {
+	if _, err := os.Stat(l.ServerRootCert()); err == nil {
+		return nil, false, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, false, fmt.Errorf("server CA: %w: %v", ErrCA, err)
+	}
+	g, err := ca.GenerateServerRoot(stationID, time.Time{})
+	if err != nil {
+		return nil, false, err
+	}
+	key, err := ca.MarshalKey(g.Signer, passphrase)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := fsutil.WriteFileSync(l.ServerRootKey(), key, 0o600); err != nil {
+		return nil, false, fmt.Errorf("server CA: %w", err)
+	}
+	if err := fsutil.WriteFileSync(l.ServerRootCert(), ca.EncodeCerts(g.Root), 0o644); err != nil {
+		return nil, false, fmt.Errorf("server CA: %w", err)
+	}
+	return g, true, nil
+}
+
 // ServerRoot loads the server root, making it first when the station has none (created reports that). The key is
 // encrypted at rest with passphrase, as the CA keys are.
 func (s *Station) ServerRoot(passphrase []byte) (sca *ca.ServerCA, created bool, err error) {
 	l := s.Layout
-	certPEM, err := os.ReadFile(l.ServerRootCert())
-	if errors.Is(err, fs.ErrNotExist) {
-		g, err := ca.GenerateServerRoot(s.Config.StationID, time.Time{})
-		if err != nil {
-			return nil, false, err
-		}
-		key, err := ca.MarshalKey(g.Signer, passphrase)
-		if err != nil {
-			return nil, false, err
-		}
-		if err := fsutil.WriteFileSync(l.ServerRootKey(), key, 0o600); err != nil {
-			return nil, false, fmt.Errorf("server CA: %w", err)
-		}
-		if err := fsutil.WriteFileSync(l.ServerRootCert(), ca.EncodeCerts(g.Root), 0o644); err != nil {
-			return nil, false, fmt.Errorf("server CA: %w", err)
-		}
-		return g, true, nil
+	if sca, created, err := MakeServerRoot(l, s.Config.StationID, passphrase); err != nil || created {
+		return sca, created, err
 	}
+	certPEM, err := os.ReadFile(l.ServerRootCert())
 	if err != nil {
 		return nil, false, fmt.Errorf("server CA: %w: %v", ErrCA, err)
 	}
