@@ -336,3 +336,22 @@ func TestResumedUnitSupersededOnCRL(t *testing.T) {
 	}
 	auditClean(t, s)
 }
+
+func TestCRLConfig(t *testing.T) {
+	base := string(DefaultConfig("line-1").Marshal())
+	if !strings.Contains(base, "# crl:\n#   url: \"http://provision.factory.example:8080/crl/line-1\"") {
+		t.Fatalf("station.yaml lacks the commented crl example:\n%s", base)
+	}
+	c, err := ParseConfig("station.yaml", []byte(base+"crl:\n  url: \"http://crl.example/crl/line-1\"\n  next_update_hours: 12\n"))
+	if err != nil || c.CRL.NextUpdate() != 12*time.Hour || c.CRL.DistributionPoints()[0] != "http://crl.example/crl/line-1" {
+		t.Fatalf("crl config: %+v, %v", c, err)
+	}
+	if c, _ := ParseConfig("station.yaml", []byte(base)); c.CRL.NextUpdate() != 24*time.Hour || c.CRL.DistributionPoints() != nil {
+		t.Fatalf("default crl config: %+v", c.CRL)
+	}
+	for _, bad := range []string{"crl:\n  next_update_hours: -1\n", "crl:\n  url: \"not a url\"\n"} {
+		if _, err := ParseConfig("station.yaml", []byte(base+bad)); !errors.Is(err, ErrConfig) {
+			t.Fatalf("%q: %v", bad, err)
+		}
+	}
+}
