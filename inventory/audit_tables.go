@@ -12,6 +12,8 @@ type StateRule func(step, outcome string) []State
 
 // DefaultStateRule: failed → failed; shippable → shippable; ok of key → keyed, sign → certified (or keyed: enroll
 // before the one state machine), image → imaged, verify → verified, bundle → certified; anything else changes nothing.
+// The lifecycle steps (rma ok → returned; revoke, rotate: no change) are read the same way whichever rule is given
+// (lifecycle.go).
 func DefaultStateRule(step, outcome string) []State {
 	switch outcome {
 	case "failed":
@@ -42,6 +44,7 @@ func checkTables(ctx context.Context, q queryer, events []Event, rule StateRule,
 	if rule == nil {
 		rule = DefaultStateRule
 	}
+	rule = lifecycleRule(rule)
 	units := map[string]string{}
 	rows, err := q.QueryContext(ctx, "SELECT serial, state FROM units ORDER BY serial")
 	if err != nil {
@@ -95,7 +98,7 @@ func checkTables(ctx context.Context, q queryer, events []Event, rule StateRule,
 		if e.CertSHA256 != "" && !known[e.CertSHA256] {
 			problem(e.Seq, "names certificate %.16s…, which the certificates table does not hold (record removed or altered)", e.CertSHA256)
 		}
-		if e.Step == "sign" && e.Outcome == "ok" && e.CertSHA256 != "" {
+		if issuingEntry(e) {
 			issued[[2]string{e.Serial, e.CertSHA256}] = true
 		}
 		if rule(e.Step, e.Outcome) != nil {

@@ -40,6 +40,8 @@ const (
 	StateVerified  State = "verified"
 	StateShippable State = "shippable"
 	StateFailed    State = "failed"
+	// StateReturned: a shipped unit came back (`provision rma`): its certificate is revoked; it is re-provisionable.
+	StateReturned State = "returned"
 )
 
 // Certificate statuses.
@@ -92,6 +94,12 @@ type Certificate struct {
 	NotAfter  time.Time
 	Status    string
 	Issued    time.Time
+	// RevokedAt and Reason: when and why it was revoked (Reason an RFC 5280 reason name in camelCase); set for revoked
+	// certificates and for superseded ones on the CRL (a resume or re-provision replaced them). Zero otherwise.
+	RevokedAt time.Time
+	Reason    string
+	// DER is the certificate itself, stored from inventory version 5 on (empty for older certificates).
+	DER []byte
 }
 
 // Event is one audit log entry. It never carries key material.
@@ -243,13 +251,11 @@ func (db *DB) migrate(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		err = db.tx(ctx, func(tx *sql.Tx) error {
-			if _, err := tx.ExecContext(ctx, string(body)); err != nil {
-				return fmt.Errorf("migration %s: %w", e.Name(), err)
-			}
-			_, err := tx.ExecContext(ctx, "PRAGMA user_version = "+strconv.Itoa(n))
-			return err
-		})
+		if strings.HasPrefix(string(body), fkOffMarker) {
+			err = db.migrateFKOff(ctx, n, e.Name(), string(body))
+		} else {
+			err = db.tx(ctx, func(tx *sql.Tx) error { return applyMigration(ctx, tx, n, e.Name(), string(body)) })
+		}
 		if err != nil {
 			return classify(err)
 		}
@@ -258,6 +264,51 @@ func (db *DB) migrate(ctx context.Context) error {
 		return fmt.Errorf("schema version %d is newer than this provision knows (%d): upgrade provision: %w", version, latest, ErrDamaged)
 	}
 	return nil
+}
+
+// fkOffMarker starts a migration that rebuilds a table other tables reference (SQLite's documented procedure for schema
+// changes ALTER TABLE cannot make): it runs with foreign key enforcement off, and every reference is checked before
+// the commit.
+const fkOffMarker = "-- provision: foreign_keys off"
+
+func applyMigration(ctx context.Context, tx *sql.Tx, n int, name, body string) error {
+	if _, err := tx.ExecContext(ctx, body); err != nil {
+		return fmt.Errorf("migration %s: %w", name, err)
+	}
+	_, err := tx.ExecContext(ctx, "PRAGMA user_version = "+strconv.Itoa(n))
+	return err
+}
+
+// migrateFKOff applies a table-rebuilding migration on one connection with foreign keys off (the pragma is a no-op
+// inside a transaction), checks the references (PRAGMA foreign_key_check) before committing, and turns them on again.
+func (db *DB) migrateFKOff(ctx context.Context, n int, name, body string) error {
+	conn, err := db.db.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, "PRAGMA foreign_keys = OFF"); err != nil {
+		return err
+	}
+	defer conn.ExecContext(context.WithoutCancel(ctx), "PRAGMA foreign_keys = ON")
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := applyMigration(ctx, tx, n, name, body); err != nil {
+		return err
+	}
+	rows, err := tx.QueryContext(ctx, "PRAGMA foreign_key_check")
+	if err != nil {
+		return err
+	}
+	bad := rows.Next()
+	rows.Close()
+	if bad {
+		return fmt.Errorf("migration %s: a foreign key does not hold after the rebuild: %w", name, ErrDamaged)
+	}
+	return tx.Commit()
 }
 
 func migrationNumber(name string) (int, error) {
@@ -457,13 +508,13 @@ func (tx *Tx) PutUnit(u Unit) error {
 	return nil
 }
 
-const certColumns = "serial, unit, sha256, not_before, not_after, status, issued_at"
+const certColumns = "serial, unit, sha256, not_before, not_after, status, issued_at, revoked_at, revocation_reason, der"
 
 func scanCert(row interface{ Scan(...any) error }) (Certificate, error) {
 	var c Certificate
-	var nb, na, issued string
-	err := row.Scan(&c.Serial, &c.Unit, &c.SHA256, &nb, &na, &c.Status, &issued)
-	c.NotBefore, c.NotAfter, c.Issued = parseTime(nb), parseTime(na), parseTime(issued)
+	var nb, na, issued, revoked string
+	err := row.Scan(&c.Serial, &c.Unit, &c.SHA256, &nb, &na, &c.Status, &issued, &revoked, &c.Reason, &c.DER)
+	c.NotBefore, c.NotAfter, c.Issued, c.RevokedAt = parseTime(nb), parseTime(na), parseTime(issued), parseTime(revoked)
 	return c, err
 }
 
@@ -490,33 +541,33 @@ func (tx *Tx) ActiveCertificate(serial string) (Certificate, error) {
 
 // Certificates lists every certificate issued to the unit, oldest first.
 func (db *DB) Certificates(ctx context.Context, serial string) ([]Certificate, error) {
-	rows, err := db.db.QueryContext(ctx, "SELECT "+certColumns+" FROM certificates WHERE unit = ? ORDER BY issued_at, rowid", serial)
+	certs, err := db.listCerts(ctx, "WHERE unit = ? ORDER BY issued_at, rowid", serial)
 	if err != nil {
-		return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, classify(err))
+		return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, err)
 	}
-	defer rows.Close()
-	var out []Certificate
-	for rows.Next() {
-		c, err := scanCert(rows)
-		if err != nil {
-			return nil, fmt.Errorf("inventory: certificates of %q: %w", serial, classify(err))
-		}
-		out = append(out, c)
-	}
-	return out, rows.Err()
+	return certs, nil
 }
 
 // AddCertificate records a newly issued certificate as the unit's active one; any other active certificate of the unit is
-// marked superseded in the same transaction.
-func (tx *Tx) AddCertificate(c Certificate) error {
-	if _, err := tx.tx.ExecContext(tx.ctx, "UPDATE certificates SET status = 'superseded' WHERE unit = ? AND status = 'active'", c.Unit); err != nil {
-		return fmt.Errorf("inventory: supersede certificates of %q: %w", c.Unit, classify(err))
-	}
+// marked superseded in the same transaction and revoked with reason superseded (on the CRL from now on: a resume or
+// re-provision leaves no orphaned certificate valid). A rotation keeps the old one valid until the swap is confirmed
+// (AddRotatedCertificate).
+func (tx *Tx) AddCertificate(c Certificate) error { return tx.addCertificate(c, true) }
+
+func (tx *Tx) addCertificate(c Certificate, revokeOld bool) error {
 	if c.Issued.IsZero() {
 		c.Issued = time.Now()
 	}
-	_, err := tx.tx.ExecContext(tx.ctx, "INSERT INTO certificates ("+certColumns+") VALUES (?,?,?,?,?,?,?)",
-		c.Serial, c.Unit, c.SHA256, fmtTime(c.NotBefore), fmtTime(c.NotAfter), CertActive, fmtTime(c.Issued))
+	revokedAt, reason := fmtTime(c.Issued), ReasonSuperseded
+	if !revokeOld {
+		revokedAt, reason = "", ""
+	}
+	if _, err := tx.tx.ExecContext(tx.ctx, "UPDATE certificates SET status = 'superseded', revoked_at = ?, revocation_reason = ? WHERE unit = ? AND status = 'active'",
+		revokedAt, reason, c.Unit); err != nil {
+		return fmt.Errorf("inventory: supersede certificates of %q: %w", c.Unit, classify(err))
+	}
+	_, err := tx.tx.ExecContext(tx.ctx, "INSERT INTO certificates ("+certColumns+") VALUES (?,?,?,?,?,?,?,'','',?)",
+		c.Serial, c.Unit, c.SHA256, fmtTime(c.NotBefore), fmtTime(c.NotAfter), CertActive, fmtTime(c.Issued), c.DER)
 	if err != nil {
 		return fmt.Errorf("inventory: add certificate %s of %q: %w", c.Serial, c.Unit, classify(err))
 	}

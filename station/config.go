@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"text/template"
+	"time"
 
 	"github.com/go-playground/validator/v10"
 	"github.com/goccy/go-yaml"
@@ -50,6 +51,8 @@ type Config struct {
 	TPMRoots string `yaml:"tpm_roots"`
 	// Central is the factory's central store (docs/central.md); empty: this station's inventory is its only record.
 	Central CentralConfig `yaml:"central"`
+	// CRL is where this station's CRL is published and how long each one is valid (docs/lifecycle.md).
+	CRL CRLConfig `yaml:"crl"`
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
@@ -78,6 +81,21 @@ type CentralConfig struct {
 	// Mode: required (no unit starts while the store is unreachable) or preferred (default: the line goes on with the
 	// local inventory and forwards later).
 	Mode string `yaml:"mode" validate:"omitempty,oneof=required preferred"`
+}
+
+// CRLConfig: the URL written into issued certificates as their CRL distribution point (empty: none), and the hours
+// until a CRL's nextUpdate (default 24).
+type CRLConfig struct {
+	URL             string `yaml:"url" validate:"omitempty,max=1024,url"`
+	NextUpdateHours int    `yaml:"next_update_hours" validate:"omitempty,min=1,max=8760"`
+}
+
+// NextUpdate is the validity of a CRL: next_update_hours, 24 hours when not set.
+func (c CRLConfig) NextUpdate() time.Duration {
+	if c.NextUpdateHours == 0 {
+		return 24 * time.Hour
+	}
+	return time.Duration(c.NextUpdateHours) * time.Hour
 }
 
 // Central modes.
@@ -212,6 +230,13 @@ tpm_roots: {{q .TPMRoots}}
 # central:
 #   dsn: "postgres://provision@db.factory.example:5432/provision?sslmode=verify-full"
 #   mode: preferred
+
+# Revocation (docs/lifecycle.md): the URL where this station's CRL is published (written into every certificate issued
+# from then on as its CRL distribution point; provision serve answers /crl/<station_id>), and how many hours each CRL
+# made by provision crl is valid (default 24: run provision crl at least that often).
+# crl:
+#   url: "http://provision.factory.example:8080/crl/{{.StationID}}"
+#   next_update_hours: 24
 
 # Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
 #   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
@@ -377,4 +402,12 @@ func newValidator() *validator.Validate {
 // takes).
 func ValidTPMURI(s string) bool {
 	return tpm.ValidURI(s)
+}
+
+// DistributionPoints are the CRL URLs issued certificates name: crl.url, or none.
+func (c CRLConfig) DistributionPoints() []string {
+	if c.URL == "" {
+		return nil
+	}
+	return []string{c.URL}
 }

@@ -56,7 +56,8 @@ func (r *run) stepSign(ctx context.Context) (string, error) {
 		uris = append(uris, r.att.ekURI) // the unit's TPM, as step-ca's device attestation names it
 	}
 	cert, err := r.s.CA.Sign(ca.Request{CSR: r.csr, Subject: r.subject, URIs: uris,
-		Validity: time.Duration(r.s.Config.Certificate.ValidityDays) * 24 * time.Hour, PublicKey: r.key.Public()})
+		Validity: time.Duration(r.s.Config.Certificate.ValidityDays) * 24 * time.Hour, PublicKey: r.key.Public(),
+		CRLDistributionPoints: r.s.Config.CRL.DistributionPoints()})
 	if err != nil {
 		if errors.Is(err, ca.ErrExpired) {
 			return "", fmt.Errorf("%w: %w", ErrCA, err)

@@ -9,7 +9,11 @@
 //   - a random positive 128-bit serial number;
 //   - NotBefore 5 minutes before now (clock skew on devices), NotAfter now + Validity, clipped to the issuing CA's NotAfter so
 //     that no certificate outlives its issuer;
-//   - signed by the issuing key: ECDSA with SHA-256 for P-256 issuers, SHA-384 for P-384, SHA-256 for RSA.
+//   - signed by the issuing key: ECDSA with SHA-256 for P-256 issuers, SHA-384 for P-384, SHA-256 for RSA;
+//   - the CRL distribution point when Request.CRLDistributionPoints names one.
+//
+// The issuing CA signs client certificates (Sign; Renew for a rotation) and its CRL (crl.go), never a server
+// certificate: those come from the station's separate, self-signed server root (servercert.go).
 package ca
 
 import (
@@ -102,6 +106,8 @@ type Request struct {
 	Validity  time.Duration
 	PublicKey crypto.PublicKey // when set, the CSR's key must equal it
 	Now       time.Time        // zero: time.Now()
+	// CRLDistributionPoints are the URLs of the station's CRL written into the certificate (station.yaml crl.url).
+	CRLDistributionPoints []string
 }
 
 // Sign checks the CSR and issues a client certificate under the package policy.
@@ -115,8 +121,13 @@ func (ca *CA) Sign(req Request) (*x509.Certificate, error) {
 	if req.PublicKey != nil && !publicKeysEqual(req.PublicKey, req.CSR.PublicKey) {
 		return nil, fmt.Errorf("ca: sign: %w", ErrKeyMismatch)
 	}
+	return ca.issue("sign", req.CSR.PublicKey, req)
+}
+
+// issue makes a client certificate for pub under the package policy (Sign after its CSR checks; Renew).
+func (ca *CA) issue(op string, pub crypto.PublicKey, req Request) (*x509.Certificate, error) {
 	if req.Validity <= 0 {
-		return nil, fmt.Errorf("ca: sign: validity must be positive, got %s", req.Validity)
+		return nil, fmt.Errorf("ca: %s: validity must be positive, got %s", op, req.Validity)
 	}
 	now := req.Now
 	if now.IsZero() {
@@ -124,20 +135,20 @@ func (ca *CA) Sign(req Request) (*x509.Certificate, error) {
 	}
 	now = now.UTC().Truncate(time.Second)
 	if now.Before(ca.Issuing.NotBefore) || !now.Before(ca.Issuing.NotAfter) {
-		return nil, fmt.Errorf("ca: sign: %q valid %s to %s: %w", ca.Issuing.Subject, ca.Issuing.NotBefore.Format(time.DateOnly),
+		return nil, fmt.Errorf("ca: %s: %q valid %s to %s: %w", op, ca.Issuing.Subject, ca.Issuing.NotBefore.Format(time.DateOnly),
 			ca.Issuing.NotAfter.Format(time.DateOnly), ErrExpired)
 	}
 	notAfter := now.Add(req.Validity)
 	if notAfter.After(ca.Issuing.NotAfter) {
 		notAfter = ca.Issuing.NotAfter
 	}
-	ski, err := SubjectKeyID(req.CSR.PublicKey)
+	ski, err := SubjectKeyID(pub)
 	if err != nil {
-		return nil, fmt.Errorf("ca: sign: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	serial, err := RandomSerial()
 	if err != nil {
-		return nil, fmt.Errorf("ca: sign: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
@@ -152,14 +163,15 @@ func (ca *CA) Sign(req Request) (*x509.Certificate, error) {
 		SubjectKeyId:          ski,
 		AuthorityKeyId:        ca.Issuing.SubjectKeyId,
 		SignatureAlgorithm:    signatureAlgorithm(ca.Signer.Public()),
+		CRLDistributionPoints: req.CRLDistributionPoints,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Issuing, req.CSR.PublicKey, ca.Signer)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Issuing, pub, ca.Signer)
 	if err != nil {
-		return nil, fmt.Errorf("ca: sign: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("ca: sign: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	return cert, nil
 }
