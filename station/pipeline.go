@@ -305,7 +305,7 @@ func (r *run) record(ctx context.Context, state inventory.State, failedStep Step
 		}
 		if e.Step == string(StepSign) && state == inventory.StateCertified && cert != nil { // sign records the certificate
 			if err := tx.AddCertificate(inventory.Certificate{Serial: CertSerial(cert), Unit: u.Serial, SHA256: r.res.CertSHA256,
-				NotBefore: cert.NotBefore, NotAfter: cert.NotAfter}); err != nil {
+				NotBefore: cert.NotBefore, NotAfter: cert.NotAfter, DER: cert.Raw}); err != nil {
 				return err
 			}
 		}

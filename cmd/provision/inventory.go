@@ -83,7 +83,7 @@ func newInventoryCmd(g *globals) *cobra.Command {
 func validState(s string) bool {
 	switch inventory.State(s) {
 	case "", inventory.StateNew, inventory.StateKeyed, inventory.StateCertified, inventory.StateImaged, inventory.StateVerified,
-		inventory.StateShippable, inventory.StateFailed:
+		inventory.StateShippable, inventory.StateFailed, inventory.StateReturned:
 		return true
 	}
 	return false

@@ -84,7 +84,7 @@ TPM unreachable or locked out), 130 interrupted (Ctrl-C, SIGTERM): run the same 
 	root.PersistentFlags().StringVar(&g.stationDir, "station", defaultStationDir(), "station directory")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "debug log on stderr")
 	root.PersistentFlags().StringArrayVar(&g.tpmRoots, "tpm-roots", nil, "a folder of PEM files: TPM vendor roots trusted besides the built-in ones and tpm_roots (repeatable)")
-	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g), newAttestCmd(g), newCentralCmd(g), newSyncCmd(g), newServeCmd(g), newExportCmd(g), newLabelCmd(g))
+	root.AddCommand(newInitCmd(g), newEnrollCmd(g), newInjectCmd(g), newVerifyCmd(g), newUnitCmd(g), newBatchCmd(g), newTUICmd(g), newDemoCmd(g), newSampleImageCmd(g), newInventoryCmd(g), newAuditCmd(g), newAttestCmd(g), newCentralCmd(g), newSyncCmd(g), newServeCmd(g), newExportCmd(g), newLabelCmd(g), newRevokeCmd(g), newCRLCmd(g), newRMACmd(g), newExpiringCmd(g), newRotateCmd(g), newCACmd(g))
 	return root
 }
 

@@ -42,6 +42,8 @@ certificates from --client-ca, or a bearer token in --token-file (mode 0600); wi
 				return fmt.Errorf("serve: %w", err)
 			}
 			cfg.Logger = g.logger()
+			_ = st.LoadCA(passphrase()) // optional: lets serve renew this station's CRL past half its validity
+			cfg.CRL = func(id string) ([]byte, error) { return st.ServeCRL(cmd.Context(), id) }
 			srv, err := server.New(store, cfg)
 			if errors.Is(err, server.ErrInsecure) {
 				return usageError{fmt.Errorf("serve: %w", err)}
