@@ -126,6 +126,9 @@ func (s *Station) exportUnit(ctx context.Context, u inventory.Unit, opt ExportOp
 // the unit's enroll bundle when bundles is set and the bundle's device.crt is that certificate; nil when neither has it.
 // A copy whose fingerprint is not the inventory's is never used.
 func certificateDER(ctx context.Context, inv any, c inventory.Certificate, bundles string) ([]byte, error) {
+	if len(c.DER) > 0 && sha256Hex(c.DER) == c.SHA256 { // the inventory keeps certificates issued since migration 0005
+		return c.DER, nil
+	}
 	if r, ok := inv.(certificateDERReader); ok {
 		der, err := r.CertificateDER(ctx, c.Serial)
 		if err == nil && sha256Hex(der) == c.SHA256 {
