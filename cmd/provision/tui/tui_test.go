@@ -299,6 +299,7 @@ func startHangingUnit(t *testing.T) (*realBackend, *teatest.TestModel) {
 	t.Helper()
 	b, h, _ := setup(t)
 	tm := teatest.NewTestModel(t, New(hangingHandshake(t, b), h), teatest.WithInitialTermSize(80, 24))
+	waitScreen(t, tm, "(answers)") // the first TPM probe has answered: the header is the same on every run (as in flow)
 	tm.Type("SN-0001")
 	tm.Send(tea.KeyMsg{Type: tea.KeyEnter})
 	waitScreen(t, tm, "checks passed")
