@@ -224,7 +224,7 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 		ev.Status, ev.Cause = attest.StatusAbsent, attest.ErrNoEKCertificate.Error()
 	}
 	// From here on the TPM must agree with itself, whatever the policy.
-	if ekCert != nil && !publicKeysEqual(ekCert.PublicKey, ek.PublicKey) {
+	if ekCert != nil && !publicEqual(ekCert.PublicKey, ek.PublicKey) {
 		return ev, fmt.Errorf("%w (NV %#x, EK from %s)", attest.ErrKeyMismatch, ev.EKIndex, ek.Template)
 	}
 	if err := r.checkBinding(ctx, row.EKSHA256); err != nil {
@@ -266,7 +266,7 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 	if err := attest.VerifyCertify(ev.AKPublic, ev.CertifyAttest, ev.CertifySignature, ev.Nonce, ev.KeyPublic); err != nil {
 		return ev, err
 	}
-	if pub, err := attest.PublicKey(ev.KeyPublic); err != nil || !publicKeysEqual(pub, k.Public()) {
+	if pub, err := attest.PublicKey(ev.KeyPublic); err != nil || !publicEqual(pub, k.Public()) {
 		return ev, fmt.Errorf("%w: the certified key is not the device key", attest.ErrBadEvidence)
 	}
 	if policy == AttestRequired && ev.Status != attest.StatusTrusted {
@@ -341,13 +341,6 @@ func certKey(c *x509.Certificate) any {
 	return c.PublicKey
 }
 
-// publicKeysEqual compares two public keys by their SPKI DER (keys decoded from TPM structures may carry another
-// curve value than crypto/x509's, which Equal would tell apart).
-func publicKeysEqual(a, b any) bool {
-	x, err1 := attest.KeySHA256(a)
-	y, err2 := attest.KeySHA256(b)
-	return err1 == nil && err2 == nil && x == y
-}
 
 func vendorLabel(id uint32) string {
 	if n := attest.VendorName(id); n != "" {

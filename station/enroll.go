@@ -88,12 +88,15 @@ func (s *Station) Enroll(ctx context.Context, dev *tpm.Device, units []UnitReque
 			"TPM, or set attestation: off in station.yaml for bundles of several keys on one TPM): %w",
 			len(units), s.Config.AttestationPolicy(), ErrRefused)
 	}
+	// The attest step reads the EK certificates (and records the one it attested); read it here only when it does not.
 	ekSHA := ""
-	if ek, err := dev.EKCertificate(ctx); err != nil {
-		return nil, fmt.Errorf("enroll: read EK certificate: %w", err)
-	} else if ek != nil {
-		sum := sha256.Sum256(ek)
-		ekSHA = hex.EncodeToString(sum[:])
+	if s.Config.AttestationPolicy() == AttestOff {
+		if ek, err := dev.EKCertificate(ctx); err != nil {
+			return nil, fmt.Errorf("enroll: read EK certificate: %w", err)
+		} else if ek != nil {
+			sum := sha256.Sum256(ek)
+			ekSHA = hex.EncodeToString(sum[:])
+		}
 	}
 	var results []EnrollResult
 	for start := 0; start < len(units); start += enrollGroup {

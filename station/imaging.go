@@ -503,6 +503,8 @@ func normalizeJSON(v any) any {
 	return out
 }
 
+// publicEqual compares two public keys by their SPKI DER (keys decoded from TPM structures may carry another curve
+// value than crypto/x509's, which their Equal methods would tell apart).
 func publicEqual(a, b any) bool {
 	da, err1 := x509.MarshalPKIXPublicKey(a)
 	db, err2 := x509.MarshalPKIXPublicKey(b)
