@@ -4,9 +4,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -59,7 +60,7 @@ unit never attested.`,
 			defer st.Exit() // one-shot command: see Station.Exit
 			rep, err := st.VerifyAttestation(cmd.Context(), args[0])
 			if errors.Is(err, inventory.ErrNotFound) {
-				return &exitError{code: exitRefused, err: fmt.Errorf("attest verify: %s has no attestation in %s: check the serial, or --station", args[0], st.Inv.Path())}
+				return noAttestation("attest verify", args[0], st)
 			}
 			if err != nil && !errors.Is(err, station.ErrAttestation) {
 				return err
@@ -67,9 +68,7 @@ unit never attested.`,
 			a := rep.Attestation
 			if asJSON {
 				out := attestVerifyJSON{Serial: rep.Serial, Verified: err == nil, Recomputed: rep.Check.Status, Problems: rep.Problems,
-					Attestation: attestationJSON{Status: a.Status, Outcome: a.Outcome, EKSHA256: a.EKSHA256, EKCertSHA256: a.EKCertSHA256,
-						EKIssuer: a.EKIssuer, TPMManufacturer: a.TPMManufacturer, Policy: a.Policy, Cause: a.Cause, Warnings: a.Warnings,
-						Time: fmtTime(a.Time)}}
+					Attestation: attestationRecord(a)}
 				if out.Problems == nil {
 					out.Problems = []string{}
 				}
@@ -102,6 +101,12 @@ unit never attested.`,
 	verify.Flags().BoolVar(&asJSON, "json", false, "print the verdict as JSON")
 	c.AddCommand(verify, newAttestExportCmd(g))
 	return c
+}
+
+// noAttestation is exit 3 for a serial without attestation: not in the inventory, or never attested.
+func noAttestation(cmd, serial string, st *station.Station) error {
+	return &exitError{code: exitRefused, err: fmt.Errorf("%s: %s has no attestation in %s: check the serial (a unit "+
+		"provisioned before attestation, or not yet past its key step, has none), or --station", cmd, serial, st.Inv.Path())}
 }
 
 // newAttestExportCmd writes a unit's evidence as files other tools read: tpm2_print, openssl.
@@ -139,7 +144,7 @@ Check the certify signature with OpenSSL alone:
 			defer st.Exit() // one-shot command: see Station.Exit
 			a, err := st.Inv.Attestation(cmd.Context(), args[0])
 			if errors.Is(err, inventory.ErrNotFound) {
-				return &exitError{code: exitRefused, err: fmt.Errorf("attest export: %s has no attestation in %s: check the serial, or --station", args[0], st.Inv.Path())}
+				return noAttestation("attest export", args[0], st)
 			}
 			if err != nil {
 				return err
@@ -154,11 +159,7 @@ Check the certify signature with OpenSSL alone:
 			if err := os.MkdirAll(out, 0o755); err != nil {
 				return fmt.Errorf("attest export: %w", err)
 			}
-			names := make([]string, 0, len(files))
-			for name := range files {
-				names = append(names, name)
-			}
-			sort.Strings(names)
+			names := slices.Sorted(maps.Keys(files))
 			for _, name := range names {
 				if err := os.WriteFile(filepath.Join(out, name), files[name], 0o644); err != nil {
 					return fmt.Errorf("attest export: %w", err)

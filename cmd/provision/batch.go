@@ -156,7 +156,12 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 				sctx, stop := context.WithCancel(ctx)
 				done := make(chan struct{})
 				go func() { syncer.Run(sctx); close(done) }()
-				defer func() { stop(); <-done; reportSync(g, syncer) }()
+				defer func() {
+					stop()
+					<-done
+					res, _, err := syncer.Status()
+					reportSync(g, res, err)
+				}()
 			}
 			results, err := st.Batch(ctx, s.dev, units, station.BatchOptions{Golden: golden, OutDir: out, Workers: workers,
 				Profile: profile, Handshake: s.hc, FailFast: failFast, Hash: hash, Reprovision: reprovision,
@@ -279,21 +284,5 @@ func (p *progress) add(r station.BatchResult) {
 func (p *progress) finish() {
 	if p.tty && !p.quiet {
 		fmt.Fprintln(p.w)
-	}
-}
-
-// reportSync says on stderr how the background sync ended: everything sent, a backlog left for `provision sync`, or
-// conflicts.
-func reportSync(g *globals, y *station.Syncer) {
-	res, _, err := y.Status()
-	switch {
-	case err != nil:
-		fmt.Fprintf(g.stderr, "central store: not synced (%v): the units are recorded in this station's inventory; run provision sync when it is back\n", err)
-	case len(res.Conflicts) > 0:
-		for _, c := range res.Conflicts {
-			fmt.Fprintf(g.stderr, "central store: CONFLICT %s %s: %s (held by %s)\n", c.Kind, c.Key, c.Detail, c.Other)
-		}
-	case res.Backlog > 0:
-		fmt.Fprintf(g.stderr, "central store: %d entries not yet sent: run provision sync\n", res.Backlog)
 	}
 }

@@ -108,7 +108,7 @@ store is unreachable or not initialised.`,
 				}
 			} else {
 				for _, c := range res.Conflicts {
-					fmt.Fprintf(g.stdout, "✗ conflict: %s %s: %s (held by %s)\n", c.Kind, c.Key, c.Detail, c.Other)
+					fmt.Fprintf(g.stdout, "✗ %s\n", conflictLine(c))
 				}
 				if !status {
 					fmt.Fprintf(g.stdout, "sent %d entries\n", res.Events)
@@ -129,4 +129,25 @@ store is unreachable or not initialised.`,
 	c.Flags().BoolVar(&status, "status", false, "only show the backlog (no network)")
 	c.Flags().BoolVar(&asJSON, "json", false, "print the status as JSON")
 	return c
+}
+
+// conflictLine says what the central store refused to overwrite, and what happens next.
+func conflictLine(c central.Conflict) string {
+	return fmt.Sprintf("conflict: %s %s is held by %s: %s (the store kept that record and overwrote nothing: the supervisor decides which is right)",
+		c.Kind, c.Key, c.Other, c.Detail)
+}
+
+// reportSync says on stderr how a sync after units (unit, enroll, batch) ended: not done (the units are safe here and
+// go with the next sync), conflicts, or a backlog left for provision sync. Nothing when everything was sent.
+func reportSync(g *globals, res station.SyncResult, err error) {
+	switch {
+	case err != nil:
+		fmt.Fprintf(g.stderr, "central store: not synced (%v): the units are recorded in this station's inventory and go to the central store with the next sync (provision sync)\n", err)
+	case len(res.Conflicts) > 0:
+		for _, c := range res.Conflicts {
+			fmt.Fprintf(g.stderr, "central store: %s\n", conflictLine(c))
+		}
+	case res.Backlog > 0:
+		fmt.Fprintf(g.stderr, "central store: %d entries not yet sent: run provision sync\n", res.Backlog)
+	}
 }

@@ -50,6 +50,13 @@ type unitJSON struct {
 	Events       []eventJSON      `json:"events,omitempty"`
 }
 
+// attestationRecord is an attest run as inventory show --json and attest verify --json print it.
+func attestationRecord(a inventory.Attestation) attestationJSON {
+	return attestationJSON{Status: a.Status, Outcome: a.Outcome, EKSHA256: a.EKSHA256, EKCertSHA256: a.EKCertSHA256,
+		EKIssuer: a.EKIssuer, TPMManufacturer: a.TPMManufacturer, Policy: a.Policy, Cause: a.Cause, Warnings: a.Warnings,
+		Time: fmtTime(a.Time)}
+}
+
 // attestationJSON is the unit's latest attest run (docs/json.md): absent for units never attested.
 type attestationJSON struct {
 	Status          string   `json:"status"` // trusted | untrusted | absent | off | soft
@@ -161,9 +168,8 @@ func unitRecord(g *globals, cmd *cobra.Command, inv *inventory.DB, u inventory.U
 	a, err := inv.Attestation(ctx, u.Serial)
 	switch {
 	case err == nil:
-		out.Attestation = &attestationJSON{Status: a.Status, Outcome: a.Outcome, EKSHA256: a.EKSHA256, EKCertSHA256: a.EKCertSHA256,
-			EKIssuer: a.EKIssuer, TPMManufacturer: a.TPMManufacturer, Policy: a.Policy, Cause: a.Cause, Warnings: a.Warnings,
-			Time: fmtTime(a.Time)}
+		rec := attestationRecord(a)
+		out.Attestation = &rec
 	case !errors.Is(err, inventory.ErrNotFound):
 		return out, err
 	}

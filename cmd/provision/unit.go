@@ -218,12 +218,5 @@ func syncAfterUnit(ctx context.Context, g *globals, st *station.Station) {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	res, err := st.SyncCentral(sctx)
-	switch {
-	case err != nil:
-		fmt.Fprintf(g.stderr, "central store: not synced (%v): the unit is recorded in this station's inventory and goes to the central store with the next sync (provision sync)\n", err)
-	case len(res.Conflicts) > 0:
-		for _, c := range res.Conflicts {
-			fmt.Fprintf(g.stderr, "central store: CONFLICT %s %s: %s (held by %s)\n", c.Kind, c.Key, c.Detail, c.Other)
-		}
-	}
+	reportSync(g, res, err)
 }
