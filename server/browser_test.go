@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -15,39 +13,6 @@ import (
 	"provision/internal/testutil"
 )
 
-// browser starts a headless Chromium for the test (no sandbox: the tests run as root) and returns a tab's context.
-func browser(t *testing.T) context.Context {
-	t.Helper()
-	testutil.RequireTool(t, "chromium")
-	path, err := exec.LookPath("chromium")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Not t.TempDir: Chromium's helper processes can still write there for a moment after the browser stops, and
-	// the test would fail on "directory not empty".
-	dir, err := os.MkdirTemp("", "provision-chromium-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(path), chromedp.NoSandbox,
-		chromedp.Headless, chromedp.DisableGPU, chromedp.UserDataDir(dir), chromedp.WindowSize(1280, 900))
-	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
-	ctx, cancelTab := chromedp.NewContext(actx, chromedp.WithErrorf(t.Logf))
-	t.Cleanup(func() {
-		cancelTab()
-		cancelAlloc()
-		for range 50 {
-			if os.RemoveAll(dir) == nil {
-				return
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	})
-	if err := chromedp.Do(ctx); err != nil { // start the browser without a deadline: a deadline would stop it
-		t.Fatalf("start chromium: %v", err)
-	}
-	return ctx
-}
 
 // text is the visible text of the first element sel matches.
 func text(t *testing.T, ctx context.Context, sel string) string {
@@ -81,7 +46,7 @@ func tab(t *testing.T, bctx context.Context) context.Context {
 
 // TestDashboardInBrowser drives the dashboard in one headless Chromium, a tab per subtest.
 func TestDashboardInBrowser(t *testing.T) {
-	bctx := browser(t)
+	bctx := testutil.Browser(t)
 	ts := newTestServer(t, newFake(), Config{})
 
 	t.Run("first render", func(t *testing.T) {

@@ -134,14 +134,7 @@ func (s *Station) claimCentral(ctx context.Context, serial, operator string) (re
 		return func() {}, s.centralUnavailable(err)
 	}
 	if err := st.ClaimUnit(ctx, serial, s.Config.StationID, operator, centralClaimTTL); err != nil {
-		if errors.Is(err, central.ErrClaimed) {
-			return nil, fmt.Errorf("%w: %w", err, ErrRefused)
-		}
-		s.centralFailed(err)
-		if errors.Is(err, central.ErrUnreachable) {
-			return func() {}, s.centralUnavailable(err)
-		}
-		return nil, err
+		return func() {}, s.centralVerdict(err, ErrRefused)
 	}
 	return func() {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
@@ -161,15 +154,21 @@ func (s *Station) checkCentralEK(ctx context.Context, ekSHA, serial string) erro
 	if err != nil {
 		return s.centralUnavailable(err)
 	}
-	if err := st.CheckEK(ctx, ekSHA, serial); err != nil {
-		if errors.Is(err, central.ErrClaimed) {
-			return fmt.Errorf("%w: %w", err, ErrTPMBound)
-		}
-		s.centralFailed(err)
-		if errors.Is(err, central.ErrUnreachable) {
-			return s.centralUnavailable(err)
-		}
-		return err
+	return s.centralVerdict(st.CheckEK(ctx, ekSHA, serial), ErrTPMBound)
+}
+
+// centralVerdict is what a central check's error means for the unit: taken elsewhere → refused (wrapping refused,
+// exit 3); the store unreachable → centralUnavailable (nil in preferred mode); anything else as it is.
+func (s *Station) centralVerdict(err, refused error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, central.ErrClaimed):
+		return fmt.Errorf("%w: %w", err, refused)
 	}
-	return nil
+	s.centralFailed(err)
+	if errors.Is(err, central.ErrUnreachable) {
+		return s.centralUnavailable(err)
+	}
+	return err
 }
