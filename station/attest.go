@@ -341,7 +341,6 @@ func certKey(c *x509.Certificate) any {
 	return c.PublicKey
 }
 
-
 func vendorLabel(id uint32) string {
 	if n := attest.VendorName(id); n != "" {
 		return fmt.Sprintf("%s (%08X)", n, id)

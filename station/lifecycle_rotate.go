@@ -11,8 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"provision/internal/fsutil"
 	"provision/inventory"
 	"provision/station/ca"
 )
@@ -132,6 +131,9 @@ func (s *Station) Rotate(ctx context.Context, serial string, current []byte, out
 	if err := installDir(tmp, final); err != nil {
 		return nil, fmt.Errorf("rotate: certificate %s recorded, but its bundle: %w", CertSerial(nc), err)
 	}
+	if err := fsutil.SyncDirs(outDir, []string{final}); err != nil { // on stable storage before rotate reports success
+		return nil, fmt.Errorf("rotate: certificate %s recorded, but syncing its bundle %s: %w", CertSerial(nc), final, err)
+	}
 	return &RotateResult{Dir: final, Old: old, New: nc}, nil
 }
 
@@ -159,7 +161,7 @@ type bundleFile struct {
 	data []byte
 }
 
-// writeTempBundle writes files into a new temporary directory in outDir, synced.
+// writeTempBundle writes files into a new temporary directory in outDir (Rotate syncs it once it is in place).
 func writeTempBundle(outDir, serial string, files []bundleFile) (string, error) {
 	tmp, err := os.MkdirTemp(outDir, tempPrefix+serial+"-")
 	if err != nil {
@@ -179,16 +181,6 @@ func writeTempBundle(outDir, serial string, files []bundleFile) (string, error) 
 }
 
 // installDir swaps tmp in as final atomically (the old final, if any, ends in tmp).
-func installDir(tmp, final string) error {
-	err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_EXCHANGE)
-	if errors.Is(err, unix.ENOENT) {
-		err = os.Rename(tmp, final)
-	}
-	if err != nil {
-		return fmt.Errorf("install %s: %w", final, err)
-	}
-	return nil
-}
 
 func rotateReadme(m rotateManifest) string {
 	var b strings.Builder

@@ -103,14 +103,23 @@ func writeBundle(outDir string, r *run, c *ca.CA) (string, error) {
 	if err := os.Chmod(tmp, dirMode); err != nil {
 		return "", err
 	}
-	err = unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_EXCHANGE)
+	if err := installDir(tmp, final); err != nil {
+		return "", fmt.Errorf("bundle: %w", err)
+	}
+	return final, nil
+}
+
+// installDir puts a directory written under a temporary name in place as final: exchanged atomically with an existing
+// final (the old one is left under the temporary name, for the caller to remove), or renamed when there is none.
+func installDir(tmp, final string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_EXCHANGE)
 	if errors.Is(err, unix.ENOENT) {
 		err = os.Rename(tmp, final)
 	}
 	if err != nil {
-		return "", fmt.Errorf("install bundle %s: %w", final, err)
+		return fmt.Errorf("install %s: %w", final, err)
 	}
-	return final, nil
+	return nil
 }
 
 func writeNew(path string, data []byte, mode os.FileMode) error {
