@@ -2,10 +2,12 @@ package central
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -40,7 +42,7 @@ func (b *Batch) normalise() error {
 	}
 	// The caller's slices are its own: work on copies.
 	b.Events = append([]Event(nil), b.Events...)
-	sort.SliceStable(b.Events, func(i, j int) bool { return b.Events[i].Seq < b.Events[j].Seq })
+	slices.SortStableFunc(b.Events, func(x, y Event) int { return cmp.Compare(x.Seq, y.Seq) })
 	for i := range b.Events {
 		e := &b.Events[i]
 		if err := own("event", &e.Station); err != nil {
@@ -70,11 +72,7 @@ func (b *Batch) normalise() error {
 			units[u.Serial] = u
 		}
 	}
-	b.Units = make([]Unit, 0, len(units))
-	for _, u := range units {
-		b.Units = append(b.Units, u)
-	}
-	sort.Slice(b.Units, func(i, j int) bool { return b.Units[i].Serial < b.Units[j].Serial })
+	b.Units = sortedValues(units)
 	certs := map[string]Certificate{}
 	for _, c := range b.Certificates {
 		if err := own("certificate", &c.Station); err != nil {
@@ -86,11 +84,7 @@ func (b *Batch) normalise() error {
 		c.NotBefore, c.NotAfter, c.Issued = micro(c.NotBefore), micro(c.NotAfter), micro(c.Issued)
 		certs[c.Serial] = c
 	}
-	b.Certificates = make([]Certificate, 0, len(certs))
-	for _, c := range certs {
-		b.Certificates = append(b.Certificates, c)
-	}
-	sort.Slice(b.Certificates, func(i, j int) bool { return b.Certificates[i].Serial < b.Certificates[j].Serial })
+	b.Certificates = sortedValues(certs)
 	atts := map[int64]Attestation{}
 	for _, a := range b.Attestations {
 		if err := own("attestation", &a.Station); err != nil {
@@ -99,12 +93,18 @@ func (b *Batch) normalise() error {
 		a.Time = micro(a.Time)
 		atts[a.LocalID] = a
 	}
-	b.Attestations = make([]Attestation, 0, len(atts))
-	for _, a := range atts {
-		b.Attestations = append(b.Attestations, a)
-	}
-	sort.Slice(b.Attestations, func(i, j int) bool { return b.Attestations[i].LocalID < b.Attestations[j].LocalID })
+	b.Attestations = sortedValues(atts)
 	return nil
+}
+
+// sortedValues is a map's values in the order of their keys: the push's rows in key order, so concurrent pushes take
+// their row locks in the same order.
+func sortedValues[K cmp.Ordered, V any](m map[K]V) []V {
+	out := make([]V, 0, len(m))
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, m[k])
+	}
+	return out
 }
 
 const unitColumns = "serial, station, state, failed_step, error, key_kind, public_sha256, ek_sha256, ek_cert_sha256, operator, created, updated"
