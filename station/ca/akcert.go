@@ -2,7 +2,6 @@ package ca
 
 import (
 	"crypto"
-	"crypto/rand"
 	"crypto/x509"
 	"encoding/asn1"
 	"fmt"
@@ -21,40 +20,10 @@ var oidAIKCertificate = asn1.ObjectIdentifier{2, 23, 133, 8, 3}
 // TLS), KeyUsage digitalSignature, CA:false, a random serial, SubjectKeyId/AuthorityKeyId as Sign makes them, NotBefore
 // 5 minutes back, NotAfter now + validity clipped to the issuing CA's.
 func (ca *CA) SignAttestationKey(tmpl x509.Certificate, pub crypto.PublicKey, validity time.Duration) (*x509.Certificate, error) {
-	if validity <= 0 {
-		return nil, fmt.Errorf("ca: sign attestation key: validity must be positive, got %s", validity)
-	}
 	if len(tmpl.ExtKeyUsage) > 0 || slices.ContainsFunc(tmpl.UnknownExtKeyUsage, func(o asn1.ObjectIdentifier) bool { return !o.Equal(oidAIKCertificate) }) {
 		return nil, fmt.Errorf("ca: sign attestation key: only the tcg-kp-AIKCertificate key usage is allowed")
 	}
-	now := time.Now().UTC().Truncate(time.Second)
-	if now.Before(ca.Issuing.NotBefore) || !now.Before(ca.Issuing.NotAfter) {
-		return nil, fmt.Errorf("ca: sign attestation key: %q valid %s to %s: %w", ca.Issuing.Subject,
-			ca.Issuing.NotBefore.Format(time.DateOnly), ca.Issuing.NotAfter.Format(time.DateOnly), ErrExpired)
-	}
-	ski, err := SubjectKeyID(pub)
-	if err != nil {
-		return nil, fmt.Errorf("ca: sign attestation key: %w", err)
-	}
-	serial, err := RandomSerial()
-	if err != nil {
-		return nil, fmt.Errorf("ca: sign attestation key: %w", err)
-	}
 	t := tmpl
-	t.SerialNumber = serial
-	t.NotBefore = now.Add(-Backdate)
-	t.NotAfter = now.Add(validity)
-	if t.NotAfter.After(ca.Issuing.NotAfter) {
-		t.NotAfter = ca.Issuing.NotAfter
-	}
-	t.KeyUsage = x509.KeyUsageDigitalSignature
 	t.ExtKeyUsage, t.UnknownExtKeyUsage = nil, []asn1.ObjectIdentifier{oidAIKCertificate}
-	t.BasicConstraintsValid, t.IsCA, t.MaxPathLen, t.MaxPathLenZero = true, false, 0, false
-	t.SubjectKeyId, t.AuthorityKeyId = ski, ca.Issuing.SubjectKeyId
-	t.SignatureAlgorithm = signatureAlgorithm(ca.Signer.Public())
-	der, err := x509.CreateCertificate(rand.Reader, &t, ca.Issuing, pub, ca.Signer)
-	if err != nil {
-		return nil, fmt.Errorf("ca: sign attestation key: %w", err)
-	}
-	return x509.ParseCertificate(der)
+	return issueLeaf("sign attestation key", ca.Issuing, ca.Signer, pub, t, time.Time{}, validity)
 }

@@ -126,21 +126,32 @@ func (ca *CA) Sign(req Request) (*x509.Certificate, error) {
 
 // issue makes a client certificate for pub under the package policy (Sign after its CSR checks; Renew).
 func (ca *CA) issue(op string, pub crypto.PublicKey, req Request) (*x509.Certificate, error) {
-	if req.Validity <= 0 {
-		return nil, fmt.Errorf("ca: %s: validity must be positive, got %s", op, req.Validity)
+	return issueLeaf(op, ca.Issuing, ca.Signer, pub, x509.Certificate{Subject: req.Subject, URIs: req.URIs,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, CRLDistributionPoints: req.CRLDistributionPoints},
+		req.Now, req.Validity)
+}
+
+// issueLeaf is what every certificate this package issues shares (client, server, attestation key): tmpl gives the
+// subject, names and key usage purposes; the rest is fixed here: a random positive 128-bit serial, NotBefore 5 minutes
+// before now (zero: time.Now()), NotAfter now + validity clipped to the issuer's, KeyUsage digitalSignature, CA:false,
+// SubjectKeyId of pub and AuthorityKeyId of the issuer, signed with the issuer's key. An issuer not valid now is
+// ErrExpired.
+func issueLeaf(op string, issuer *x509.Certificate, signer crypto.Signer, pub crypto.PublicKey, tmpl x509.Certificate,
+	now time.Time, validity time.Duration) (*x509.Certificate, error) {
+	if validity <= 0 {
+		return nil, fmt.Errorf("ca: %s: validity must be positive, got %s", op, validity)
 	}
-	now := req.Now
 	if now.IsZero() {
 		now = time.Now()
 	}
 	now = now.UTC().Truncate(time.Second)
-	if now.Before(ca.Issuing.NotBefore) || !now.Before(ca.Issuing.NotAfter) {
-		return nil, fmt.Errorf("ca: %s: %q valid %s to %s: %w", op, ca.Issuing.Subject, ca.Issuing.NotBefore.Format(time.DateOnly),
-			ca.Issuing.NotAfter.Format(time.DateOnly), ErrExpired)
+	if now.Before(issuer.NotBefore) || !now.Before(issuer.NotAfter) {
+		return nil, fmt.Errorf("ca: %s: %q valid %s to %s: %w", op, issuer.Subject, issuer.NotBefore.Format(time.DateOnly),
+			issuer.NotAfter.Format(time.DateOnly), ErrExpired)
 	}
-	notAfter := now.Add(req.Validity)
-	if notAfter.After(ca.Issuing.NotAfter) {
-		notAfter = ca.Issuing.NotAfter
+	notAfter := now.Add(validity)
+	if notAfter.After(issuer.NotAfter) {
+		notAfter = issuer.NotAfter
 	}
 	ski, err := SubjectKeyID(pub)
 	if err != nil {
@@ -150,22 +161,13 @@ func (ca *CA) issue(op string, pub crypto.PublicKey, req Request) (*x509.Certifi
 	if err != nil {
 		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               req.Subject,
-		URIs:                  req.URIs,
-		NotBefore:             now.Add(-Backdate),
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  false,
-		SubjectKeyId:          ski,
-		AuthorityKeyId:        ca.Issuing.SubjectKeyId,
-		SignatureAlgorithm:    signatureAlgorithm(ca.Signer.Public()),
-		CRLDistributionPoints: req.CRLDistributionPoints,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Issuing, pub, ca.Signer)
+	t := tmpl
+	t.SerialNumber, t.NotBefore, t.NotAfter = serial, now.Add(-Backdate), notAfter
+	t.KeyUsage = x509.KeyUsageDigitalSignature
+	t.BasicConstraintsValid, t.IsCA, t.MaxPathLen, t.MaxPathLenZero = true, false, 0, false
+	t.SubjectKeyId, t.AuthorityKeyId = ski, issuer.SubjectKeyId
+	t.SignatureAlgorithm = signatureAlgorithm(signer.Public())
+	der, err := x509.CreateCertificate(rand.Reader, &t, issuer, pub, signer)
 	if err != nil {
 		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}

@@ -79,42 +79,12 @@ func (s *ServerCA) SignServer(pub crypto.PublicKey, dnsNames []string, ips []net
 	if validity <= 0 {
 		validity = ServerCertLifetime
 	}
-	now := time.Now().UTC().Truncate(time.Second)
-	notAfter := now.Add(validity)
-	if notAfter.After(s.Root.NotAfter) {
-		notAfter = s.Root.NotAfter
-	}
 	cn := ""
 	if len(dnsNames) > 0 {
 		cn = dnsNames[0]
 	} else {
 		cn = ips[0].String()
 	}
-	ski, err := SubjectKeyID(pub)
-	if err != nil {
-		return nil, fmt.Errorf("ca: server certificate: %w", err)
-	}
-	serial, err := RandomSerial()
-	if err != nil {
-		return nil, fmt.Errorf("ca: server certificate: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: cn},
-		DNSNames:              dnsNames,
-		IPAddresses:           ips,
-		NotBefore:             now.Add(-Backdate),
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		SubjectKeyId:          ski,
-		AuthorityKeyId:        s.Root.SubjectKeyId,
-		SignatureAlgorithm:    signatureAlgorithm(s.Signer.Public()),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, s.Root, pub, s.Signer)
-	if err != nil {
-		return nil, fmt.Errorf("ca: server certificate: %w", err)
-	}
-	return x509.ParseCertificate(der)
+	return issueLeaf("server certificate", s.Root, s.Signer, pub, x509.Certificate{Subject: pkix.Name{CommonName: cn},
+		DNSNames: dnsNames, IPAddresses: ips, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}, time.Time{}, validity)
 }
