@@ -91,7 +91,12 @@ func (db *DB) Events(ctx context.Context, serial string) ([]Event, error) {
 		query += " WHERE serial = ?"
 		args = append(args, serial)
 	}
-	rows, err := db.db.QueryContext(ctx, query+" ORDER BY seq", args...)
+	return db.queryEvents(ctx, query+" ORDER BY seq", args...)
+}
+
+// queryEvents runs a SELECT of eventColumns and scans the entries.
+func (db *DB) queryEvents(ctx context.Context, query string, args ...any) ([]Event, error) {
+	rows, err := db.db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("inventory: events: %w", classify(err))
 	}

@@ -47,15 +47,7 @@ func (db *DB) SetSyncCursor(ctx context.Context, name string, seq int64, hash st
 
 // EventsAfter returns up to limit audit entries with seq > after, oldest first.
 func (db *DB) EventsAfter(ctx context.Context, after int64, limit int) ([]Event, error) {
-	rows, err := db.db.QueryContext(ctx, "SELECT "+eventColumns+" FROM events WHERE seq > ? ORDER BY seq LIMIT ?", after, limit)
-	if err != nil {
-		return nil, fmt.Errorf("inventory: events: %w", classify(err))
-	}
-	events, err := scanEvents(rows)
-	if err != nil {
-		return nil, fmt.Errorf("inventory: events: %w", err)
-	}
-	return events, nil
+	return db.queryEvents(ctx, "SELECT "+eventColumns+" FROM events WHERE seq > ? ORDER BY seq LIMIT ?", after, limit)
 }
 
 // LastSeq is the seq of the newest audit entry (0 for an empty log).
