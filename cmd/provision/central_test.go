@@ -184,4 +184,3 @@ func TestCentralCLI(t *testing.T) {
 		t.Fatalf("the store holds %d units of line-3 (%v), want 300", len(units), err)
 	}
 }
-

@@ -17,18 +17,7 @@ import (
 // exit code. (The root command wires export; this test needs only the command.)
 func runExport(t *testing.T, dir string, args ...string) (string, string, int) {
 	t.Helper()
-	var out, errb bytes.Buffer
-	g := &globals{stationDir: dir, stdin: strings.NewReader(""), stdout: &out, stderr: &errb}
-	c := newExportCmd(g)
-	c.SetArgs(args)
-	c.SetOut(&out)
-	c.SetErr(&errb)
-	c.SilenceUsage, c.SilenceErrors = true, true
-	err := c.ExecuteContext(context.Background())
-	if err != nil {
-		errb.WriteString(err.Error() + "\n")
-	}
-	return out.String(), errb.String(), exitCode(err)
+	return inProcess(t, dir, append([]string{"export"}, args...)...)
 }
 
 func TestExportCmd(t *testing.T) {

@@ -52,17 +52,7 @@ func labelStation(t *testing.T) string {
 
 func runLabel(t *testing.T, dir string, args ...string) (string, string, int) {
 	t.Helper()
-	var out, errb bytes.Buffer
-	g := &globals{stationDir: dir, stdout: &out, stderr: &errb}
-	c := newLabelCmd(g)
-	c.SetArgs(args)
-	c.SetOut(&errb)
-	c.SetErr(&errb)
-	err := c.ExecuteContext(context.Background())
-	if err != nil {
-		errb.WriteString(err.Error())
-	}
-	return out.String(), errb.String(), exitCode(err)
+	return inProcess(t, dir, append([]string{"label"}, args...)...)
 }
 
 func TestLabelCommand(t *testing.T) {

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"context"
 	"crypto/x509"
 	"encoding/json"
 	"os"
@@ -11,27 +9,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/spf13/cobra"
-
 	"provision/internal/testutil"
 )
 
-// lifecycleCLI runs one lifecycle command in process (root.go wires them into the binary): stdout, stderr, exit code.
-func lifecycleCLI(t *testing.T, st string, newCmd func(*globals) *cobra.Command, args ...string) (string, string, int) {
-	t.Helper()
-	var out, errb bytes.Buffer
-	g := &globals{stationDir: st, stdout: &out, stderr: &errb}
-	c := newCmd(g)
-	c.SetArgs(args)
-	c.SetOut(&out)
-	c.SetErr(&errb)
-	c.SilenceErrors, c.SilenceUsage = true, true
-	t.Setenv("PROVISION_OPERATOR", "tester")
-	code := report(c.ExecuteContext(context.Background()), &errb)
-	return out.String(), errb.String(), code
-}
-
 func TestLifecycleCommands(t *testing.T) {
+	t.Setenv("PROVISION_OPERATOR", "tester")
 	testutil.RequireTool(t, "openssl")
 	dir := t.TempDir()
 	st := filepath.Join(dir, "station")
@@ -40,24 +22,24 @@ func TestLifecycleCommands(t *testing.T) {
 	mustCLI(t, st, "enroll", "--serial", "LC-0001", "--tpm", "soft", "--out", b)
 	mustCLI(t, st, "enroll", "--serial", "LC-0002", "--tpm", "soft", "--out", b)
 
-	if _, errs, code := lifecycleCLI(t, st, newRevokeCmd, "LC-0001", "--reason", "stolen"); code != 2 || !strings.Contains(errs, "keyCompromise") {
+	if _, errs, code := inProcess(t, st, "revoke", "LC-0001", "--reason", "stolen"); code != 2 || !strings.Contains(errs, "keyCompromise") {
 		t.Fatalf("bad reason: exit %d %s", code, errs)
 	}
-	if _, errs, code := lifecycleCLI(t, st, newRevokeCmd, "LC-0001"); code != 2 {
+	if _, errs, code := inProcess(t, st, "revoke", "LC-0001"); code != 2 {
 		t.Fatalf("no reason: exit %d %s", code, errs)
 	}
-	if _, errs, code := lifecycleCLI(t, st, newRevokeCmd, "LC-9999", "--reason", "keyCompromise"); code != 3 {
+	if _, errs, code := inProcess(t, st, "revoke", "LC-9999", "--reason", "keyCompromise"); code != 3 {
 		t.Fatalf("unknown unit: exit %d %s", code, errs)
 	}
-	out, errs, code := lifecycleCLI(t, st, newRevokeCmd, "LC-0001", "--reason", "keyCompromise")
+	out, errs, code := inProcess(t, st, "revoke", "LC-0001", "--reason", "keyCompromise")
 	if code != 0 || !strings.Contains(out, "revoked certificate") || !strings.Contains(out, "CRL 1 written") {
 		t.Fatalf("revoke: exit %d\n%s%s", code, out, errs)
 	}
-	if _, errs, code := lifecycleCLI(t, st, newRevokeCmd, "LC-0001", "--reason", "keyCompromise"); code != 3 {
+	if _, errs, code := inProcess(t, st, "revoke", "LC-0001", "--reason", "keyCompromise"); code != 3 {
 		t.Fatalf("revoke again: exit %d %s", code, errs)
 	}
 	crlFile := filepath.Join(dir, "crl.pem")
-	if _, errs, code := lifecycleCLI(t, st, newCRLCmd, "--out", crlFile); code != 0 {
+	if _, errs, code := inProcess(t, st, "crl", "--out", crlFile); code != 0 {
 		t.Fatalf("crl: exit %d %s", code, errs)
 	}
 	text, err := exec.Command("openssl", "crl", "-in", crlFile, "-noout", "-text").CombinedOutput()
@@ -72,28 +54,28 @@ func TestLifecycleCommands(t *testing.T) {
 	if verify("LC-0001") == nil || verify("LC-0002") != nil {
 		t.Fatal("openssl verify -crl_check disagrees with the CRL")
 	}
-	der, _, code := lifecycleCLI(t, st, newCRLCmd, "--der")
+	der, _, code := inProcess(t, st, "crl", "--der")
 	if rl, err := x509.ParseRevocationList([]byte(der)); code != 0 || err != nil || rl.Number.Int64() != 3 {
 		t.Fatalf("crl --der: exit %d, %v", code, err)
 	}
 
-	out, _, code = lifecycleCLI(t, st, newExpiringCmd, "--within", "1000d", "--json")
+	out, _, code = inProcess(t, st, "expiring", "--within", "1000d", "--json")
 	var exp expiringJSON
 	if code != 0 || json.Unmarshal([]byte(out), &exp) != nil || len(exp.Units) != 1 || exp.Units[0].Serial != "LC-0002" || exp.Units[0].DaysLeft < 800 {
 		t.Fatalf("expiring: exit %d %s", code, out)
 	}
-	if _, _, code := lifecycleCLI(t, st, newExpiringCmd, "--within", "soon"); code != 2 {
+	if _, _, code := inProcess(t, st, "expiring", "--within", "soon"); code != 2 {
 		t.Fatalf("expiring --within soon: exit %d", code)
 	}
-	if _, errs, code := lifecycleCLI(t, st, newRMACmd, "LC-0002"); code != 3 || !strings.Contains(errs, "certified") {
+	if _, errs, code := inProcess(t, st, "rma", "LC-0002"); code != 3 || !strings.Contains(errs, "certified") {
 		t.Fatalf("rma of a unit never shipped: exit %d %s", code, errs)
 	}
-	if _, errs, code := lifecycleCLI(t, st, newRotateCmd, "LC-0002", "--out", filepath.Join(dir, "rot")); code != 3 {
+	if _, errs, code := inProcess(t, st, "rotate", "LC-0002", "--out", filepath.Join(dir, "rot")); code != 3 {
 		t.Fatalf("rotate of a unit never shipped: exit %d %s", code, errs)
 	}
 
 	srv := filepath.Join(dir, "broker")
-	out, errs, code = lifecycleCLI(t, st, newCACmd, "server-cert", "--name", "broker.example.com", "--ip", "127.0.0.1", "--out", srv)
+	out, errs, code = inProcess(t, st, "ca", "server-cert", "--name", "broker.example.com", "--ip", "127.0.0.1", "--out", srv)
 	if code != 0 || !strings.Contains(out, "made the server root") || !strings.Contains(out, "set server_ca: ca/server-root.crt") {
 		t.Fatalf("ca server-cert: exit %d\n%s%s", code, out, errs)
 	}
@@ -108,10 +90,10 @@ func TestLifecycleCommands(t *testing.T) {
 	if err := exec.Command("openssl", "verify", "-CAfile", filepath.Join(st, "ca", "root.crt"), "-untrusted", filepath.Join(st, "ca", "issuing.crt"), filepath.Join(srv, "server.crt")).Run(); err == nil {
 		t.Fatal("the server certificate chains to the device root")
 	}
-	if _, _, code := lifecycleCLI(t, st, newCACmd, "server-cert", "--out", srv); code != 2 {
+	if _, _, code := inProcess(t, st, "ca", "server-cert", "--out", srv); code != 2 {
 		t.Fatalf("server-cert without names: exit %d", code)
 	}
-	out, _, code = lifecycleCLI(t, st, newCACmd, "broker-config", "--dir", srv)
+	out, _, code = inProcess(t, st, "ca", "broker-config", "--dir", srv)
 	for _, want := range []string{"listener 8883", "cafile " + filepath.Join(srv, "client-ca.crt"), "crlfile " + filepath.Join(st, "crl.pem"),
 		"require_certificate true", "use_identity_as_username true"} {
 		if code != 0 || !strings.Contains(out, want) {

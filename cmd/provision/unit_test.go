@@ -38,6 +38,16 @@ func cli(t *testing.T, station string, args ...string) (string, string, int) {
 	return out.String(), errb.String(), code
 }
 
+// inProcess runs provision in this process (the same root command as the binary) against station: stdout, stderr (with
+// the one error line the binary prints) and the exit code.
+func inProcess(t *testing.T, station string, args ...string) (string, string, int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	err := run(context.Background(), append([]string{"--station", station}, args...), strings.NewReader(""), &out, &errb)
+	code := report(err, &errb)
+	return out.String(), errb.String(), code
+}
+
 func mustCLI(t *testing.T, station string, args ...string) string {
 	t.Helper()
 	out, errs, code := cli(t, station, args...)
