@@ -112,9 +112,9 @@ func (c CentralConfig) CentralMode() string {
 	return c.Mode
 }
 
-// dsnHasPassword reports whether a PostgreSQL connection string carries a password: in a URL's user information, as
+// DSNHasPassword reports whether a PostgreSQL connection string carries a password: in a URL's user information, as
 // a password= parameter of a URL, or as a password= pair of the key=value form.
-func dsnHasPassword(dsn string) bool {
+func DSNHasPassword(dsn string) bool {
 	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
 		u, err := url.Parse(dsn)
 		if err != nil {
@@ -385,7 +385,7 @@ func newValidator() *validator.Validate {
 		return s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == ""
 	})
 	must("tpmuri", func(fl validator.FieldLevel) bool { return ValidTPMURI(fl.Field().String()) })
-	must("nopassword", func(fl validator.FieldLevel) bool { return !dsnHasPassword(fl.Field().String()) })
+	must("nopassword", func(fl validator.FieldLevel) bool { return !DSNHasPassword(fl.Field().String()) })
 	must("endpoint", func(fl validator.FieldLevel) bool { return CheckEndpoint(fl.Field().String()) == nil })
 	must("serialpattern", func(fl validator.FieldLevel) bool {
 		_, err := NewSerialRule(fl.Field().String())

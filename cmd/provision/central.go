@@ -27,6 +27,9 @@ is never in station.yaml or on the command line: set PGPASSWORD or use a pgpass 
 		Short: "Create or upgrade the central store's tables (idempotent)",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if station.DSNHasPassword(dsn) {
+				return usagef("central init: --dsn holds a password, which would show in ps and shell history: remove it and set PGPASSWORD or use a pgpass file (~/.pgpass)")
+			}
 			if dsn == "" {
 				st, err := g.openStation(cmd.Context())
 				if err != nil {
