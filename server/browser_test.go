@@ -13,7 +13,6 @@ import (
 	"provision/internal/testutil"
 )
 
-
 // text is the visible text of the first element sel matches.
 func text(t *testing.T, ctx context.Context, sel string) string {
 	t.Helper()
