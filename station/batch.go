@@ -36,7 +36,7 @@ type BatchOptions struct {
 	Jobs BatchJobs
 	// OpenTPM, when set, opens a TPM for each unit (closed after it): each unit brings its own TPM, as the in-process
 	// simulator models it (a fresh simulator per unit). Batch's dev is then unused.
-	OpenTPM func(context.Context) (*tpm.Device, error)
+	OpenTPM func(ctx context.Context, serial string) (*tpm.Device, error)
 }
 
 // BatchJobs is a distributed batch's queue of units (the central store's batch_jobs): each unit handed out once; a
@@ -284,7 +284,7 @@ func (s *Station) batchUnit(ctx context.Context, dev *tpm.Device, u BatchUnit, s
 	req := ProvisionRequest{Serial: u.Serial, Fields: u.Fields, Profile: opt.Profile, Handshake: opt.Handshake,
 		Operator: opt.Operator, Reprovision: shippable && opt.Reprovision}
 	if opt.OpenTPM != nil {
-		d, err := opt.OpenTPM(ctx)
+		d, err := opt.OpenTPM(ctx, u.Serial)
 		if err != nil {
 			return done(outcome(err), fmt.Errorf("open the unit's TPM: %w", err))
 		}

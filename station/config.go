@@ -53,6 +53,8 @@ type Config struct {
 	Central CentralConfig `yaml:"central"`
 	// CRL is where this station's CRL is published and how long each one is valid (docs/lifecycle.md).
 	CRL CRLConfig `yaml:"crl"`
+	// UnitSerial reads the unit's own serial over its fixture and compares it with the scanned one (docs/station.md).
+	UnitSerial UnitSerialConfig `yaml:"unit_serial"`
 
 	serialRule *SerialRule
 	subject    *SubjectTemplate
@@ -238,6 +240,13 @@ tpm_roots: {{q .TPMRoots}}
 #   url: "http://provision.factory.example:8080/crl/{{.StationID}}"
 #   next_update_hours: 24
 
+# The unit's own serial, read over its fixture before anything is created and compared with the scanned serial
+# (docs/station.md "Fixtures"). command: run without a shell; {serial} and {fixture} are filled in; its trimmed stdout
+# is the unit's serial. mode: required (default with a command: a mismatch is refused, exit 3) | warn | off.
+# unit_serial:
+#   command: "ssh -o BatchMode=yes root@{fixture} cat /sys/class/dmi/id/product_serial"
+#   mode: required
+
 # Your own profiles. Each maps what the station produces to files in the image; "base" starts from a built-in.
 #   from: cert | cert+chain (leaf + issuing) | chain (issuing + root) | root | server_ca | key
 #         | ak_cert | ak_key (the unit's TPM attestation key, certified by the station: with when: tpm)
@@ -293,6 +302,9 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 				return nil, fmt.Errorf("%s:%d: %w", name, lineOf(data, f.field), err)
 			}
 		}
+	}
+	if err := c.UnitSerial.check(); err != nil {
+		return nil, fmt.Errorf("%s:%d: unit_serial: %v: %w", name, lineOf(data, "unit_serial"), err, ErrConfig)
 	}
 	if c.Profile != "" {
 		if _, err := c.ResolveProfile(c.Profile); err != nil {
@@ -351,7 +363,7 @@ func explain(fe validator.FieldError) string {
 	case "nopassword":
 		return "holds a password: remove it, and set PGPASSWORD or use a pgpass file (~/.pgpass) instead"
 	case "tpmuri":
-		return fmt.Sprintf("%q is not a TPM URI; use /dev/tpmrm0 (a device path), mssim://HOST:PORT, sim or soft", got)
+		return fmt.Sprintf("%q is not a TPM URI; use %s", got, tpm.URIForms)
 	case "endpoint":
 		return strings.TrimSuffix(CheckEndpoint(got).Error(), ": "+ErrEndpoint.Error())
 	case "serialpattern":
@@ -401,7 +413,9 @@ func newValidator() *validator.Validate {
 // ValidTPMURI reports whether s is one of the TPM URI forms in docs/station.md (tpm.ParseURI, the grammar tpm.Open
 // takes).
 func ValidTPMURI(s string) bool {
-	return tpm.ValidURI(s)
+	// A cmd: URI may hold {serial} and {fixture}, filled per unit: checked with sample values.
+	filled, err := UnitTPMURI(s, "SN-0", "fixture")
+	return err == nil && tpm.ValidURI(filled)
 }
 
 // DistributionPoints are the CRL URLs issued certificates name: crl.url, or none.

@@ -46,6 +46,10 @@ func TestParseConfigErrors(t *testing.T) {
 		}, []string{"subject", "needs a CN"}},
 		{"unknown field", func(s string) string { return s + "\nbogus: 1\n" }, []string{"station.yaml:", "bogus"}},
 		{"not yaml", func(s string) string { return "key: [unclosed\n" }, []string{"station.yaml:"}},
+		{"unit_serial mode without command", func(s string) string { return s + "\nunit_serial: {mode: required}\n" },
+			[]string{"unit_serial", "needs a command"}},
+		{"unit_serial bad mode", func(s string) string { return s + "\nunit_serial: {command: \"echo x\", mode: maybe}\n" },
+			[]string{"unit_serial.mode", "required, warn, off"}},
 		{"station id with space", func(s string) string { return strings.Replace(s, `station_id: "st"`, `station_id: "a b"`, 1) },
 			[]string{"station_id", "letters, digits"}},
 	}

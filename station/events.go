@@ -49,6 +49,7 @@ type ProvisionRequest struct {
 	Handshake   HandshakeConfig // Station.HandshakeConfig; zero: the built-in test server
 	Reprovision bool
 	Operator    string
+	Fixture     string // the fixture the unit sits on: fills {fixture} in unit_serial's command (and the TPM URI)
 }
 
 // StepResult is one step of a finished run.

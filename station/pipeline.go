@@ -356,6 +356,14 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 	if err := r.s.Config.SerialRule().Check(r.req.Serial); err != nil {
 		return fail(err)
 	}
+	// The unit's own serial, before anything is claimed or created under the scanned one.
+	unitNote, err := r.s.checkUnitSerial(ctx, r.req.Serial, r.req.Fixture)
+	if err != nil {
+		if ctx.Err() != nil {
+			return false, r.interrupted(ctx, StepValidate, time.Since(start))
+		}
+		return fail(err)
+	}
 	if r.unclaim, err = r.s.claimUnit(r.req.Serial, r.req.Operator); err != nil {
 		return fail(err)
 	}
@@ -420,6 +428,9 @@ func (r *run) validate(ctx context.Context) (resume bool, err error) {
 		detail = "resuming from the image written earlier"
 	case unit.State != "":
 		detail = "earlier run stopped at " + string(unit.State) + ": starting over"
+	}
+	if unitNote != "" {
+		detail += "; " + unitNote
 	}
 	r.report(Event{Serial: r.req.Serial, Step: StepValidate, Status: StatusOK, Detail: detail, Duration: time.Since(start)})
 	return resume, nil

@@ -119,10 +119,13 @@ time; the reports are written; exit 130. Exit 1 if any unit failed; --fail-fast 
 			if err := s.openUnit(ctx, tpmURI, "soft", &hf); err != nil {
 				return err
 			}
-			var openTPMPerUnit func(context.Context) (*tpm.Device, error)
-			if s.tpmURI == "sim" { // each unit brings its own TPM: a fresh simulator per unit (one at a time per process)
+			var openTPMPerUnit func(context.Context, string) (*tpm.Device, error)
+			switch {
+			case s.tpmURI == "sim": // each unit brings its own TPM: a fresh simulator per unit (one at a time per process)
 				s.dev.Close()
-				openTPMPerUnit = func(ctx context.Context) (*tpm.Device, error) { return openTPM(ctx, "sim") }
+				openTPMPerUnit = func(ctx context.Context, _ string) (*tpm.Device, error) { return openTPM(ctx, "sim") }
+			case s.dev == nil: // a cmd: TPM URI naming {serial}: each unit's own fixture command
+				openTPMPerUnit = s.openUnitTPM
 			}
 			if out != "" {
 				st.RemoveStalePartials(ctx, out)

@@ -101,6 +101,9 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 					return fmt.Errorf("enroll: %w", err)
 				}
 			}
+			if len(units) == 1 {
+				s.serial = units[0].Serial // fills {serial} in a cmd: TPM URI
+			}
 			if err := s.openUnit(ctx, tpmURI, s.st.Config.TPM, nil); err != nil {
 				return err
 			}
@@ -114,7 +117,7 @@ superseded. A unit whose earlier enroll failed or was interrupted is simply enro
 	f := c.Flags()
 	f.StringVar(&serial, "serial", "", "the unit's serial")
 	f.StringVar(&serials, "serials", "", "a file listing serials (one per line, or CSV with a serial column)")
-	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM: /dev/tpmrm0, mssim://HOST:PORT, sim or soft (default: station.yaml)")
+	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM: /dev/tpmrm0, mssim://HOST:PORT, cmd:COMMAND, sim or soft (default: station.yaml)")
 	f.StringVar(&out, "out", "bundles", "write bundles to OUT/<serial>/")
 	f.StringVar(&operator, "operator", "", "operator recorded with the unit (default $PROVISION_OPERATOR, else the user name)")
 	f.BoolVar(&reprovision, "reprovision", false, "replace the certificate of a unit that holds an active one")

@@ -255,11 +255,14 @@ func wireStation(st *station.Station, g *globals) {
 // unit's TPM open and the handshake resolved. unit, enroll and batch open one (inject and verify use the station part);
 // close releases it all.
 type session struct {
-	cmd    string // "unit", "enroll", ...: the prefix of its errors
-	st     *station.Station
-	tpmURI string                  // after openUnit: --tpm, resolved
-	dev    *tpm.Device             // after openUnit
-	hc     station.HandshakeConfig // after openUnit with handshake flags
+	cmd         string // "unit", "enroll", ...: the prefix of its errors
+	st          *station.Station
+	tpmURI      string                  // after openUnit: --tpm, resolved (a cmd: URI with its placeholders filled)
+	tpmTemplate string                  // after openUnit: --tpm before its placeholders were filled
+	serial      string                  // the unit's serial, when one unit is run: fills {serial} in a cmd: TPM URI
+	fixture     string                  // --fixture: fills {fixture}
+	dev         *tpm.Device             // after openUnit
+	hc          station.HandshakeConfig // after openUnit with handshake flags
 }
 
 // openSession opens the station for the command cmd.
@@ -302,6 +305,13 @@ func (s *session) openUnit(ctx context.Context, tpmURI, def string, hf *handshak
 	if err != nil {
 		return err
 	}
+	s.tpmTemplate = uri
+	perUnit := s.serial == "" && strings.Contains(uri, "{serial}") // a batch's TPM command names each unit
+	if !perUnit {
+		if uri, err = station.UnitTPMURI(uri, s.serial, s.fixture); err != nil {
+			return usagef("%s: TPM %v", s.cmd, err)
+		}
+	}
 	s.tpmURI = uri
 	if hf != nil {
 		if s.hc, err = hf.resolve(s.cmd, s.st); err != nil {
@@ -311,10 +321,22 @@ func (s *session) openUnit(ctx context.Context, tpmURI, def string, hf *handshak
 	if err := s.loadCA(); err != nil {
 		return err
 	}
+	if perUnit {
+		return nil // opened per unit (session.openUnitTPM)
+	}
 	if s.dev, err = openTPM(ctx, uri); err != nil {
 		return fmt.Errorf("%s: %w", s.cmd, err)
 	}
 	return nil
+}
+
+// openUnitTPM opens the TPM of one unit of a batch: the --tpm template with the unit's serial filled in.
+func (s *session) openUnitTPM(ctx context.Context, serial string) (*tpm.Device, error) {
+	uri, err := station.UnitTPMURI(s.tpmTemplate, serial, s.fixture)
+	if err != nil {
+		return nil, err
+	}
+	return openTPM(ctx, uri)
 }
 
 // passphrase is the CA key passphrase from the environment; never a flag (it would show in ps and shell history).
@@ -354,7 +376,7 @@ func tpmFlag(cmd, flag, def string) (string, error) {
 	if flag == "" {
 		return def, nil
 	}
-	if !tpm.ValidURI(flag) {
+	if !station.ValidTPMURI(flag) {
 		return "", usagef("%s: --tpm %q is not a TPM URI (use %s)", cmd, flag, tpm.URIForms)
 	}
 	return flag, nil

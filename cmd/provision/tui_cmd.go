@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -25,7 +26,8 @@ import (
 // own (the fixture's /dev/tpmrm0, or a forwarded TPM).
 type tuiBackend struct {
 	st        *station.Station
-	tpmURI    string
+	tpmURI    string // may be a cmd: URI with {serial} and {fixture}, filled per unit
+	fixture   string // --fixture
 	profile   string
 	handshake station.HandshakeConfig // the same resolution as unit and batch
 	makeImgs  bool                    // --demo: generate a sample image for a unit that has none
@@ -102,7 +104,14 @@ func (b *tuiBackend) ProbeTPM(ctx context.Context) error {
 	if b.opening.Load() > 0 {
 		return fmt.Errorf("tpm %s: %w: no answer yet to an earlier command", b.tpmURI, tpm.ErrUnreachable)
 	}
-	if err := tpm.Probe(ctx, b.tpmURI, tpm.WithSimulator(simulator.Open)); err != nil {
+	if strings.Contains(b.tpmURI, "{serial}") {
+		return tui.ErrPerUnit
+	}
+	uri, err := station.UnitTPMURI(b.tpmURI, "", b.fixture)
+	if err != nil {
+		return err
+	}
+	if err := tpm.Probe(ctx, uri, tpm.WithSimulator(simulator.Open)); err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("tpm %s: %w: no answer within %s", b.tpmURI, tpm.ErrUnreachable, tui.ProbeTimeout)
 		}
@@ -113,7 +122,11 @@ func (b *tuiBackend) ProbeTPM(ctx context.Context) error {
 
 // open opens the unit's TPM but returns when ctx ends even if the TPM never answers (a socket that accepts and stays
 // silent): the open goes on in the background and closes what it gets.
-func (b *tuiBackend) open(ctx context.Context) (*tpm.Device, error) {
+func (b *tuiBackend) open(ctx context.Context, serial string) (*tpm.Device, error) {
+	uri, err := station.UnitTPMURI(b.tpmURI, serial, b.fixture)
+	if err != nil {
+		return nil, err
+	}
 	type opened struct {
 		d   *tpm.Device
 		err error
@@ -121,7 +134,7 @@ func (b *tuiBackend) open(ctx context.Context) (*tpm.Device, error) {
 	ch := make(chan opened, 1)
 	b.opening.Add(1)
 	go func() {
-		d, err := openTPM(ctx, b.tpmURI)
+		d, err := openTPM(ctx, uri)
 		b.opening.Add(-1)
 		ch <- opened{d, err}
 	}()
@@ -150,7 +163,7 @@ func (b *tuiBackend) Provision(ctx context.Context, req station.ProvisionRequest
 	}
 	report(station.Event{Serial: req.Serial, Step: station.StepKey, Status: station.StatusStarted, Detail: "opening the TPM"})
 	start := time.Now()
-	dev, err := b.open(ctx)
+	dev, err := b.open(ctx, req.Serial)
 	if err != nil {
 		status := station.StatusFailed
 		if ctx.Err() != nil { // Esc, ctrl+c or a signal while the TPM did not answer: cancelled, not a failure
@@ -197,7 +210,7 @@ func newTUICmd(g *globals) *cobra.Command {
 	var img, tpmURI, operator, profile string
 	var hf handshakeFlags
 	var demo bool
-	var labelPrinter, labelFormat, labelTitle string
+	var labelPrinter, labelFormat, labelTitle, fixture string
 	c := &cobra.Command{
 		Use:   "tui --image PATH [--operator NAME] [--tpm URI] [--endpoint URL --endpoint-ca FILE]",
 		Short: "The operator's terminal UI for the line: scan a serial, the unit is provisioned, PASS or FAIL",
@@ -225,6 +238,9 @@ certificate fingerprint; see "provision label"): file:PATH ({serial} in PATH), l
 default queue) or tcp:HOST:9100 (raw ZPL); --label-format zpl (default) or png. Then the screen asks for the label's QR
 code: scanning it checks that the label is the unit's (LABEL OK, or a FAIL band naming the mismatch); ctrl+p prints
 the label again. Scanning the next serial instead simply starts the next unit.
+--fixture NAME: the units sit on a fixture the station reaches through a command (--tpm 'cmd:ssh … root@{fixture}
+tpm2_send'); the header shows the fixture and whether its TPM answers, and station.yaml unit_serial: checks each
+unit's own serial against the scanned one (a mismatch is a FAIL naming both).
 --demo: simulator TPM, a throw-away station and generated sample images: try it in one command.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -266,6 +282,9 @@ the label again. Scanning the next serial instead simply starts the next unit.
 					return usageError{fmt.Errorf("tui: --label-printer: %w", err)}
 				}
 			}
+			if err := station.CheckFixtureName(fixture); err != nil {
+				return usagef("tui: --fixture: %v", err)
+			}
 			if img == "" {
 				return usagef("tui: --image is required (a path with {serial}, or the fixture's block device)")
 			}
@@ -300,9 +319,9 @@ the label again. Scanning the next serial instead simply starts the next unit.
 				op = os.Getenv("PROVISION_OPERATOR")
 			}
 			// The TPM is not opened here: the screen probes it in the background, so a silent TPM never blocks it.
-			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, CAExpiry: caExpiry(st), CALocked: locked,
+			h := tui.Header{StationID: st.Config.StationID, Operator: op, TPM: tpmURI, Fixture: fixture, CAExpiry: caExpiry(st), CALocked: locked,
 				Profile: profile, ImageTarget: img, Handshake: hc.String(), Today: todayUnits(ctx, st.Inv)}
-			b := &tuiBackend{st: st, tpmURI: tpmURI, profile: profile, handshake: hc, makeImgs: demo,
+			b := &tuiBackend{st: st, tpmURI: tpmURI, fixture: fixture, profile: profile, handshake: hc, makeImgs: demo,
 				printer: printer, labelFmt: lf, labelName: labelTitle}
 			if b.sync = st.NewSyncer(2 * time.Second); b.sync != nil {
 				sctx, stop := context.WithCancel(ctx)
@@ -316,7 +335,8 @@ the label again. Scanning the next serial instead simply starts the next unit.
 	}
 	f := c.Flags()
 	f.StringVar(&img, "image", "", "the unit's image: a path with {serial}, or a block device used for every unit")
-	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM URI (default: station.yaml)")
+	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM URI (default: station.yaml): /dev/tpmrm0, mssim://HOST:PORT, cmd:COMMAND ({serial}, {fixture}), sim or soft")
+	f.StringVar(&fixture, "fixture", "", "the fixture the units sit on (host name or address): fills {fixture} in a cmd: TPM URI and unit_serial's command")
 	f.StringVar(&operator, "operator", "", "operator name recorded with every unit (asked at start when empty)")
 	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
 	hf.register(f)

@@ -128,9 +128,9 @@ func (h *handshakeFlags) resolve(cmd string, st *station.Station) (station.Hands
 
 func newUnitCmd(g *globals) *cobra.Command {
 	var (
-		serial, img, tpmURI, profile, operator string
-		hf                                     handshakeFlags
-		asJSON, reprovision                    bool
+		serial, img, tpmURI, profile, operator, fixture string
+		hf                                              handshakeFlags
+		asJSON, reprovision                             bool
 	)
 	c := &cobra.Command{
 		Use:   "unit --serial S --image IMG [--tpm URI] [--profile P] [--endpoint URL --endpoint-ca FILE]",
@@ -147,7 +147,11 @@ its host name.
 
 An interrupted or failed unit is run again with the same command: it resumes (a unit whose image holds its key and
 certificate is re-verified and re-tested; earlier interruptions start over with a new key, the old certificate is
-superseded).`,
+superseded).
+
+On a fixture the unit's TPM is reached through a command (--tpm 'cmd:ssh -o BatchMode=yes root@{fixture} tpm2_send',
+{serial} and {fixture} filled in from --serial and --fixture), and station.yaml unit_serial: compares the unit's own
+serial with --serial before anything is created (a mismatch is exit 3).`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -157,6 +161,9 @@ superseded).`,
 			if err := hf.check("unit"); err != nil {
 				return err
 			}
+			if err := station.CheckFixtureName(fixture); err != nil {
+				return usagef("unit: --fixture: %v", err)
+			}
 			s, err := g.openSession(ctx, "unit")
 			if err != nil {
 				return err
@@ -165,6 +172,7 @@ superseded).`,
 			if err := s.checkSerial(serial); err != nil {
 				return err
 			}
+			s.serial, s.fixture = serial, fixture
 			if err := s.openUnit(ctx, tpmURI, s.st.Config.TPM, &hf); err != nil {
 				return err
 			}
@@ -177,7 +185,7 @@ superseded).`,
 			}
 			start := time.Now()
 			res, perr := s.st.Provision(ctx, s.dev, station.ProvisionRequest{Serial: serial, Image: img, Profile: profile,
-				Handshake: s.hc, Reprovision: reprovision, Operator: operatorName(operator)}, report)
+				Handshake: s.hc, Reprovision: reprovision, Operator: operatorName(operator), Fixture: fixture}, report)
 			if asJSON {
 				if err := json.NewEncoder(g.stdout).Encode(toUnitJSON(res, perr)); err != nil {
 					return err
@@ -200,7 +208,8 @@ superseded).`,
 	f := c.Flags()
 	f.StringVar(&serial, "serial", "", "the unit's serial")
 	f.StringVar(&img, "image", "", "the unit's disk image or block device")
-	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM: /dev/tpmrm0, mssim://HOST:PORT, sim or soft (default: station.yaml)")
+	f.StringVar(&tpmURI, "tpm", "", "the unit's TPM: /dev/tpmrm0, mssim://HOST:PORT, cmd:COMMAND, sim or soft (default: station.yaml)")
+	f.StringVar(&fixture, "fixture", "", "the fixture the unit sits on (a host name or address): fills {fixture} in a cmd: TPM URI and unit_serial's command")
 	f.StringVar(&profile, "profile", "", "image profile (default: station.yaml profile)")
 	hf.register(f)
 	f.StringVar(&operator, "operator", "", "operator recorded with the unit (default $PROVISION_OPERATOR, else the user name)")

@@ -28,6 +28,8 @@ func explain(step station.Step, err error) (cause, advice string) {
 	}
 	var he *handshake.Error
 	switch {
+	case errors.Is(err, station.ErrWrongUnit):
+		return cause, "the label is not this unit's: set the unit aside, find its own label (or the unit this label belongs to), then scan again"
 	case errors.As(err, &he):
 		return "at handshake with " + he.Endpoint + ": " + he.Reason.Error(), handshakeAdvice(he.Reason)
 	case step == station.StepImage || step == station.StepVerify || errors.Is(err, station.ErrImage):
@@ -56,7 +58,7 @@ var wrapRE = regexp.MustCompile(`\s+`)
 
 func shortErr(err error) string {
 	s := wrapRE.ReplaceAllString(err.Error(), " ")
-	for _, cut := range []string{": invalid serial", ": refused by the inventory"} {
+	for _, cut := range []string{": invalid serial", ": unit reports another serial: refused by the inventory", ": refused by the inventory"} {
 		s = strings.TrimSuffix(s, cut)
 	}
 	return s

@@ -49,6 +49,7 @@ type Header struct {
 	StationID   string
 	Operator    string
 	TPM         string
+	Fixture     string // --fixture: the fixture the unit sits on ("" when the station is not on one)
 	CAExpiry    time.Time
 	CALocked    bool // the CA key is encrypted and no passphrase was given: asked for first
 	Profile     string
@@ -104,7 +105,12 @@ const (
 	tpmUnknown tpmState = iota
 	tpmAnswers
 	tpmSilent
+	tpmPerUnit // the TPM's command names each unit ({serial}): it is reached only when a unit runs
 )
+
+// ErrPerUnit is what ProbeTPM answers when the unit's TPM can be reached only for a given unit (its command uses
+// {serial}): the header says so instead of probing.
+var ErrPerUnit = errors.New("the TPM is reached per unit")
 
 type stepLine struct {
 	name   station.Step
@@ -238,7 +244,11 @@ func (m Model) Update(msg tea.Msg) (tea.Model, tea.Cmd) {
 	case probeMsg:
 		m.probing = false
 		m.tpm = tpmAnswers
-		if msg.err != nil {
+		switch {
+		case errors.Is(msg.err, ErrPerUnit):
+			m.tpm = tpmPerUnit
+			return m, nil // nothing to probe between units
+		case msg.err != nil:
 			m.tpm = tpmSilent
 		}
 		return m, tea.Tick(ProbeEvery, func(time.Time) tea.Msg { return probeTickMsg{} })

@@ -55,7 +55,8 @@ func (m Model) start(serial string, reprovision bool) (tea.Model, tea.Cmd) {
 	m.events = make(chan station.Event, 64)
 	ch, run := m.events, m.run
 	img := strings.ReplaceAll(m.header.ImageTarget, "{serial}", serial)
-	req := station.ProvisionRequest{Serial: serial, Image: img, Operator: m.header.Operator, Reprovision: reprovision}
+	req := station.ProvisionRequest{Serial: serial, Image: img, Operator: m.header.Operator, Reprovision: reprovision,
+		Fixture: m.header.Fixture}
 	b := m.backend
 	work := func() tea.Msg {
 		defer close(ch)
@@ -126,7 +127,9 @@ func (m Model) finish(d doneMsg) (tea.Model, tea.Cmd) {
 	switch {
 	case d.err == nil:
 		m.banner, m.cause, m.advice = bannerPass, "", "scan the next unit"
-		m.tpm = tpmAnswers // the unit's key was made in it
+		if m.tpm != tpmPerUnit {
+			m.tpm = tpmAnswers // the unit's key was made in it
+		}
 		m.header.Today[m.serial] = resultShippable
 		m.history = append(m.history, historyLine{m.serial, "SHIPPABLE", now})
 		if quit != nil {

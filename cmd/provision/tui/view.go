@@ -114,12 +114,17 @@ func (m Model) viewHeader(line func(string), w int) {
 		tpm = "TPM " + uri + " (answers)"
 	case tpmSilent:
 		tpm = failSt.Render("TPM not answering") + " (" + uri + ")"
+	case tpmPerUnit:
+		tpm = "TPM " + uri + " (reached per unit)"
 	default:
 		tpm = "TPM " + uri + " (not checked yet)"
 	}
 	ca := "CA until " + h.CAExpiry.Format("2006-01-02")
 	if h.CALocked {
 		ca = "CA locked"
+	}
+	if h.Fixture != "" {
+		tpm = "fixture " + h.Fixture + "  " + tpm
 	}
 	line(tpm + "  " + ca)
 	line(cut("profile "+h.Profile+"  image "+h.ImageTarget, w))
