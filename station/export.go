@@ -232,6 +232,35 @@ func (s *Station) IssuingCertPEM() ([]byte, error) {
 	return pem.EncodeToMemory(blk), nil
 }
 
+// IssuedHere splits units into those whose certificate this station's issuing CA signed (and those without a
+// certificate copy: the format skips them itself) and the others, skipped with the reason. An AWS registration line
+// carries the CA that issued its certificate, and a station knows only its own; the units of a station with another
+// issuing CA are exported at that station.
+func (s *Station) IssuedHere(units []export.Unit) ([]export.Unit, []export.Skipped, error) {
+	blk, err := s.issuingCertBlock()
+	if err != nil {
+		return nil, nil, fmt.Errorf("export: %w", err)
+	}
+	issuing, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("export: %s: %w: %w", s.Layout.IssuingCert(), err, ErrCA)
+	}
+	var here []export.Unit
+	var others []export.Skipped
+	for _, u := range units {
+		if len(u.Certificate.DER) > 0 {
+			c, err := x509.ParseCertificate(u.Certificate.DER)
+			if err != nil || c.CheckSignatureFrom(issuing) != nil {
+				others = append(others, export.Skipped{Serial: u.Serial, Reason: fmt.Sprintf("its certificate was not "+
+					"issued by this station's issuing CA: export it at station %s", u.Station)})
+				continue
+			}
+		}
+		here = append(here, u)
+	}
+	return here, others, nil
+}
+
 // issuingCertBlock is the first PEM block of ca/issuing.crt, a certificate.
 func (s *Station) issuingCertBlock() (*pem.Block, error) {
 	b, err := os.ReadFile(s.Layout.IssuingCert())
