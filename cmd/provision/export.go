@@ -109,7 +109,7 @@ The store unreachable or not initialised: exit 4.`,
 			}
 			hint := ""
 			switch {
-			case bundles != "":
+			case bundles != "", len(skipped) == 0: // no hint for units only another CA's
 			case fromCentral:
 				hint = " (certificates the central store holds no copy of: --bundles DIR)"
 			default:
