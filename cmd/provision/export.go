@@ -109,7 +109,7 @@ The store unreachable or not initialised: exit 4.`,
 			}
 			hint := ""
 			switch {
-			case bundles != "", len(skipped) == 0: // no hint for units only another CA's
+			case bundles != "", len(skipped) == 0: // no hint: no unit was left out for want of a certificate copy
 			case fromCentral:
 				hint = " (certificates the central store holds no copy of: --bundles DIR)"
 			default:
