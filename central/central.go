@@ -127,10 +127,13 @@ type Unit struct {
 	Created, Updated                              time.Time
 }
 
-// Certificate is one certificate a station issued.
+// Certificate is one certificate a station issued. DER is the certificate itself (its SHA-256 is SHA256); nil when
+// the station holds no copy, or pushed it before the store kept certificates (schema 4): a push with DER fills a row
+// without, a push without leaves a stored DER as it is.
 type Certificate struct {
 	Serial, Unit, Station, SHA256, Status string
 	NotBefore, NotAfter, Issued           time.Time
+	DER                                   []byte
 }
 
 // Event is one audit log entry of a station: (Station, Seq) is its identity; PrevHash/Hash let the store check each

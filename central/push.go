@@ -49,9 +49,10 @@ func (s *Store) inTx(ctx context.Context, fn func(pgx.Tx) error) error {
 // is taken over only when it is new, failed or returned there; otherwise the push is a conflict and the other
 // station's row stays (a pushed unit still in state new made nothing, and is ignored). A unit whose EK another serial
 // holds is a conflict of kind ek and is not stored. Certificates: stored by serial; the same serial or fingerprint
-// held by another station, unit or fingerprint is a conflict; the station's own certificate may change its status. A
-// certificate of a unit refused as a conflict is still stored (it was issued: the serial's detail shows both
-// stations' certificates), and so are the events (they are the station's chain).
+// held by another station, unit or fingerprint is a conflict; the station's own certificate may change its status and
+// gain its DER (a DER that is not the fingerprint's certificate refuses the whole push). A certificate of a unit
+// refused as a conflict is still stored (it was issued: the serial's detail shows both stations' certificates), and so
+// are the events (they are the station's chain).
 func (s *Store) Push(ctx context.Context, b Batch) (PushResult, error) {
 	if err := b.normalise(); err != nil {
 		return PushResult{}, err
@@ -329,7 +330,8 @@ func (p *pusher) certificates() error {
 	}
 	if len(updates) > 0 {
 		tag, err := p.tx.Exec(p.ctx, `UPDATE certificates AS t SET status = v.status, not_before = v.not_before,
-			not_after = v.not_after, issued = v.issued FROM `+certArrays+" WHERE t.serial = v.serial", certArgs(updates)...)
+			not_after = v.not_after, issued = v.issued, der = coalesce(v.der, t.der)
+			FROM `+certArrays+" WHERE t.serial = v.serial", certArgs(updates)...)
 		if err != nil {
 			return err
 		}

@@ -3,6 +3,8 @@ package central
 import (
 	"bytes"
 	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -81,6 +83,13 @@ func (b *Batch) normalise() error {
 		if c.Serial == "" || c.SHA256 == "" {
 			return fmt.Errorf("central: push from station %s: a certificate without a serial or fingerprint", b.Station)
 		}
+		if len(c.DER) > 0 && sha256Hex(c.DER) != c.SHA256 {
+			return fmt.Errorf("central: push from station %s: certificate %s: its DER is not the certificate %.16s…",
+				b.Station, c.Serial, c.SHA256)
+		}
+		if len(c.DER) == 0 {
+			c.DER = nil // NULL in the store
+		}
 		c.NotBefore, c.NotAfter, c.Issued = micro(c.NotBefore), micro(c.NotAfter), micro(c.Issued)
 		certs[c.Serial] = c
 	}
@@ -95,6 +104,11 @@ func (b *Batch) normalise() error {
 	}
 	b.Attestations = sortedValues(atts)
 	return nil
+}
+
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }
 
 // sortedValues is a map's values in the order of their keys: the push's rows in key order, so concurrent pushes take
@@ -149,32 +163,37 @@ func unitArgs(us []Unit) []any {
 	return append(args, created, updated)
 }
 
-const certColumns = "serial, unit, station, sha256, status, not_before, not_after, issued"
+const certColumns = "serial, unit, station, sha256, status, not_before, not_after, issued, der"
 
 const certArrays = `unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-	$7::timestamptz[], $8::timestamptz[]) AS v(serial, unit, station, sha256, status, not_before, not_after, issued)`
+	$7::timestamptz[], $8::timestamptz[], $9::bytea[]) AS v(serial, unit, station, sha256, status, not_before, not_after,
+	issued, der)`
 
 func scanCertificate(row pgx.CollectableRow) (Certificate, error) {
 	var c Certificate
-	err := row.Scan(&c.Serial, &c.Unit, &c.Station, &c.SHA256, &c.Status, &c.NotBefore, &c.NotAfter, &c.Issued)
+	err := row.Scan(&c.Serial, &c.Unit, &c.Station, &c.SHA256, &c.Status, &c.NotBefore, &c.NotAfter, &c.Issued, &c.DER)
 	c.NotBefore, c.NotAfter, c.Issued = c.NotBefore.UTC(), c.NotAfter.UTC(), c.Issued.UTC()
 	return c, err
 }
 
-func sameCertificate(a, b Certificate) bool {
+// sameCertificate says whether pushed changes nothing of stored: a push without DER leaves the stored DER as it is.
+func sameCertificate(stored, pushed Certificate) bool {
+	a, b := stored, pushed
 	return a.Serial == b.Serial && a.Unit == b.Unit && a.Station == b.Station && a.SHA256 == b.SHA256 &&
-		a.Status == b.Status && a.NotBefore.Equal(b.NotBefore) && a.NotAfter.Equal(b.NotAfter) && a.Issued.Equal(b.Issued)
+		a.Status == b.Status && a.NotBefore.Equal(b.NotBefore) && a.NotAfter.Equal(b.NotAfter) && a.Issued.Equal(b.Issued) &&
+		(len(b.DER) == 0 || bytes.Equal(a.DER, b.DER))
 }
 
 func certArgs(cs []Certificate) []any {
 	n := len(cs)
 	serial, unit, station, sha, status := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 	nb, na, issued := make([]time.Time, n), make([]time.Time, n), make([]time.Time, n)
+	der := make([][]byte, n)
 	for i, c := range cs {
 		serial[i], unit[i], station[i], sha[i], status[i] = c.Serial, c.Unit, c.Station, c.SHA256, c.Status
-		nb[i], na[i], issued[i] = c.NotBefore, c.NotAfter, c.Issued
+		nb[i], na[i], issued[i], der[i] = c.NotBefore, c.NotAfter, c.Issued, c.DER
 	}
-	return []any{serial, unit, station, sha, status, nb, na, issued}
+	return []any{serial, unit, station, sha, status, nb, na, issued, der}
 }
 
 const attestationColumns = `station, local_id, serial, time, policy, outcome, status, ek_sha256, ek_cert_sha256,

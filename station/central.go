@@ -113,6 +113,17 @@ func (s *Station) SyncCentral(ctx context.Context) (SyncResult, error) {
 	return res, err
 }
 
+// StationCRL answers `provision serve`'s GET /crl/{station_id}: this station's own CRL as ServeCRL gives it (renewed
+// past half its validity when the CA is loaded), and for any other station, or for this one before it made a CRL
+// here, the CRL that station's sync pushed to store. None anywhere: an error wrapping central.ErrNotFound (404).
+func (s *Station) StationCRL(ctx context.Context, store *central.Store, stationID string) ([]byte, error) {
+	der, err := s.ServeCRL(ctx, stationID)
+	if err == nil || !errors.Is(err, central.ErrNotFound) || store == nil {
+		return der, err
+	}
+	return store.CRL(ctx, stationID)
+}
+
 // centralUnavailable is what an unreachable store means for a unit: in required mode the unit does not start (exit 4);
 // in preferred mode the line goes on (nil), logged.
 func (s *Station) centralUnavailable(err error) error {

@@ -2,8 +2,11 @@ package station
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"sync"
 	"time"
 
@@ -31,6 +34,7 @@ type SyncResult struct {
 	Events    int   // audit entries the store acknowledged in this sync
 	Backlog   int64 // entries still to send
 	Conflicts []central.Conflict
+	CRL       int64 // the number of the CRL this sync pushed; 0: none (the store's is as new, or there is none)
 }
 
 // SyncStatus is the backlog without contacting the store.
@@ -108,7 +112,51 @@ func (s *Station) Sync(ctx context.Context, store *central.Store) (SyncResult, e
 		}
 	}
 	res.Backlog = head - cur.Seq
+	if res.CRL, err = s.pushCRL(ctx, store); err != nil {
+		return res, err
+	}
 	return res, nil
+}
+
+// pushCRL sends the station's latest CRL (crl.der, written by provision crl, revoke, rma and serve) when its number is
+// higher than the one the store holds, and returns that number (0: nothing sent). The number is the cursor: the store
+// keeps the highest, so a repeat or a late older CRL changes nothing. A file that is not a CRL of this station's
+// issuing CA is not sent.
+func (s *Station) pushCRL(ctx context.Context, store *central.Store) (int64, error) {
+	der, err := os.ReadFile(s.Layout.CRLFile())
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil // no CRL made yet
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sync: crl: %w", err)
+	}
+	rl, err := x509.ParseRevocationList(der)
+	if err != nil || rl.Number == nil || !rl.Number.IsInt64() {
+		return 0, fmt.Errorf("sync: %s is not a CRL the station made (%v): run provision crl", s.Layout.CRLFile(), err)
+	}
+	stored, err := store.CRLNumber(ctx, s.Config.StationID)
+	if err != nil {
+		return 0, fmt.Errorf("sync: %w", err)
+	}
+	number := rl.Number.Int64()
+	if number <= stored {
+		return 0, nil
+	}
+	blk, err := s.issuingCertBlock()
+	if err != nil {
+		return 0, fmt.Errorf("sync: crl: %w", err)
+	}
+	cert, err := x509.ParseCertificate(blk.Bytes)
+	if err == nil {
+		err = rl.CheckSignatureFrom(cert)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sync: %s is not signed by this station's issuing CA (%v): run provision crl", s.Layout.CRLFile(), err)
+	}
+	if err := store.PutCRL(ctx, s.Config.StationID, der, number, rl.ThisUpdate, rl.NextUpdate); err != nil {
+		return 0, fmt.Errorf("sync: %w", err)
+	}
+	return number, nil
 }
 
 // reconcileCursor starts from what the store really holds of this station's chain: ahead of the local cursor (a
@@ -167,8 +215,12 @@ func (s *Station) syncBatchOf(ctx context.Context, events []inventory.Event) (ce
 			return b, err
 		}
 		for _, c := range certs {
-			b.Certificates = append(b.Certificates, central.Certificate{Serial: c.Serial, Unit: c.Unit, Station: s.Config.StationID,
-				SHA256: c.SHA256, Status: c.Status, NotBefore: c.NotBefore, NotAfter: c.NotAfter, Issued: c.Issued})
+			cc := central.Certificate{Serial: c.Serial, Unit: c.Unit, Station: s.Config.StationID, SHA256: c.SHA256,
+				Status: c.Status, NotBefore: c.NotBefore, NotAfter: c.NotAfter, Issued: c.Issued}
+			if len(c.DER) > 0 && sha256Hex(c.DER) == c.SHA256 { // the inventory keeps certificates since its version 5
+				cc.DER = c.DER
+			}
+			b.Certificates = append(b.Certificates, cc)
 		}
 		atts, err := s.Inv.Attestations(ctx, u.Serial)
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -109,4 +110,56 @@ func TestExportCmd(t *testing.T) {
 			t.Errorf("%v: exit %d, want %d (%s)", tc.args, code, tc.code, stderr)
 		}
 	}
+}
+
+// export --central: units of two stations from the central store; each one's line is the one its own station
+// exports; aws leaves out (exit 1, named) the units another issuing CA signed; --batch needs --central.
+func TestExportCentralCmd(t *testing.T) {
+	dsn := testutil.PostgresDB(t)
+	base := t.TempDir()
+	t.Setenv("PROVISION_OPERATOR", "tester")
+	var dirs []string
+	for i, id := range []string{"line-1", "line-2"} {
+		dir := filepath.Join(base, id)
+		dirs = append(dirs, dir)
+		mustInProcess(t, dir, "init", "--id", id)
+		f, err := os.OpenFile(filepath.Join(dir, "station.yaml"), os.O_APPEND|os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(f, "\ncentral:\n  dsn: %q\n  mode: required\n", dsn)
+		f.Close()
+		if i == 0 {
+			mustInProcess(t, dir, "central", "init")
+		}
+		mustInProcess(t, dir, "enroll", "--serial", fmt.Sprintf("SN-C%d", i+1), "--tpm", "soft", "--out", t.TempDir())
+		mustInProcess(t, dir, "sync")
+	}
+	mender := mustInProcess(t, dirs[0], "export", "--central", "--format", "mender")
+	for i, dir := range dirs {
+		local := mustInProcess(t, dir, "export", "--format", "mender")
+		if line := strings.Split(mender, "\n")[i] + "\n"; line != local {
+			t.Errorf("station %d: from the central store\n%s\nlocal\n%s", i+1, line, local)
+		}
+	}
+	stdout, stderr, code := inProcess(t, dirs[0], "export", "--central", "--format", "aws")
+	if code != 1 || !strings.Contains(stdout, `"ThingName":"SN-C1"`) || strings.Contains(stdout, "SN-C2") ||
+		!strings.Contains(stderr, "SN-C2: its certificate was not issued by this station's issuing CA: export it at station line-2") {
+		t.Errorf("aws from the central store at line-1: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if _, stderr, code := inProcess(t, dirs[0], "export", "--central", "--format", "aws", "--serial", "SN-NONE"); code != 3 {
+		t.Errorf("--central --serial of an unknown unit: exit %d, want 3 (%s)", code, stderr)
+	}
+	if _, stderr, code := inProcess(t, dirs[0], "export", "--format", "aws", "--batch", "batch-1"); code != 2 {
+		t.Errorf("--batch without --central: exit %d, want 2 (%s)", code, stderr)
+	}
+}
+
+func mustInProcess(t *testing.T, dir string, args ...string) string {
+	t.Helper()
+	stdout, stderr, code := inProcess(t, dir, args...)
+	if code != 0 {
+		t.Fatalf("provision %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+	}
+	return stdout
 }

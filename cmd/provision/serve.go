@@ -24,6 +24,8 @@ func newServeCmd(g *globals) *cobra.Command {
   /api/units/SERIAL      one unit with its certificates, events and attestation
   /api/stations          every station with its last sync, backlog and conflicts
   /metrics               Prometheus text (provision_* series, labelled station)
+  /crl/STATION_ID        that station's CRL (DER): this station's own (renewed past half its validity when the CA
+                         key can be read), any other's as its last sync pushed it to the central store
 
 It listens on loopback by default. Any other address needs TLS (--tls-cert, --tls-key) and authentication: client
 certificates from --client-ca, or a bearer token in --token-file (mode 0600); without them it is refused (exit 2).`,
@@ -43,7 +45,7 @@ certificates from --client-ca, or a bearer token in --token-file (mode 0600); wi
 			}
 			cfg.Logger = g.logger()
 			_ = st.LoadCA(passphrase()) // optional: lets serve renew this station's CRL past half its validity
-			cfg.CRL = func(id string) ([]byte, error) { return st.ServeCRL(cmd.Context(), id) }
+			cfg.CRL = func(id string) ([]byte, error) { return st.StationCRL(cmd.Context(), store, id) }
 			srv, err := server.New(store, cfg)
 			if errors.Is(err, server.ErrInsecure) {
 				return usageError{fmt.Errorf("serve: %w", err)}
