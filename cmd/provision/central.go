@@ -63,6 +63,7 @@ type syncStatusJSON struct {
 	LastSync  string `json:"last_sync,omitempty"`
 	Sent      int    `json:"sent,omitempty"`
 	Conflicts int    `json:"conflicts,omitempty"`
+	CRL       int64  `json:"crl,omitempty"` // the number of the CRL this sync sent to the store; 0 when none
 }
 
 func newSyncCmd(g *globals) *cobra.Command {
@@ -95,7 +96,7 @@ store is unreachable or not initialised.`,
 				if res, err = st.SyncCentral(ctx); err != nil {
 					return err
 				}
-				out.Sent, out.Conflicts = res.Events, len(res.Conflicts)
+				out.Sent, out.Conflicts, out.CRL = res.Events, len(res.Conflicts), res.CRL
 			}
 			ss, err := st.SyncStatus(cmd.Context())
 			if err != nil {
@@ -115,6 +116,9 @@ store is unreachable or not initialised.`,
 				}
 				if !status {
 					fmt.Fprintf(g.stdout, "sent %d entries\n", res.Events)
+					if res.CRL > 0 {
+						fmt.Fprintf(g.stdout, "sent CRL number %d\n", res.CRL)
+					}
 				}
 				last := "never"
 				if !ss.LastSync.IsZero() {

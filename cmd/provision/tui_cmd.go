@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"provision/central"
 	"provision/cmd/provision/tui"
 	"provision/image/golden"
 	"provision/inventory"
@@ -69,6 +70,8 @@ func (b *tuiBackend) CentralStatus() (string, bool) {
 	switch {
 	case at.IsZero():
 		return "central store (" + mode + "): connecting…", false
+	case err != nil && !errors.Is(err, central.ErrUnreachable) && !errors.Is(err, station.ErrCentralUnreachable):
+		return fmt.Sprintf("central store: sync failed at %s: %v", at.Format("15:04:05"), err), true
 	case err != nil:
 		return fmt.Sprintf("central store DOWN since %s (%s): units are kept here and sent when it is back", at.Format("15:04:05"), mode), true
 	case len(res.Conflicts) > 0:
