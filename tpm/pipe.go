@@ -188,6 +188,7 @@ func (p *pipe) close() error {
 		}
 		if !p.wait(grace) {
 			syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+			syscall.Kill(-p.cmd.Process.Pid, syscall.SIGCONT) // a stopped process acts on SIGTERM only once it runs
 			if !p.wait(pipeTermGrace) {
 				syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 				<-p.exited

@@ -208,6 +208,46 @@ func TestPipeStderrTail(t *testing.T) {
 	}
 }
 
+// A TPM pipe that stops answering in the middle of a unit (its process stopped): the command fails at its deadline, a
+// cancel ends it within a second, and the process is gone either way.
+func TestPipeStallMidUnit(t *testing.T) {
+	testutil.RequireTool(t, "tpm2_send")
+	s := testutil.StartSwtpm(t)
+	sum := sha256.Sum256([]byte("unit"))
+	for _, cancelled := range []bool{false, true} {
+		d, pid := openPipe(t, "cmd:"+sendCmd(s), WithCommandTimeout(400*time.Millisecond))
+		k, err := d.CreateKey(context.Background(), ECCP256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		if cancelled {
+			d.l.timeout = time.Minute
+			time.AfterFunc(200*time.Millisecond, cancel)
+		}
+		start := time.Now()
+		_, err = k.SignContext(ctx, rand.Reader, sum[:], crypto.SHA256)
+		took := time.Since(start)
+		cancel()
+		if cancelled && !errors.Is(err, context.Canceled) || !cancelled && (!errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "did not answer within 400ms")) {
+			t.Fatalf("stalled TPM (cancelled %v): %v", cancelled, err)
+		}
+		if took > 400*time.Millisecond+time.Second {
+			t.Errorf("cancelled %v: took %s", cancelled, took)
+		}
+		checkGone(t, pid)
+		k.Close()
+		d.Close()
+	}
+	d, _ := openPipe(t, "cmd:"+sendCmd(s)) // the next unit
+	if _, err := d.CreateKey(context.Background(), ECCP256); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A unit on a fixture: the TPM behind sshd, reached with ssh; the connection killed mid-unit fails the next command
 // with the cause, and the next Open works again.
 func TestPipeSSH(t *testing.T) {
@@ -243,6 +283,13 @@ func TestPipeSSH(t *testing.T) {
 	signVerify(t, k2)
 	k2.Close()
 	checkNoLeaks(t, d2)
+
+	// A fixture whose unit is not there: ssh's own words.
+	port := testutil.FreePort(t)
+	_, err = Open(ctx, fmt.Sprintf("cmd:ssh -F /dev/null -o BatchMode=yes -o LogLevel=ERROR -p %d root@127.0.0.1 tpm2_send", port))
+	if want := fmt.Sprintf("process exited (exit status 255): ssh: connect to host 127.0.0.1 port %d: Connection refused: TPM unreachable", port); !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("no sshd: %v\nwant %q", err, want)
+	}
 }
 
 // A unit over the pipe against the same unit over mssim:// on the same swtpm: Open, an ECC key, a signature, Close.
