@@ -109,8 +109,8 @@ type Device struct {
 	closed  bool
 }
 
-// Open reaches the TPM named by uri (ParseURI: an absolute device path such as /dev/tpmrm0, mssim://HOST:PORT, sim or
-// soft), and proves it answers with one command.
+// Open reaches the TPM named by uri (ParseURI: an absolute device path such as /dev/tpmrm0, mssim://HOST:PORT,
+// cmd:COMMAND, sim or soft), and proves it answers with one command. A cmd: TPM's process runs until Close.
 func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 	o := options{timeout: DefaultCommandTimeout}
 	for _, opt := range opts {
@@ -156,6 +156,10 @@ func Open(ctx context.Context, uri string, opts ...Option) (*Device, error) {
 		if s, err = openDevice(u.Addr); err != nil {
 			return nil, fmt.Errorf("tpm: %s: %w: %w", uri, ErrUnreachable, err)
 		}
+	case URICmd:
+		if s, err = startPipe(u.Args); err != nil {
+			return nil, fmt.Errorf("tpm: %s: %w: %w", uri, ErrUnreachable, err)
+		}
 	}
 	d.l = &link{uri: uri, s: s, timeout: o.timeout, log: o.log, counter: o.counter}
 	// A first command proves the TPM answers (a socket that accepts is not yet a TPM).
@@ -186,7 +190,8 @@ func (d *Device) ping(ctx context.Context) error {
 // "soft" always answers. "sim" (the in-process simulator, which answers while the process runs) is not opened: a second
 // simulator would wait for the one in use. A device that another client holds open (/dev/tpm0, without the resource
 // manager) answers nil: it is there. swtpm and Microsoft's simulator serve one connection at a time, so probe an
-// mssim:// TPM only while no Device is open on it (or call Ping on the open Device).
+// mssim:// TPM only while no Device is open on it (or call Ping on the open Device); a cmd: TPM starts its command
+// for the probe and ends it.
 func Probe(ctx context.Context, uri string, opts ...Option) error {
 	switch u, _ := ParseURI(uri); u.Kind { // a bad URI is Open's to refuse
 	case URISoft:
