@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"provision/tpm"
 )
 
 // The unit on its fixture (docs/station.md "Fixtures"): the station reaches the unit's TPM and its own serial through
@@ -54,16 +56,16 @@ func (c UnitSerialConfig) EffectiveMode() string {
 	return c.Mode
 }
 
-// fixtureValue is what may fill a placeholder of a command: letters, digits and . _ - : @ % + , = [ ] (host names,
-// IPv4/IPv6 addresses with zone, user@host, serials). Nothing a shell or ssh's remote shell would interpret.
-var fixtureValue = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@%+,=\[\]-]{0,127}$`)
+// fixtureValue is what may fill a placeholder of a command: letters, digits and . _ - : @ % + , = / [ ] (host names,
+// IPv4/IPv6 addresses with zone, user@host, a serial console's device path, serials). Nothing a shell or ssh's remote shell would interpret.
+var fixtureValue = regexp.MustCompile(`^[A-Za-z0-9/][A-Za-z0-9._:@%+,=/\[\]-]{0,127}$`)
 
 // CheckFixtureName checks a --fixture name (it fills {fixture} in commands).
 func CheckFixtureName(name string) error {
 	if name == "" || fixtureValue.MatchString(name) {
 		return nil
 	}
-	return fmt.Errorf("fixture %q: use letters, digits and . _ - : @ %% + , = [ ] (a host name or address, up to 128): %w", name, ErrFixture)
+	return fmt.Errorf("fixture %q: use letters, digits and . _ - : @ %% + , = / [ ] (a host name or address, up to 128): %w", name, ErrFixture)
 }
 
 // ExpandUnitCommand fills {serial} and {fixture} in a command or cmd: TPM URI. A placeholder the command uses must have
@@ -84,7 +86,7 @@ func ExpandUnitCommand(s, serial, fixture string) (string, error) {
 			return "", fmt.Errorf("%q uses {serial}, and no serial is known yet: %w", s, ErrFixture)
 		}
 		if !fixtureValue.MatchString(p.value) {
-			return "", fmt.Errorf("%s %q cannot go into the command %q: use letters, digits and . _ - : @ %% + , = [ ]: %w",
+			return "", fmt.Errorf("%s %q cannot go into the command %q: use letters, digits and . _ - : @ %% + , = / [ ]: %w",
 				p.what, p.value, s, ErrFixture)
 		}
 		s = strings.ReplaceAll(s, p.name, p.value)
@@ -131,7 +133,7 @@ func runUnitSerial(ctx context.Context, command, serial, fixture string) (string
 	if err != nil {
 		return "", err
 	}
-	argv, err := splitCommand(line)
+	argv, err := tpm.SplitCommand(line)
 	if err != nil {
 		return "", err
 	}
@@ -186,15 +188,6 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// splitCommand splits a command line into argv. TODO(lead): tpm's splitter once the cmd: transport lands.
-func splitCommand(s string) ([]string, error) {
-	f := strings.Fields(s)
-	if len(f) == 0 {
-		return nil, fmt.Errorf("empty command: %w", ErrFixture)
-	}
-	return f, nil
-}
-
 // check refuses a mode that needs a command without one, and a command that does not split into argv.
 func (c UnitSerialConfig) check() error {
 	if c.Command == "" {
@@ -203,6 +196,6 @@ func (c UnitSerialConfig) check() error {
 		}
 		return nil
 	}
-	_, err := splitCommand(c.Command)
+	_, err := tpm.SplitCommand(c.Command)
 	return err
 }

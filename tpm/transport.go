@@ -26,7 +26,7 @@ var (
 	ErrLockout = errors.New("TPM in dictionary-attack lockout")
 	// ErrObjectMemory: the TPM has no room for another object.
 	ErrObjectMemory = errors.New("TPM out of object memory")
-	// ErrBadURI: the TPM URI is not one of /dev/..., mssim://HOST:PORT, sim, soft (ParseURI).
+	// ErrBadURI: the TPM URI is not one of /dev/..., mssim://HOST:PORT, cmd:COMMAND, sim, soft (ParseURI).
 	ErrBadURI = errors.New("bad TPM URI")
 )
 

@@ -68,7 +68,7 @@ func ParseURITemplate(s string) (URI, error) {
 		return URI{Kind: URIMssim, Addr: addr}, nil
 	case strings.HasPrefix(s, "cmd:"):
 		command := strings.TrimPrefix(s, "cmd:")
-		args, err := splitCommand(command)
+		args, err := SplitCommand(command)
 		if err != nil {
 			return URI{}, fmt.Errorf("tpm: %q: %v: %w", s, err, ErrBadURI)
 		}
@@ -91,12 +91,12 @@ func ValidURITemplate(s string) bool {
 	return err == nil
 }
 
-// splitCommand splits a cmd: URI's command into words as a POSIX shell would (blanks separate words; '…', "…" and \
+// SplitCommand splits a command (a cmd: URI's, or any the station runs without a shell) into words as a POSIX shell would (blanks separate words; '…', "…" and \
 // quote) and removes the quotes; nothing else: no shell ever runs it, so what would need one (expansions such as $VAR,
 // $(…), `…`, ~, operators such as ; | > &) is refused rather than passed on literally. Globs and braces ({serial}) are
 // ordinary characters. mvdan.cc/sh's parser finds the words; its expander is not used (it would expand $VAR from the
 // station's environment, ~user from the user database, {a,b}, and panics on <(…)).
-func splitCommand(command string) ([]string, error) {
+func SplitCommand(command string) ([]string, error) {
 	if strings.IndexByte(command, 0) >= 0 {
 		return nil, errors.New("command: a NUL byte") // the parser would drop it silently
 	}

@@ -352,8 +352,8 @@ func passphrase() []byte {
 // carries) it logs the open and, through tpmLogOptions, every TPM command with its time.
 func openTPM(ctx context.Context, uri string) (*tpm.Device, error) {
 	log := loggerFrom(ctx)
-	u, _ := tpm.ParseURI(uri) // a bad URI is tpm.Open's to refuse
-	stale := u.Kind == tpm.URISim || u.Kind == tpm.URIMssim
+	u, _ := tpm.ParseURI(uri)                                                       // a bad URI is tpm.Open's to refuse
+	stale := u.Kind == tpm.URISim || u.Kind == tpm.URIMssim || u.Kind == tpm.URICmd // a cmd: pipe may reach swtpm
 	opts := append([]tpm.Option{tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(stale)}, tpmLogOptions(log)...)
 	start := time.Now()
 	dev, err := tpm.Open(ctx, uri, opts...)
