@@ -1,0 +1,141 @@
+package station
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"provision/internal/testutil"
+	"provision/inventory"
+	"provision/tpm"
+)
+
+// The unit on its fixture: its TPM behind `ssh … tpm2_send` (a real sshd on loopback, swtpm with EK certificates as
+// the unit's TPM), its own serial read over the same ssh.
+
+// tpm2Send is the unit-side command that reaches swtpm (on a unit: tpm2_send --tcti=device:/dev/tpmrm0).
+func tpm2Send(sw *testutil.Swtpm) string {
+	return fmt.Sprintf("tpm2_send --tcti=swtpm:host=127.0.0.1,port=%d", sw.Port)
+}
+
+// openFixture opens the unit's TPM through uri as the line does (stale objects of a killed run flushed).
+func openFixture(t *testing.T, uri string) *tpm.Device {
+	t.Helper()
+	d, err := tpm.Open(context.Background(), uri, tpm.WithFlushStale(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+// A whole unit over ssh: shippable with its TPM proven genuine and its own serial checked; the key file in the image
+// then signs through the same pipe with OpenSSL's tpm2 provider; the ssh connection killed mid-unit fails the unit with
+// the cause in words, and the same unit run again resumes and ships.
+func TestFixtureUnitOverSSH(t *testing.T) {
+	testutil.RequireTool(t, "tpm2_send", "swtpm", "swtpm_setup", "swtpm_localca", "openssl")
+	sw := testutil.StartSwtpm(t, testutil.WithEKCert())
+	sshd := testutil.StartSSHD(t)
+	ctx := context.Background()
+	s := attestStation(t, AttestRequired, sw.EKRootsDir())
+	s.Config.UnitSerial = UnitSerialConfig{Command: sshd.Command() + " echo SN-FIX-{fixture}", Mode: UnitSerialRequired}
+	uri := "cmd:" + sshd.Command() + " " + tpm2Send(sw)
+	img := goldenImage(t)
+
+	var validated string
+	res, err := s.Provision(ctx, openFixture(t, uri), ProvisionRequest{Serial: "SN-FIX-1", Image: img, Fixture: "1"}, func(e Event) {
+		if e.Step == StepValidate && e.Status == StatusOK {
+			validated = e.Detail
+		}
+	})
+	if err != nil {
+		t.Fatalf("unit over ssh: %v\nsshd: %s", err, sshd.Log.String())
+	}
+	if res.State != inventory.StateShippable || !strings.Contains(validated, "unit says SN-FIX-1") {
+		t.Fatalf("state %s, validate %q", res.State, validated)
+	}
+	if a := latestAttestation(t, s, "SN-FIX-1"); a.Status != inventory.AttestTrusted {
+		t.Fatalf("attestation over the pipe: %+v", a)
+	}
+
+	// The wrong unit on the fixture: refused before anything is created.
+	_, err = s.Provision(ctx, openFixture(t, uri), ProvisionRequest{Serial: "SN-FIX-1", Image: img, Fixture: "2", Reprovision: true}, nil)
+	if !errors.Is(err, ErrWrongUnit) || !strings.Contains(err.Error(), "label says SN-FIX-1, unit says SN-FIX-2") {
+		t.Fatalf("another unit on the fixture: %v", err)
+	}
+
+	// OpenSSL's tpm2 provider signs with the image's key file through the same pipe (its cmd TCTI).
+	keyPEM, certPEM := readPart(t, img, 4, "/mender/mender-cert-private.pem"), readPart(t, img, 4, "/mender/mender-cert.pem")
+	// Without OPENSSL_CONF for ssh: ssh links libcrypto too, would load the tpm2 provider, whose cmd TCTI would start
+	// ssh again, and so on (a fork bomb: docs/dependencies.md).
+	opensslSignsThrough(t, "cmd:env -u OPENSSL_CONF "+sshd.Command()+" "+tpm2Send(sw), keyPEM, certPEM)
+
+	// The connection killed while the unit is being imaged: the handshake's signature finds the pipe gone.
+	d := openFixture(t, uri)
+	var killed atomic.Bool
+	_, err = s.Provision(ctx, d, ProvisionRequest{Serial: "SN-FIX-1", Image: img, Fixture: "1", Reprovision: true}, func(e Event) {
+		if e.Step == StepImage && e.Status == StatusStarted && !killed.Swap(true) {
+			sshd.KillSessions(t)
+		}
+	})
+	if !errors.Is(err, tpm.ErrUnreachable) || !strings.Contains(err.Error(), "closed by remote host") {
+		t.Fatalf("connection killed mid-unit: %v", err)
+	}
+	u, uerr := s.Inv.Unit(ctx, "SN-FIX-1")
+	if uerr != nil || u.State != inventory.StateFailed {
+		t.Fatalf("after the kill: %+v, %v", u, uerr)
+	}
+	d.Close()
+	res, err = s.Provision(ctx, openFixture(t, uri), ProvisionRequest{Serial: "SN-FIX-1", Image: img, Fixture: "1"}, nil)
+	if err != nil || res.State != inventory.StateShippable {
+		t.Fatalf("run again after the kill: %s, %v", res.State, err)
+	}
+	if n := activeCount(t, s, "SN-FIX-1"); n != 1 {
+		t.Fatalf("%d active certificates", n)
+	}
+}
+
+// opensslSignsThrough signs a message with OpenSSL's tpm2 provider and the TSS2 key file, its TPM reached through tcti
+// (a TCTI configuration string), and checks the signature with the certificate's public key.
+func opensslSignsThrough(t *testing.T, tcti, keyPEM, certPEM string) {
+	t.Helper()
+	dir := t.TempDir()
+	keyFile, msgFile, sigFile, conf := filepath.Join(dir, "key.pem"), filepath.Join(dir, "msg"), filepath.Join(dir, "sig"), filepath.Join(dir, "openssl.cnf")
+	msg := []byte("signed on the fixture")
+	for name, b := range map[string][]byte{keyFile: []byte(keyPEM), msgFile: msg, conf: []byte(testutil.OpenSSLConf)} {
+		if err := os.WriteFile(name, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := exec.CommandContext(ctx, "openssl", "dgst", "-sha256", "-sign", keyFile, "-out", sigFile, msgFile)
+	c.Env = append(os.Environ(), "OPENSSL_CONF="+conf, "TPM2OPENSSL_TCTI="+tcti)
+	if out, err := c.CombinedOutput(); err != nil {
+		t.Fatalf("openssl dgst -sign through %s: %v\n%s", tcti, err, out)
+	}
+	sig, err := os.ReadFile(sigFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode([]byte(certPEM))
+	if block == nil {
+		t.Fatal("the image's certificate is not PEM")
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cert.CheckSignature(x509.ECDSAWithSHA256, msg, sig); err != nil {
+		t.Fatalf("OpenSSL's signature does not verify with the unit's certificate: %v", err)
+	}
+}
