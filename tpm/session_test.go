@@ -262,6 +262,48 @@ func TestSessionTamper(t *testing.T) {
 			}
 		})
 	}
+	// The path alters the command instead: the TPM refuses the session's HMAC, which is as much a sign of tampering.
+	t.Run("TPM2_Sign command", func(t *testing.T) {
+		d := open(t, true)
+		k, err := d.CreateKey(ctx, ECCP256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := proxy.Flipped()
+		proxy.FlipNextCommand(ccSign)
+		sig, err := k.Sign(rand.Reader, sum[:], crypto.SHA256)
+		if proxy.Flipped() != before+1 || !errors.Is(err, ErrTampered) || sig != nil {
+			t.Fatalf("altered TPM2_Sign command: %x, %v; want ErrTampered", sig, err)
+		}
+		t.Log(err)
+	})
+	// The credential ActivateCredential recovers crosses the path encrypted (and in clear without a session).
+	for _, session := range []bool{false, true} {
+		d := open(t, session)
+		ak, err := d.CreateAK(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ek, err := d.EndorsementKey(ctx, 0x01c00016, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _ := tpm2.Unmarshal[tpm2.TPMTPublic](ek.Public)
+		encap, _ := tpm2.ImportEncapsulationKey(pub)
+		secret := []byte("a credential for the middle to read")
+		blob, enc, _ := tpm2.CreateCredential(rand.Reader, encap, ak.Name(), secret)
+		proxy.Watch(secret)
+		got, err := d.ActivateCredential(ctx, ak, ek, blob, enc)
+		if err != nil || string(got) != string(secret) {
+			t.Fatalf("session %v: activation %q, %v", session, got, err)
+		}
+		if proxy.Seen() == session {
+			t.Fatalf("session %v: the credential crossed the path in clear: %v", session, proxy.Seen())
+		}
+		ek.Close()
+		ak.Close()
+		d.Close()
+	}
 	t.Run("without a session", func(t *testing.T) {
 		d := open(t, false)
 		proxy.FlipNext(ccCreate)

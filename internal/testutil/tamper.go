@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"bytes"
 	"encoding/binary"
 	"io"
 	"net"
@@ -11,13 +12,38 @@ import (
 )
 
 // TamperProxy forwards the TCP simulator protocol (TPM_SEND_COMMAND frames) to a real TPM (swtpm) and, when armed,
-// flips one bit in the parameter area of the TPM's answer to a chosen command: a host in the middle altering a
-// response. Tests use it to check that the TPM's session catches what the path changed.
+// flips one bit in the parameter area of a chosen command, or of the TPM's answer to it: a host in the middle altering
+// what passes. Tests use it to check that the TPM's session catches what the path changed.
 type TamperProxy struct {
 	URI     string // mssim://127.0.0.1:PORT
 	mu      sync.Mutex
 	armed   map[uint32]bool // command codes whose next successful response is altered
+	armedIn map[uint32]bool // command codes whose next command is altered
 	flipped atomic.Int32
+	watch   []byte // Watch
+	seen    bool
+}
+
+// Watch makes the proxy look for b in every response from now on (Seen): a secret that must not cross in clear.
+func (p *TamperProxy) Watch(b []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.watch, p.seen = b, false
+}
+
+// Seen reports whether a response since Watch held the watched bytes.
+func (p *TamperProxy) Seen() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.seen
+}
+
+// FlipNextCommand arms the proxy: the next command with code cc gets one bit of its parameter area flipped on its way
+// to the TPM.
+func (p *TamperProxy) FlipNextCommand(cc uint32) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.armedIn[cc] = true
 }
 
 // FlipNext arms the proxy: the next successful response to command code cc (e.g. 0x153 TPM2_Create, 0x15d TPM2_Sign)
@@ -31,6 +57,10 @@ func (p *TamperProxy) FlipNext(cc uint32) {
 // Flipped is how many responses the proxy altered.
 func (p *TamperProxy) Flipped() int { return int(p.flipped.Load()) }
 
+// commandHandles is the number of handles of a command, where it is not one (TPM 2.0 Part 3): TPM2_StartAuthSession,
+// TPM2_ActivateCredential, TPM2_Certify; TPM2_GetCapability has none.
+var commandHandles = map[uint32]int{0x176: 2, 0x147: 2, 0x148: 2, 0x17a: 0}
+
 // responseHandles is the number of handles in the response to a command code, where it is not zero (TPM 2.0 Part 3):
 // TPM2_StartAuthSession, TPM2_CreatePrimary, TPM2_Load, TPM2_LoadExternal, TPM2_CreateLoaded.
 var responseHandles = map[uint32]int{0x176: 1, 0x131: 1, 0x157: 1, 0x167: 1, 0x191: 1}
@@ -38,7 +68,7 @@ var responseHandles = map[uint32]int{0x176: 1, 0x131: 1, 0x157: 1, 0x167: 1, 0x1
 // NewTamperProxy starts a proxy to the mssim:// TPM at target (e.g. Swtpm.URI). It stops at test cleanup.
 func NewTamperProxy(tb testing.TB, target string) *TamperProxy {
 	tb.Helper()
-	p := &TamperProxy{armed: map[uint32]bool{}}
+	p := &TamperProxy{armed: map[uint32]bool{}, armedIn: map[uint32]bool{}}
 	addr := strings.TrimPrefix(target, "mssim://")
 	l := listen(tb, func(c net.Conn, track func(net.Conn)) {
 		defer c.Close()
@@ -58,6 +88,7 @@ func NewTamperProxy(tb testing.TB, target string) *TamperProxy {
 			if _, err := io.ReadFull(c, cmd); err != nil || len(cmd) < 10 {
 				return
 			}
+			p.tamperCommand(cmd)
 			if _, err := up.Write(append(hdr[:], cmd...)); err != nil {
 				return
 			}
@@ -80,11 +111,41 @@ func NewTamperProxy(tb testing.TB, target string) *TamperProxy {
 	return p
 }
 
+// tamperCommand flips the lowest bit of the middle byte of cmd's parameter area, if the proxy is armed for its code.
+func (p *TamperProxy) tamperCommand(cmd []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cc := binary.BigEndian.Uint32(cmd[6:10])
+	if !p.armedIn[cc] {
+		return
+	}
+	nh, ok := commandHandles[cc]
+	if !ok {
+		nh = 1
+	}
+	start := 10 + 4*nh
+	if binary.BigEndian.Uint16(cmd[0:2]) == 0x8002 { // TPM_ST_SESSIONS: authorizationSize, sessions, parameters
+		if start+4 > len(cmd) {
+			return
+		}
+		start += 4 + int(binary.BigEndian.Uint32(cmd[start:]))
+	}
+	if start >= len(cmd) {
+		return
+	}
+	cmd[start+(len(cmd)-start)/2] ^= 1
+	delete(p.armedIn, cc)
+	p.flipped.Add(1)
+}
+
 // tamper flips the lowest bit of the middle byte of rsp's parameter area, if the proxy is armed for cc and the TPM
 // answered TPM_RC_SUCCESS.
 func (p *TamperProxy) tamper(cc uint32, rsp []byte) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if len(p.watch) > 0 && bytes.Contains(rsp, p.watch) {
+		p.seen = true
+	}
 	if !p.armed[cc] || len(rsp) < 10 || binary.BigEndian.Uint32(rsp[6:10]) != 0 {
 		return
 	}
