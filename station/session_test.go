@@ -24,8 +24,8 @@ func TestSessionUnit(t *testing.T) {
 		name, want string
 		ekCert     bool
 	}{
-		{"EK certificate", "session salted to the EK of NV 0x1c00016 (persistent 0x81010016)", true},
-		{"no EK certificate", "session salted to the default EK (template L-2 (ECC P-256)): no EK certificate, trusted on first use", false},
+		{"EK certificate", "session: EK of NV 0x1c00016 (persistent 0x81010016)", true},
+		{"no EK certificate", "session: default EK (template L-2 (ECC P-256)), no EK certificate: trusted on first use", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var opts []testutil.SwtpmOption

@@ -95,12 +95,12 @@ func (r *run) startSession(ctx context.Context) (string, error) {
 // sessionDetail says which EK the session is salted to, and why it is trusted on first use when it is.
 func sessionDetail(source string, index uint32, tofu string) string {
 	if index != 0 {
-		return fmt.Sprintf("session salted to the EK of NV %#x (%s)", index, source)
+		return fmt.Sprintf("session: EK of NV %#x (%s)", index, source)
 	}
 	if tofu == "" {
 		tofu = "no EK certificate"
 	}
-	return fmt.Sprintf("session salted to the default EK (%s): %s, trusted on first use", source, tofu)
+	return fmt.Sprintf("session: default EK (%s), %s: trusted on first use", source, tofu)
 }
 
 func (r *run) stepCSR(ctx context.Context) (string, error) {
