@@ -90,13 +90,10 @@ func (d *Device) StartSession(ctx context.Context, ekIndex uint32, want crypto.P
 		return errors.New("tpm: session: a software key has no TPM")
 	}
 	d.mu.Lock()
-	cur := d.sess
+	up, err := d.sessionUp(want)
 	d.mu.Unlock()
-	if cur != nil {
-		if want == nil || keyEqual(cur.salt, want) {
-			return nil
-		}
-		return fmt.Errorf("tpm: session: already salted to another endorsement key (%s)", cur.ekSource)
+	if up || err != nil {
+		return err
 	}
 	ek, err := d.EndorsementKey(ctx, ekIndex, want)
 	if err != nil {
@@ -111,6 +108,9 @@ func (d *Device) StartSession(ctx context.Context, ekIndex uint32, want crypto.P
 	if d.closed {
 		return fmt.Errorf("tpm: session: %w: device closed", ErrUnreachable)
 	}
+	if up, err := d.sessionUp(want); up || err != nil { // another goroutine started it meanwhile
+		return err
+	}
 	s, _, err := tpm2.HMACSession(d.l.with(ctx), tpm2.TPMAlgSHA256, sessionNonce,
 		tpm2.Salted(tpm2.TPMHandle(ek.Handle), ek.pub))
 	if err != nil {
@@ -118,6 +118,18 @@ func (d *Device) StartSession(ctx context.Context, ekIndex uint32, want crypto.P
 	}
 	d.sess = &session{s: &checked{Session: s}, salt: ek.PublicKey, ekSource: ek.Template, ekIndex: ekIndex}
 	return nil
+}
+
+// sessionUp reports whether a session runs that suits want (salted to it, or want nil); one salted to another key is
+// an error. Callers hold d.mu.
+func (d *Device) sessionUp(want crypto.PublicKey) (bool, error) {
+	switch {
+	case d.sess == nil:
+		return false, nil
+	case want == nil || keyEqual(d.sess.salt, want):
+		return true, nil
+	}
+	return false, fmt.Errorf("tpm: session: already salted to another endorsement key (%s)", d.sess.ekSource)
 }
 
 // InSession reports whether StartSession ran on this Device.
@@ -160,8 +172,9 @@ func (d *Device) activationAuth(ek *EK) tpm2.Session {
 
 // sessionErr maps the error of a command authorized through auth (what d.auth or activationAuth returned): a
 // response that failed its HMAC check or came back without a session area that parses, or the TPM refusing our HMAC
-// (TPM_RC_AUTH_FAIL / TPM_RC_BAD_AUTH: every authValue here is empty, so only an altered command, or a TPM that does
-// not hold the EK, gets there), is ErrTampered and breaks the link; anything else is mapErr's. Callers hold d.mu.
+// (TPM_RC_AUTH_FAIL / TPM_RC_BAD_AUTH: every authValue here is empty, so only an altered command, a TPM that does
+// not hold the EK, or an owner hierarchy with a password gets there), is ErrTampered and breaks the link; anything else
+// is mapErr's. Callers hold d.mu.
 func (d *Device) sessionErr(op string, auth tpm2.Session, err error) error {
 	if err == nil {
 		return nil
@@ -182,7 +195,8 @@ func (d *Device) sessionErr(op string, auth tpm2.Session, err error) error {
 			return mapErr(op, err)
 		}
 		err = fmt.Errorf("%w: the TPM refused the command's session HMAC (%v): the command was altered on the way, "+
-			"or the TPM does not hold the endorsement key the session is salted to", ErrTampered, rc)
+			"the TPM does not hold the endorsement key the session is salted to, or its owner hierarchy has a password",
+			ErrTampered, rc)
 	case pending:
 		err = fmt.Errorf("%w: the response's session area: %v", ErrTampered, err)
 	default:
