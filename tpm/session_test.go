@@ -393,3 +393,24 @@ func TestSessionCost(t *testing.T) {
 		compare(t, func(t *testing.T) *Device { return openUnchecked(t, "sim", WithSimulator(simulator.Open)) }, 0x01c0000a)
 	})
 }
+
+// A run killed with its session loaded leaves it in swtpm (it survives the connection, as transient objects do): the
+// next Open WithFlushStale flushes it.
+func TestSessionStaleFlushed(t *testing.T) {
+	testutil.RequireTool(t, "swtpm")
+	s := testutil.StartSwtpm(t)
+	killed := openUnchecked(t, s.URI)
+	startSession(t, killed, 0)
+	killed.mu.Lock()
+	killed.l.close() // the process dies: no flush
+	killed.mu.Unlock()
+	plain := openUnchecked(t, s.URI)
+	if hs := sessions(t, plain); len(hs) != 1 {
+		t.Fatalf("sessions after the killed run: %#x, want its one", hs)
+	}
+	plain.Close()
+	fresh := openUnchecked(t, s.URI, WithFlushStale(true))
+	if hs := sessions(t, fresh); len(hs) != 0 {
+		t.Fatalf("sessions after WithFlushStale: %#x", hs)
+	}
+}
