@@ -24,11 +24,13 @@ import (
 //     again;
 //   - TPM2_Sign (the key's authorization): the CSR and handshake signatures;
 //   - TPM2_Certify (the attestation key's authorization; one HMAC covers the whole command and response, the object's
-//     own authorization stays the empty password: go-tpm keeps one nonce state per session object, so one session
-//     cannot authorize two handles of one command);
+//     own authorization stays the empty password: the TPM refuses one session on two handles of a command,
+//     TPM_RC_HANDLE, and a second session would take a third session slot for nothing);
 //   - TPM2_ActivateCredential: the attestation key's authorization goes through a one-off session salted to the EK
 //     being activated with, with response parameter encryption (AES-128-CFB), so the recovered credential crosses the
-//     path encrypted; the EK keeps its own authorization (empty password, or its policy session).
+//     path encrypted; the EK keeps its own authorization (empty password, or its policy session). The Device's own
+//     session carries no encryption: a session's encrypt attribute holds for every command it authorizes, and the TPM
+//     refuses it where the first response parameter is not a sized buffer (TPM2_Sign: TPM_RC_ATTRIBUTES).
 //
 // Not protected (no authorization, or nothing an attacker gains): TPM2_GetCapability (properties, handle lists),
 // TPM2_ReadPublic of persistent EKs (the key is compared with the certificate's), TPM2_NV_ReadPublic and TPM2_NV_Read
