@@ -41,6 +41,14 @@ type attestation struct {
 	// TSS2 key file.
 	akCert *x509.Certificate
 	akKey  []byte
+	// nv: the EK certificates and chain certificates the key step read from NV to salt the TPM session (steps.go),
+	// so this step does not read them again; nil when it did not.
+	nv *ekNV
+}
+
+// ekNV is what the TPM's NV holds for attestation: its EK certificates and the chain certificates beside them.
+type ekNV struct {
+	certs, chain []tpm.NVCertificate
 }
 
 func (r *run) akCertPEM() []byte {
@@ -88,7 +96,11 @@ func (s *Station) TPMRoots() (*attest.Roots, error) {
 
 func (r *run) stepAttest(ctx context.Context) (string, error) {
 	policy := r.s.Config.AttestationPolicy()
-	r.att = &attestation{row: inventory.Attestation{Policy: policy, Time: time.Now().UTC()}}
+	var nv *ekNV
+	if r.att != nil {
+		nv = r.att.nv
+	}
+	r.att = &attestation{row: inventory.Attestation{Policy: policy, Time: time.Now().UTC()}, nv: nv}
 	defer func() {
 		r.res.Attestation = &AttestResult{Status: r.att.row.Status, EKSHA256: r.att.row.EKSHA256, Cause: r.att.row.Cause}
 	}()
@@ -143,14 +155,15 @@ func (r *run) stepAttest(ctx context.Context) (string, error) {
 // under required).
 func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, policy string) (*attest.Evidence, error) {
 	ev := &attest.Evidence{Version: 1, Time: r.att.row.Time, Policy: policy}
-	certs, nvChain, err := r.dev.EKCertificates(ctx)
-	if err != nil {
-		return nil, err
+	if r.att.nv == nil {
+		certs, chain, err := r.dev.EKCertificates(ctx)
+		if err != nil {
+			return nil, err
+		}
+		r.att.nv = &ekNV{certs: certs, chain: chain}
 	}
-	// The EK certificate: the first that parses, in order of preference; the others' problems are warnings.
-	var ekCert *x509.Certificate
 	var intermediates []*x509.Certificate
-	for _, c := range nvChain {
+	for _, c := range r.att.nv.chain {
 		if ic, err := attest.ParseEKCertificate(c.Data); err == nil {
 			intermediates = append(intermediates, ic)
 			ev.Chain = append(ev.Chain, ic.Raw)
@@ -158,19 +171,9 @@ func (r *run) collect(ctx context.Context, k *tpm.Key, roots *attest.Roots, poli
 			ev.Warnings = append(ev.Warnings, fmt.Sprintf("chain certificate at NV %#x does not parse: %v", c.Index, err))
 		}
 	}
-	slices.SortStableFunc(certs, func(a, b tpm.NVCertificate) int {
-		return certRank(a.Index) - certRank(b.Index)
-	})
-	var parseErrs []string
-	for _, c := range certs {
-		pc, err := attest.ParseEKCertificate(c.Data)
-		if err != nil {
-			parseErrs = append(parseErrs, fmt.Sprintf("EK certificate at NV %#x does not parse: %v", c.Index, err))
-			continue
-		}
-		if ekCert == nil {
-			ekCert, ev.EKIndex, ev.EKCertificate = pc, c.Index, pc.Raw
-		}
+	ekCert, index, parseErrs := pickEKCert(r.att.nv.certs)
+	if ekCert != nil {
+		ev.EKIndex, ev.EKCertificate = index, ekCert.Raw
 	}
 	// The TPM holds three objects at a time (swtpm, the simulator, many discrete TPMs): the device key is loaded, so the
 	// AK comes next and then the EK (EndorsementKey makes room by unloading the storage root key); the EK goes before
@@ -325,6 +328,26 @@ func (r *run) checkBinding(ctx context.Context, ekSHA string) error {
 func boundError(u inventory.Unit) error {
 	return fmt.Errorf("this TPM is already unit %s, %s on %s at station %s: %w", u.Serial, u.State,
 		u.Updated.UTC().Format("2006-01-02"), u.Station, ErrTPMBound)
+}
+
+// pickEKCert is the EK certificate a unit is attested with, and its session salted to: the first that parses, in the
+// order of ekCertOrder. The others' problems are returned, for the evidence's warnings.
+func pickEKCert(certs []tpm.NVCertificate) (cert *x509.Certificate, index uint32, parseErrs []string) {
+	certs = slices.Clone(certs)
+	slices.SortStableFunc(certs, func(a, b tpm.NVCertificate) int {
+		return certRank(a.Index) - certRank(b.Index)
+	})
+	for _, c := range certs {
+		pc, err := attest.ParseEKCertificate(c.Data)
+		if err != nil {
+			parseErrs = append(parseErrs, fmt.Sprintf("EK certificate at NV %#x does not parse: %v", c.Index, err))
+			continue
+		}
+		if cert == nil {
+			cert, index = pc, c.Index
+		}
+	}
+	return cert, index, parseErrs
 }
 
 func certRank(index uint32) int {

@@ -25,6 +25,12 @@ func (r *run) stepKey(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	session := ""
+	if r.dev.Kind() == tpm.KindTPM {
+		if session, err = r.startSession(ctx); err != nil {
+			return "", err
+		}
+	}
 	k, err := r.dev.CreateKey(ctx, alg)
 	if err != nil {
 		return "", err
@@ -37,7 +43,64 @@ func (r *run) stepKey(ctx context.Context) (string, error) {
 	if r.keyPEM, err = k.PEM(); err != nil {
 		return "", fmt.Errorf("export key file: %w", err)
 	}
-	return fmt.Sprintf("%s %s key %s", k.Kind(), alg, r.pubSHA[:16]), nil
+	detail := fmt.Sprintf("%s %s key %s", k.Kind(), alg, r.pubSHA[:16])
+	if session != "" {
+		detail += "; " + session
+	}
+	return detail, nil
+}
+
+// startSession salts the TPM's HMAC session to the unit's EK before anything is created, so the path to the TPM (a
+// fixture's network, ssh) can neither read nor forge what matters (tpm.Device.StartSession): the EK of the certificate
+// the attest step checks (pickEKCert: the same choice), or, when the TPM has no usable EK certificate, the default EK,
+// trusted on first use. The EK certificates read here are kept for the attest step. It returns what the step detail
+// says about the session.
+func (r *run) startSession(ctx context.Context) (string, error) {
+	if r.dev.InSession() { // a Device that serves several units (enroll --serials) keeps its session
+		src, index := r.dev.SessionEK()
+		return sessionDetail(src, index, ""), nil
+	}
+	certs, chain, err := r.dev.EKCertificates(ctx)
+	if err != nil {
+		return "", err
+	}
+	r.att = &attestation{nv: &ekNV{certs: certs, chain: chain}}
+	cert, index, _ := pickEKCert(certs)
+	why := ""
+	switch {
+	case cert == nil && len(certs) == 0:
+		why = "no EK certificate"
+	case cert == nil:
+		why = "no EK certificate parses"
+	default:
+		err = r.dev.StartSession(ctx, index, cert.PublicKey)
+		if !errors.Is(err, tpm.ErrEKMismatch) {
+			if err != nil {
+				return "", err
+			}
+			src, index := r.dev.SessionEK()
+			return sessionDetail(src, index, ""), nil
+		}
+		// The attest step judges a certificate that names another key (whatever its policy); until then the
+		// session can only trust the EK the TPM has.
+		why, index = fmt.Sprintf("the EK certificate at NV %#x names another key", index), 0
+	}
+	if err := r.dev.StartSession(ctx, 0, nil); err != nil {
+		return "", err
+	}
+	src, _ := r.dev.SessionEK()
+	return sessionDetail(src, index, why), nil
+}
+
+// sessionDetail says which EK the session is salted to, and why it is trusted on first use when it is.
+func sessionDetail(source string, index uint32, tofu string) string {
+	if index != 0 {
+		return fmt.Sprintf("session: EK of NV %#x (%s)", index, source)
+	}
+	if tofu == "" {
+		tofu = "no EK certificate"
+	}
+	return fmt.Sprintf("session: default EK (%s), %s: trusted on first use", source, tofu)
 }
 
 func (r *run) stepCSR(ctx context.Context) (string, error) {

@@ -69,11 +69,11 @@ func (d *Device) CreateAK(ctx context.Context) (*AK, error) {
 	}
 	crsp, err := tpm2.Create{ParentHandle: d.parent(), InPublic: tpm2.New2B(akTemplate)}.Execute(d.l.with(ctx))
 	if err != nil {
-		return nil, mapErr("create attestation key", err)
+		return nil, d.sessionErr("create attestation key", d.auth(), err)
 	}
 	lrsp, err := tpm2.Load{ParentHandle: d.parent(), InPrivate: crsp.OutPrivate, InPublic: crsp.OutPublic}.Execute(d.l.with(ctx))
 	if err != nil {
-		return nil, mapErr("load attestation key", err)
+		return nil, d.sessionErr("load attestation key", d.auth(), err)
 	}
 	ak := &AK{dev: d, public: crsp.OutPublic, private: crsp.OutPrivate, handle: lrsp.ObjectHandle, name: lrsp.Name, loaded: true}
 	pub, err := crsp.OutPublic.Contents()
@@ -155,14 +155,15 @@ func (d *Device) ActivateCredential(ctx context.Context, ak *AK, ek *EK, credent
 	if flush != nil {
 		defer flush()
 	}
+	akAuth := d.activationAuth(ek)
 	rsp, err := tpm2.ActivateCredential{
-		ActivateHandle: tpm2.AuthHandle{Handle: ak.handle, Name: ak.name, Auth: tpm2.PasswordAuth(nil)},
+		ActivateHandle: tpm2.AuthHandle{Handle: ak.handle, Name: ak.name, Auth: akAuth},
 		KeyHandle:      tpm2.AuthHandle{Handle: tpm2.TPMHandle(ek.Handle), Name: ek.name, Auth: auth},
 		CredentialBlob: tpm2.TPM2BIDObject{Buffer: credentialBlob},
 		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: encryptedSecret},
 	}.Execute(d.l.with(ctx))
 	if err != nil {
-		return nil, mapErr("activate credential", err)
+		return nil, d.sessionErr("activate credential", akAuth, err)
 	}
 	return rsp.CertInfo.Buffer, nil
 }
@@ -183,14 +184,15 @@ func (d *Device) Certify(ctx context.Context, key *Key, ak *AK, qualifyingData [
 	if !key.loaded || !ak.loaded || key.dev != d || ak.dev != d {
 		return nil, nil, errors.New("tpm: certify: device or attestation key closed, or of another TPM")
 	}
+	auth := d.auth()
 	rsp, err := tpm2.Certify{
 		ObjectHandle:   tpm2.AuthHandle{Handle: key.handle, Name: key.name, Auth: tpm2.PasswordAuth(nil)},
-		SignHandle:     tpm2.AuthHandle{Handle: ak.handle, Name: ak.name, Auth: tpm2.PasswordAuth(nil)},
+		SignHandle:     tpm2.AuthHandle{Handle: ak.handle, Name: ak.name, Auth: auth},
 		QualifyingData: tpm2.TPM2BData{Buffer: qualifyingData},
 		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
 	}.Execute(d.l.with(ctx))
 	if err != nil {
-		return nil, nil, mapErr("certify device key", err)
+		return nil, nil, d.sessionErr("certify device key", auth, err)
 	}
 	return rsp.CertifyInfo.Bytes(), tpm2.Marshal(&rsp.Signature), nil
 }

@@ -75,7 +75,7 @@ func WithSimulator(open func() (transport.TPMCloser, error)) Option {
 	return func(o *options) { o.simulator = open }
 }
 
-// WithFlushStale flushes, at Open, every transient object the TPM holds: leftovers of a killed run on a TPM without a
+// WithFlushStale flushes, at Open, every transient object and session the TPM holds: leftovers of a killed run on a TPM without a
 // resource manager (swtpm, a simulator), which would otherwise fill its few object slots. Never useful through
 // /dev/tpmrm0, whose resource manager flushes a client's objects itself.
 func WithFlushStale(on bool) Option { return func(o *options) { o.flushStale = on } }
@@ -107,6 +107,7 @@ type Device struct {
 	srkUp   bool
 	nvMax   int // TPM_PT_NV_BUFFER_MAX, once read
 	closed  bool
+	sess    *session // the salted HMAC session, once StartSession ran (session.go)
 }
 
 // Open reaches the TPM named by uri (ParseURI: an absolute device path such as /dev/tpmrm0, mssim://HOST:PORT,
@@ -250,7 +251,7 @@ func (d *Device) Kind() string {
 	return KindTPM
 }
 
-// Close flushes the storage root key and closes the transport. It is idempotent.
+// Close flushes the storage root key and the session, and closes the transport. It is idempotent.
 func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -259,6 +260,7 @@ func (d *Device) Close() error {
 		return nil
 	}
 	d.closed = true
+	d.endSession()
 	if d.srkUp && d.l.broken == nil {
 		tpm2.FlushContext{FlushHandle: d.srk}.Execute(d.l.with(context.Background()))
 	}
@@ -273,19 +275,20 @@ func (d *Device) ensureSRK(ctx context.Context) error {
 	if d.srkUp {
 		return nil
 	}
+	auth := d.auth()
 	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHOwner,
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: auth},
 		InPublic:      tpm2.New2B(keyfile.ECCSRK_H2_Template),
 	}.Execute(d.l.with(ctx))
 	if err != nil {
-		return mapErr("create storage root key", err)
+		return d.sessionErr("create storage root key", auth, err)
 	}
 	d.srk, d.srkName, d.srkUp = rsp.ObjectHandle, rsp.Name, true
 	return nil
 }
 
 func (d *Device) parent() tpm2.AuthHandle {
-	return tpm2.AuthHandle{Handle: d.srk, Name: d.srkName, Auth: tpm2.PasswordAuth(nil)}
+	return tpm2.AuthHandle{Handle: d.srk, Name: d.srkName, Auth: d.auth()}
 }
 
 // TransientHandles lists the transient objects the TPM holds (for leak checks).
@@ -330,9 +333,13 @@ func (d *Device) handles(ctx context.Context, first, last uint32, what string) (
 	}
 }
 
+// flushTransients flushes the transient objects and the sessions a killed run left (WithFlushStale).
 func (d *Device) flushTransients(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if err := d.flushSessions(ctx); err != nil {
+		return err
+	}
 	hs, err := d.transients(ctx)
 	if err != nil {
 		return err

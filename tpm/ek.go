@@ -335,12 +335,13 @@ func (d *Device) EndorsementKey(ctx context.Context, index uint32, want crypto.P
 			return ek, nil
 		}
 	}
+	auth := d.auth()
 	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: auth},
 		InPublic:      tpm2.New2B(tmpl.public),
 	}.Execute(d.l.with(ctx))
 	if err != nil {
-		return nil, mapErr("create endorsement key "+tmpl.label, err)
+		return nil, d.sessionErr("create endorsement key "+tmpl.label, auth, err)
 	}
 	ek := &EK{Handle: uint32(rsp.ObjectHandle), Template: "template " + tmpl.label, dev: d, name: rsp.Name}
 	if err := ek.fill(rsp.OutPublic); err != nil {

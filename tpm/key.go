@@ -100,7 +100,7 @@ func (d *Device) CreateKey(ctx context.Context, alg Algorithm) (*Key, error) {
 	}
 	crsp, err := tpm2.Create{ParentHandle: d.parent(), InPublic: tpm2.New2B(deviceKeyTemplate(alg))}.Execute(d.l.with(ctx))
 	if err != nil {
-		return nil, mapErr("create device key", err)
+		return nil, d.sessionErr("create device key", d.auth(), err)
 	}
 	k := &Key{dev: d, alg: alg, public: crsp.OutPublic, private: crsp.OutPrivate}
 	if err := k.load(ctx); err != nil {
@@ -113,7 +113,7 @@ func (d *Device) CreateKey(ctx context.Context, alg Algorithm) (*Key, error) {
 func (k *Key) load(ctx context.Context) error {
 	lrsp, err := tpm2.Load{ParentHandle: k.dev.parent(), InPrivate: k.private, InPublic: k.public}.Execute(k.dev.l.with(ctx))
 	if err != nil {
-		return mapErr("load device key", err)
+		return k.dev.sessionErr("load device key", k.dev.auth(), err)
 	}
 	k.handle, k.name, k.loaded = lrsp.ObjectHandle, lrsp.Name, true
 	pub, err := k.public.Contents()
@@ -313,16 +313,18 @@ func (k *Key) SignContext(ctx context.Context, r io.Reader, digest []byte, opts 
 		k.dev.mu.Unlock()
 		return nil, errors.New("tpm: sign: key closed")
 	}
+	auth := k.dev.auth()
 	rsp, err := tpm2.Sign{
-		KeyHandle:  tpm2.AuthHandle{Handle: k.handle, Name: k.name, Auth: tpm2.PasswordAuth(nil)},
+		KeyHandle:  tpm2.AuthHandle{Handle: k.handle, Name: k.name, Auth: auth},
 		Digest:     tpm2.TPM2BDigest{Buffer: digest},
 		InScheme:   scheme,
 		Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
 	}.Execute(k.dev.l.with(ctx))
+	err = k.dev.sessionErr("sign", auth, err)
 	k.mu.Unlock()
 	k.dev.mu.Unlock()
 	if err != nil {
-		return nil, mapErr("sign", err)
+		return nil, err
 	}
 	var sig []byte
 	switch k.alg {
