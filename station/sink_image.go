@@ -64,6 +64,11 @@ func (imageSink) reload(ctx context.Context, r *run) bool {
 		if r.dev.Kind() != tpm.KindTPM {
 			return false
 		}
+		// The key step is skipped on resume: the session its signatures need starts here (a failure starts over,
+		// and the key step then reports it).
+		if _, err := r.startSession(ctx); err != nil {
+			return false
+		}
 		k, err := tpm.LoadKeyFile(ctx, r.dev, keyPEM)
 		if err != nil {
 			return false
