@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -35,6 +36,7 @@ var (
 	ErrNoClientCertRequested = errors.New("the server never asked for a client certificate")
 	ErrProtocol              = errors.New("protocol step failed")
 	ErrBadEndpoint           = errors.New("bad endpoint")
+	ErrKeyFailed             = errors.New("the unit's key did not sign") // its TPM unreachable, or an answer altered
 )
 
 var advice = map[error]string{
@@ -47,6 +49,7 @@ var advice = map[error]string{
 	ErrNoClientCertRequested: "the server is not doing mutual TLS: enable client certificates (e.g. require_certificate true)",
 	ErrProtocol:              "TLS worked; the application protocol refused us",
 	ErrBadEndpoint:           Forms,
+	ErrKeyFailed:             "check the unit's TPM connection (fixture, cable), then run the unit again",
 }
 
 // Error is a failed handshake test.
@@ -112,7 +115,49 @@ func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout =
 func WithMinTLS12() Option { return func(o *options) { o.minTLS12 = true } }
 
 // Test connects to endpoint presenting the client, verifying the server against roots and the endpoint's host name.
+// A key that fails to sign fails the test with ErrKeyFailed, the key's own error in the chain (crypto/tls keeps only
+// its text).
 func Test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, opts ...Option) (Result, error) {
+	var key *recordingSigner
+	if c.Key != nil {
+		key = &recordingSigner{Signer: c.Key}
+		c.Key = key
+	}
+	res, err := test(ctx, endpoint, roots, c, opts...)
+	if err != nil && key != nil {
+		if kerr := key.failed(); kerr != nil {
+			return Result{}, &Error{Endpoint: endpoint, Reason: ErrKeyFailed, Detail: kerr.Error(), Cause: kerr}
+		}
+	}
+	return res, err
+}
+
+// recordingSigner keeps the first error of the unit's key.
+type recordingSigner struct {
+	crypto.Signer
+	mu  sync.Mutex
+	err error
+}
+
+func (s *recordingSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	sig, err := s.Signer.Sign(r, digest, opts)
+	if err != nil {
+		s.mu.Lock()
+		if s.err == nil {
+			s.err = err
+		}
+		s.mu.Unlock()
+	}
+	return sig, err
+}
+
+func (s *recordingSigner) failed() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+func test(ctx context.Context, endpoint string, roots *x509.CertPool, c Client, opts ...Option) (Result, error) {
 	o := options{timeout: 10 * time.Second}
 	for _, opt := range opts {
 		opt(&o)

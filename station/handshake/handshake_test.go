@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -207,5 +208,31 @@ func BenchmarkBuiltin(b *testing.B) {
 		if _, err := Test(context.Background(), srv.URL(), srv.Roots(), c); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// failingSigner is a unit's key whose TPM went away: every signature fails.
+type failingSigner struct {
+	crypto.Signer
+	err error
+}
+
+func (f failingSigner) Sign(io.Reader, []byte, crypto.SignerOpts) ([]byte, error) { return nil, f.err }
+
+// A key that cannot sign (its TPM unreachable, or an answer that failed its session check) is the unit's key failing,
+// not the server refusing us: the reason says so and the key's own error stays in the chain. (Before: "protocol step
+// failed … TLS worked; the application protocol refused us", and the TPM's error was lost.)
+func TestKeyFailsToSign(t *testing.T) {
+	ca := testutil.NewCA(t, "station")
+	srv := builtin(t, ca)
+	tpmGone := errors.New("TPM at cmd:ssh unit tpm2_send: process exited (exit status 255)")
+	c := client(t, ca, testutil.ECKey(), "device-1")
+	c.Key = failingSigner{c.Key, tpmGone}
+	done := srv.Expect(c.Certificate)
+	_, err := Test(context.Background(), srv.URL(), srv.Roots(), c)
+	done()
+	wantReason(t, err, ErrKeyFailed)
+	if !errors.Is(err, tpmGone) || strings.Contains(err.Error(), "application protocol") || !strings.Contains(err.Error(), "exit status 255") {
+		t.Fatalf("got %v", err)
 	}
 }

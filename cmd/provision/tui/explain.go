@@ -48,6 +48,8 @@ func handshakeAdvice(reason error) string {
 		return "the server's certificate is not trusted (endpoint CA): call the line engineer"
 	case handshake.ErrUnreachable, handshake.ErrTimeout:
 		return "the test server is not reachable: check the network, then ctrl+r to retry"
+	case handshake.ErrKeyFailed:
+		return "the unit's TPM did not sign: check the unit's TPM connection (fixture, cable), then ctrl+r to retry"
 	case handshake.ErrNameNotResolved:
 		return "the test server's name does not resolve: call the line engineer (endpoint host name or the station's DNS)"
 	}
