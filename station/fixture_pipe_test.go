@@ -141,3 +141,29 @@ func opensslSignsThrough(t *testing.T, tcti, keyPEM, certPEM string) {
 		t.Fatalf("OpenSSL's signature does not verify with the unit's certificate: %v", err)
 	}
 }
+
+// A process in the middle of the pipe flips one bit in the TPM's signature of the CSR: the session check fails the unit
+// at csr, nothing is issued, and the unit ships on the next run over a clean pipe.
+func TestFixtureTamperedPipe(t *testing.T) {
+	testutil.RequireTool(t, "tpm2_send", "swtpm", "swtpm_setup", "swtpm_localca")
+	sw := testutil.StartSwtpm(t, testutil.WithEKCert())
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	s := attestStation(t, AttestRequired, sw.EKRootsDir())
+	img := goldenImage(t)
+	middle := fmt.Sprintf("cmd:env %s=15d %s %s", testutil.PipeMiddleEnv, self, tpm2Send(sw)) // 0x15d: TPM2_Sign
+	_, err = s.Provision(ctx, openFixture(t, middle), ProvisionRequest{Serial: "SN-TAMPER-1", Image: img}, nil)
+	var se *StepError
+	if !errors.Is(err, tpm.ErrTampered) || !errors.As(err, &se) || se.Step != StepCSR {
+		t.Fatalf("a flipped bit in the CSR's signature: %v", err)
+	}
+	if n := activeCount(t, s, "SN-TAMPER-1"); n != 0 {
+		t.Fatalf("%d certificates issued over a tampered pipe", n)
+	}
+	if _, err := s.Provision(ctx, openFixture(t, "cmd:"+tpm2Send(sw)), ProvisionRequest{Serial: "SN-TAMPER-1", Image: img}, nil); err != nil {
+		t.Fatalf("over a clean pipe: %v", err)
+	}
+}

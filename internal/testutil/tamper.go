@@ -3,8 +3,11 @@ package testutil
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -164,4 +167,69 @@ func (p *TamperProxy) tamper(cc uint32, rsp []byte) {
 	rsp[start+(end-start)/2] ^= 1
 	delete(p.armed, cc)
 	p.flipped.Add(1)
+}
+
+// PipeMiddleEnv names the environment variable that turns a test binary into a pipe middle (RunPipeMiddle): its value
+// is the command code (hex, e.g. 15d for TPM2_Sign) whose first successful response gets a bit flipped.
+const PipeMiddleEnv = "PROVISION_TEST_PIPE_MIDDLE"
+
+// RunPipeMiddle is a process in the middle of a cmd: TPM pipe: it runs argv (e.g. tpm2_send …), passes TPM commands
+// from its stdin to it and the answers back, and flips one bit in the parameter area of the first successful answer
+// to the command code PipeMiddleEnv names. A test binary calls it from TestMain when PipeMiddleEnv is set, and exits
+// with what it returns.
+func RunPipeMiddle(argv []string) int {
+	var cc uint32
+	if _, err := fmt.Sscanf(os.Getenv(PipeMiddleEnv), "%x", &cc); err != nil || len(argv) == 0 {
+		fmt.Fprintln(os.Stderr, "pipe middle: want", PipeMiddleEnv, "=hex command code and a command")
+		return 2
+	}
+	child := exec.Command(argv[0], argv[1:]...)
+	child.Stderr = os.Stderr
+	in, err := child.StdinPipe()
+	if err != nil {
+		return 2
+	}
+	out, err := child.StdoutPipe()
+	if err != nil {
+		return 2
+	}
+	if err := child.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "pipe middle:", err)
+		return 127
+	}
+	p := &TamperProxy{armed: map[uint32]bool{cc: true}, armedIn: map[uint32]bool{}}
+	frame := func(r io.Reader) ([]byte, error) {
+		hdr := make([]byte, 10)
+		if _, err := io.ReadFull(r, hdr); err != nil {
+			return nil, err
+		}
+		size := binary.BigEndian.Uint32(hdr[2:6])
+		if size < 10 || size > 1<<16 {
+			return nil, fmt.Errorf("frame of %d bytes", size)
+		}
+		b := make([]byte, size)
+		copy(b, hdr)
+		_, err := io.ReadFull(r, b[10:])
+		return b, err
+	}
+	for {
+		cmd, err := frame(os.Stdin)
+		if err != nil {
+			break
+		}
+		if _, err := in.Write(cmd); err != nil {
+			break
+		}
+		rsp, err := frame(out)
+		if err != nil {
+			break
+		}
+		p.tamper(binary.BigEndian.Uint32(cmd[6:10]), rsp)
+		if _, err := os.Stdout.Write(rsp); err != nil {
+			break
+		}
+	}
+	in.Close()
+	child.Wait()
+	return 0
 }
