@@ -167,3 +167,34 @@ func TestFixtureTamperedPipe(t *testing.T) {
 		t.Fatalf("over a clean pipe: %v", err)
 	}
 }
+
+// BenchmarkProvisionFixture runs whole units (attestation record, the salted session, image, handshake) on one swtpm
+// reached the two ways a line reaches a unit's TPM: mssim:// (a TCP connection per unit) and cmd:tpm2_send (a process
+// per unit, as `ssh unit tpm2_send` is). Each unit opens its TPM and closes it, as the TUI does. Compare the two
+// ns/op: the target is cmd ≤ 1.5 × mssim.
+func BenchmarkProvisionFixture(b *testing.B) {
+	testutil.RequireTool(b, "tpm2_send", "swtpm", "swtpm_setup", "swtpm_localca")
+	sw := testutil.StartSwtpm(b, testutil.WithEKCert())
+	for _, tc := range []struct{ name, uri string }{{"mssim", sw.URI}, {"cmd", "cmd:" + tpm2Send(sw)}} {
+		b.Run(tc.name, func(b *testing.B) {
+			s := newStation(b)
+			s.Config.Attestation, s.ExtraTPMRoots = AttestRecord, []string{sw.EKRootsDir()}
+			img := goldenImage(b)
+			ctx := context.Background()
+			unit := func() {
+				d, err := tpm.Open(ctx, tc.uri, tpm.WithFlushStale(true))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer d.Close()
+				if _, err := s.Provision(ctx, d, ProvisionRequest{Serial: "BEN-FIXTURE", Image: img, Reprovision: true}, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+			unit() // the first unit starts the built-in server
+			for b.Loop() {
+				unit()
+			}
+		})
+	}
+}
