@@ -181,6 +181,9 @@ station_id: {{q .StationID}}
 # The unit's TPM as this station reaches it (overridden by --tpm):
 #   /dev/tpmrm0         a TPM through the kernel resource manager (the unit booted on the fixture)
 #   mssim://HOST:PORT   a TPM speaking the TCP simulator protocol (swtpm, a forwarded TPM); control port PORT+1
+#   cmd:COMMAND         the unit on its fixture: a command carrying TPM commands on stdin/stdout, run without a
+#                       shell, {serial} and {fixture} (--fixture) filled in per unit, e.g.
+#                       cmd:ssh -o BatchMode=yes root@{fixture} tpm2_send --tcti=device:/dev/tpmrm0
 #   sim                 the in-process simulator: tests and demos only, its keys die with the process
 #   soft                no TPM: a software key, written only to the unit's bundle or image
 tpm: {{q .TPM}}
