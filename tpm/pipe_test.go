@@ -265,7 +265,9 @@ func TestPipeSSH(t *testing.T) {
 
 	sshd.KillSessions(t) // the unit unplugged in the middle
 	_, err = d.CreateKey(ctx, ECCP256)
-	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "process exited (exit status 255): Connection to 127.0.0.1 closed by remote host: TPM unreachable") {
+	// ssh's last words depend on how the connection went (a close: "Connection to 127.0.0.1 closed by remote host"; a
+	// reset: sometimes nothing): its exit status is what is certain.
+	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "process exited (exit status 255)") {
 		t.Fatalf("after the connection was killed: %v", err)
 	}
 	t.Logf("connection killed: %v", err)
