@@ -7,12 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"provision/internal/testutil"
 	"provision/inventory"
@@ -110,25 +107,8 @@ func TestFixtureUnitOverSSH(t *testing.T) {
 // (a TCTI configuration string), and checks the signature with the certificate's public key.
 func opensslSignsThrough(t *testing.T, tcti, keyPEM, certPEM string) {
 	t.Helper()
-	dir := t.TempDir()
-	keyFile, msgFile, sigFile, conf := filepath.Join(dir, "key.pem"), filepath.Join(dir, "msg"), filepath.Join(dir, "sig"), filepath.Join(dir, "openssl.cnf")
 	msg := []byte("signed on the fixture")
-	for name, b := range map[string][]byte{keyFile: []byte(keyPEM), msgFile: msg, conf: []byte(testutil.OpenSSLConf)} {
-		if err := os.WriteFile(name, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	c := exec.CommandContext(ctx, "openssl", "dgst", "-sha256", "-sign", keyFile, "-out", sigFile, msgFile)
-	c.Env = append(os.Environ(), "OPENSSL_CONF="+conf, "TPM2OPENSSL_TCTI="+tcti)
-	if out, err := c.CombinedOutput(); err != nil {
-		t.Fatalf("openssl dgst -sign through %s: %v\n%s", tcti, err, out)
-	}
-	sig, err := os.ReadFile(sigFile)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sig := testutil.OpenSSLSign(t, tcti, []byte(keyPEM), msg)
 	block, _ := pem.Decode([]byte(certPEM))
 	if block == nil {
 		t.Fatal("the image's certificate is not PEM")

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -92,23 +91,8 @@ func TestPipeOpenSSL(t *testing.T) {
 	k.Close()
 	d.Close() // swtpm serves one connection at a time
 
-	dir := t.TempDir()
-	keyFile, msgFile, sigFile, conf := filepath.Join(dir, "device.tss2.pem"), filepath.Join(dir, "msg"), filepath.Join(dir, "sig"), filepath.Join(dir, "openssl.cnf")
 	msg := []byte("signed by the unit's TPM through tpm2_send")
-	for name, b := range map[string][]byte{keyFile: pemBytes, msgFile: msg, conf: []byte(testutil.OpenSSLConf)} {
-		if err := os.WriteFile(name, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c := exec.Command("openssl", "dgst", "-sha256", "-sign", keyFile, "-out", sigFile, msgFile)
-	c.Env = append(os.Environ(), "OPENSSL_CONF="+conf, "TPM2OPENSSL_TCTI=cmd:"+sendCmd(s))
-	if out, err := c.CombinedOutput(); err != nil {
-		t.Fatalf("openssl dgst -sign through the cmd TCTI: %v\n%s", err, out)
-	}
-	sig, err := os.ReadFile(sigFile)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sig := testutil.OpenSSLSign(t, "cmd:"+sendCmd(s), pemBytes, msg)
 	sum := sha256.Sum256(msg)
 	if !ecdsa.VerifyASN1(pub, sum[:], sig) {
 		t.Fatal("OpenSSL's signature does not verify with the key's public key")

@@ -1,9 +1,11 @@
 package testutil
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -73,3 +75,29 @@ activate = 1
 [algorithm_sect]
 default_properties = ?provider=tpm2,tpm2.digest!=yes
 `
+
+// OpenSSLSign signs msg (SHA-256) with `openssl dgst -sign` and the TSS2 key file keyPEM through OpenSSL's tpm2
+// provider, its TPM reached through tcti (a TPM2OPENSSL_TCTI value such as `cmd:tpm2_send …`), and returns the
+// signature (DER for ECDSA). It fails the test when OpenSSL does, within a minute.
+func OpenSSLSign(tb testing.TB, tcti string, keyPEM, msg []byte) []byte {
+	tb.Helper()
+	dir := tb.TempDir()
+	keyFile, msgFile, sigFile, conf := filepath.Join(dir, "key.pem"), filepath.Join(dir, "msg"), filepath.Join(dir, "sig"), filepath.Join(dir, "openssl.cnf")
+	for name, b := range map[string][]byte{keyFile: keyPEM, msgFile: msg, conf: []byte(OpenSSLConf)} {
+		if err := os.WriteFile(name, b, 0o600); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := exec.CommandContext(ctx, "openssl", "dgst", "-sha256", "-sign", keyFile, "-out", sigFile, msgFile)
+	c.Env = append(os.Environ(), "OPENSSL_CONF="+conf, "TPM2OPENSSL_TCTI="+tcti)
+	if out, err := c.CombinedOutput(); err != nil {
+		tb.Fatalf("openssl dgst -sign through %s: %v\n%s", tcti, err, out)
+	}
+	sig, err := os.ReadFile(sigFile)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return sig
+}
