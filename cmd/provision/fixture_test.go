@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"provision/internal/testutil"
 	"provision/station"
 )
 
@@ -69,5 +70,31 @@ func TestTUIFixtureSilentCancel(t *testing.T) {
 	}
 	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
 		t.Fatalf("the fixture command (pid %d) outlived its unit: %v", pid, err)
+	}
+}
+
+// A batch whose TPM command names {serial}: each unit's TPM is opened with its own serial filled in (here each serial
+// is the port of its own swtpm, as a fixture per unit would be its address), each unit attested on its own TPM.
+func TestBatchFixturePerUnit(t *testing.T) {
+	testutil.RequireTool(t, "tpm2_send", "swtpm", "swtpm_setup", "swtpm_localca")
+	dir, st, golden := sampleStation(t, "fixture-batch", "golden.img")
+	var serials []string
+	for range 2 {
+		sw := testutil.StartSwtpm(t, testutil.WithEKCert())
+		serials = append(serials, strconv.Itoa(sw.Port))
+	}
+	list := filepath.Join(dir, "serials.txt")
+	if err := os.WriteFile(list, []byte(strings.Join(serials, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errs, code := inProcess(t, st, "batch", "--serials", list, "--image", golden, "--out", filepath.Join(dir, "out"),
+		"--tpm", "cmd:tpm2_send --tcti=swtpm:host=127.0.0.1,port={serial}")
+	if code != 0 {
+		t.Fatalf("batch: exit %d\n%s%s", code, out, errs)
+	}
+	for _, s := range serials {
+		if u := showUnit(t, st, s); u.State != "shippable" {
+			t.Fatalf("unit %s: %+v", s, u)
+		}
 	}
 }
