@@ -199,3 +199,20 @@ func (c UnitSerialConfig) check() error {
 	_, err := tpm.SplitCommand(c.Command)
 	return err
 }
+
+// CheckFixture refuses, before any unit starts, a TPM URI or a unit_serial command that names {fixture} when no
+// fixture is given, and a fixture name that cannot fill a command (the operator's screen would fail every unit).
+func (s *Station) CheckFixture(tpmURI, fixture string) error {
+	if err := CheckFixtureName(fixture); err != nil {
+		return err
+	}
+	if fixture != "" {
+		return nil
+	}
+	for _, c := range []struct{ what, cmd string }{{"the TPM URI", tpmURI}, {"unit_serial's command", s.Config.UnitSerial.Command}} {
+		if strings.Contains(c.cmd, "{fixture}") && (c.what != "unit_serial's command" || s.Config.UnitSerial.EffectiveMode() != UnitSerialOff) {
+			return fmt.Errorf("%s uses {fixture}: name the fixture (--fixture NAME): %w", c.what, ErrFixture)
+		}
+	}
+	return nil
+}

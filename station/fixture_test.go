@@ -80,3 +80,24 @@ func TestUnitSerialPlaceholders(t *testing.T) {
 		t.Fatal("a fixture name with shell syntax must be refused")
 	}
 }
+
+func TestCheckFixture(t *testing.T) {
+	s := newStation(t)
+	if err := s.CheckFixture("cmd:ssh root@{fixture} tpm2_send", ""); !errors.Is(err, ErrFixture) || !strings.Contains(err.Error(), "the TPM URI uses {fixture}") {
+		t.Fatalf("TPM URI without a fixture: %v", err)
+	}
+	if err := s.CheckFixture("cmd:ssh root@{fixture} tpm2_send", "10.0.0.2"); err != nil {
+		t.Fatal(err)
+	}
+	s.Config.UnitSerial = UnitSerialConfig{Command: "ssh root@{fixture} cat /x"}
+	if err := s.CheckFixture("soft", ""); !errors.Is(err, ErrFixture) || !strings.Contains(err.Error(), "unit_serial's command uses {fixture}") {
+		t.Fatalf("unit_serial without a fixture: %v", err)
+	}
+	s.Config.UnitSerial.Mode = UnitSerialOff
+	if err := s.CheckFixture("soft", ""); err != nil {
+		t.Fatalf("unit_serial off: %v", err)
+	}
+	if err := s.CheckFixture("soft", "a b"); !errors.Is(err, ErrFixture) {
+		t.Fatalf("bad name: %v", err)
+	}
+}

@@ -285,9 +285,6 @@ unit's own serial against the scanned one (a mismatch is a FAIL naming both).
 					return usageError{fmt.Errorf("tui: --label-printer: %w", err)}
 				}
 			}
-			if err := station.CheckFixtureName(fixture); err != nil {
-				return usagef("tui: --fixture: %v", err)
-			}
 			if img == "" {
 				return usagef("tui: --image is required (a path with {serial}, or the fixture's block device)")
 			}
@@ -310,6 +307,9 @@ unit's own serial against the scanned one (a mismatch is a FAIL naming both).
 			}
 			if tpmURI, err = tpmFlag("tui", tpmURI, st.Config.TPM); err != nil {
 				return err
+			}
+			if err := st.CheckFixture(tpmURI, fixture); err != nil {
+				return usagef("tui: --fixture: %v", err)
 			}
 			if profile == "" {
 				profile = st.Config.Profile

@@ -161,9 +161,6 @@ serial with --serial before anything is created (a mismatch is exit 3).`,
 			if err := hf.check("unit"); err != nil {
 				return err
 			}
-			if err := station.CheckFixtureName(fixture); err != nil {
-				return usagef("unit: --fixture: %v", err)
-			}
 			s, err := g.openSession(ctx, "unit")
 			if err != nil {
 				return err
@@ -171,6 +168,13 @@ serial with --serial before anything is created (a mismatch is exit 3).`,
 			defer s.close()
 			if err := s.checkSerial(serial); err != nil {
 				return err
+			}
+			effective := tpmURI
+			if effective == "" {
+				effective = s.st.Config.TPM
+			}
+			if err := s.st.CheckFixture(effective, fixture); err != nil {
+				return usagef("unit: --fixture: %v", err)
 			}
 			s.serial, s.fixture = serial, fixture
 			if err := s.openUnit(ctx, tpmURI, s.st.Config.TPM, &hf); err != nil {
