@@ -3,15 +3,11 @@ package station
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strings"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"provision/internal/testutil"
 	"provision/inventory"
-	"provision/simulator"
 	"provision/tpm"
 )
 
@@ -114,49 +110,6 @@ func TestSessionTamperedUnit(t *testing.T) {
 			// The next run, on a fresh connection through an honest path, resumes and ships the unit.
 			if _, err := provisionOne(t, s, proxy.URI, tc.serial); err != nil {
 				t.Fatalf("after tampering, the unit again: %v", err)
-			}
-		})
-	}
-}
-
-// The cost per unit with the session: TPM commands and time of the key step (which reads the EK certificates and starts
-// the session), the attest step and the whole unit, logged for docs/attestation.md.
-func TestSessionUnitCost(t *testing.T) {
-	if testing.Short() {
-		t.Skip("measurement")
-	}
-	testutil.RequireTool(t, "swtpm", "swtpm_setup", "swtpm_localca")
-	for _, name := range []string{"swtpm", "sim"} {
-		t.Run(name, func(t *testing.T) {
-			uri, roots := "sim", simRoots(t)
-			if name == "swtpm" {
-				sw := testutil.StartSwtpm(t, testutil.WithEKCert())
-				uri, roots = sw.URI, sw.EKRootsDir()
-			}
-			s := attestStation(t, AttestRecord, roots)
-			for i := 1; i <= 3; i++ {
-				var n atomic.Int64
-				d, err := tpm.Open(context.Background(), uri, tpm.WithSimulator(simulator.Open), tpm.WithFlushStale(true),
-					tpm.WithCounter(&n))
-				if err != nil {
-					t.Fatal(err)
-				}
-				steps := map[Step]string{}
-				var before int64
-				start := time.Now()
-				_, err = s.Provision(context.Background(), d, ProvisionRequest{Serial: "SN-0001", Reprovision: true,
-					Image: goldenImage(t), Operator: "t"}, func(e Event) {
-					if e.Status != StatusStarted {
-						steps[e.Step] = fmt.Sprintf("%d cmds %s", n.Load()-before, e.Duration.Round(100*time.Microsecond))
-					}
-					before = n.Load()
-				})
-				d.Close()
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Logf("unit %d: %d TPM commands, %s; key %s; attest %s; csr %s; handshake %s", i, n.Load(),
-					time.Since(start).Round(time.Millisecond), steps[StepKey], steps[StepAttest], steps[StepCSR], steps[StepHandshake])
 			}
 		})
 	}

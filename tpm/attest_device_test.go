@@ -66,7 +66,7 @@ func measure(t *testing.T, n *atomic.Int64, what string, op func()) {
 	t.Logf("%s: %d TPM commands, %s", what, n.Load()-before, time.Since(start).Round(10*time.Microsecond))
 }
 
-func parseNVCert(t *testing.T, c NVCertificate) *x509.Certificate {
+func parseNVCert(t testing.TB, c NVCertificate) *x509.Certificate {
 	t.Helper()
 	cert, err := x509.ParseCertificate(trimDER(c.Data))
 	if err != nil {

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -318,79 +317,81 @@ func TestSessionTamper(t *testing.T) {
 	})
 }
 
-// What the session adds to one unit's TPM work (key, CSR and handshake signatures, AK, activation, certification),
-// on swtpm (P-384 persistent EK) and the simulator (ECC P-256 EK from its template): logged, for the documentation.
-func TestSessionCost(t *testing.T) {
-	if testing.Short() {
-		t.Skip("measurement")
-	}
-	unit := func(t *testing.T, d *Device, index uint32, session bool) (int64, time.Duration) {
-		var n atomic.Int64
-		d.l.counter = &n
+// BenchmarkSessionCost measures what the session adds to one unit's TPM work (EK certificates, key, CSR and handshake
+// signatures, AK, activation, certification), without and with it, on swtpm (P-384 persistent EK) and the simulator
+// (ECC P-256 EK from its template): time per unit and TPM commands per unit (docs/attestation.md).
+func BenchmarkSessionCost(b *testing.B) {
+	unit := func(b *testing.B, d *Device, index uint32, session bool) {
 		ctx := context.Background()
-		start := time.Now()
 		certs, _, err := d.EKCertificates(ctx)
 		if err != nil {
-			t.Fatal(err)
+			b.Fatal(err)
 		}
 		var want crypto.PublicKey
 		for _, c := range certs {
 			if c.Index == index {
-				want = parseNVCert(t, c).PublicKey
+				want = parseNVCert(b, c).PublicKey
 			}
 		}
 		if session {
 			if err := d.StartSession(ctx, index, want); err != nil {
-				t.Fatal(err)
+				b.Fatal(err)
 			}
 		}
 		k, err := d.CreateKey(ctx, ECCP256)
 		if err != nil {
-			t.Fatal(err)
+			b.Fatal(err)
 		}
 		defer k.Close()
 		sum := sha256.Sum256([]byte("csr"))
 		for range 2 {
 			if _, err := k.Sign(rand.Reader, sum[:], crypto.SHA256); err != nil {
-				t.Fatal(err)
+				b.Fatal(err)
 			}
 		}
 		ak, err := d.CreateAK(ctx)
 		if err != nil {
-			t.Fatal(err)
+			b.Fatal(err)
 		}
 		defer ak.Close()
 		ek, err := d.EndorsementKey(ctx, index, want)
 		if err != nil {
-			t.Fatal(err)
+			b.Fatal(err)
 		}
 		pub, _ := tpm2.Unmarshal[tpm2.TPMTPublic](ek.Public)
 		encap, _ := tpm2.ImportEncapsulationKey(pub)
 		blob, secret, _ := tpm2.CreateCredential(rand.Reader, encap, ak.Name(), []byte("secret"))
 		if _, err := d.ActivateCredential(ctx, ak, ek, blob, secret); err != nil {
-			t.Fatal(err)
+			b.Fatal(err)
 		}
 		ek.Close()
 		if _, _, err := d.Certify(ctx, k, ak, []byte("nonce")); err != nil {
-			t.Fatal(err)
-		}
-		return n.Load(), time.Since(start)
-	}
-	compare := func(t *testing.T, open func(t *testing.T) *Device, index uint32) {
-		for _, session := range []bool{false, true, false, true} {
-			d := open(t)
-			n, took := unit(t, d, index, session)
-			t.Logf("session %v: %d TPM commands, %s", session, n, took.Round(100*time.Microsecond))
-			d.Close()
+			b.Fatal(err)
 		}
 	}
-	t.Run("swtpm", func(t *testing.T) {
-		testutil.RequireTool(t, "swtpm", "swtpm_setup", "swtpm_localca")
-		s := testutil.StartSwtpm(t, testutil.WithEKCert())
-		compare(t, func(t *testing.T) *Device { return openUnchecked(t, s.URI, WithFlushStale(true)) }, 0x01c00016)
+	compare := func(b *testing.B, uri string, index uint32, opts ...Option) {
+		for _, session := range []bool{false, true} {
+			b.Run(map[bool]string{false: "off", true: "session"}[session], func(b *testing.B) {
+				var n atomic.Int64
+				for b.Loop() {
+					d, err := Open(context.Background(), uri, append([]Option{WithCounter(&n)}, opts...)...)
+					if err != nil {
+						b.Fatal(err)
+					}
+					unit(b, d, index, session)
+					d.Close()
+				}
+				b.ReportMetric(float64(n.Load())/float64(b.N), "tpm-cmds/unit")
+			})
+		}
+	}
+	b.Run("swtpm", func(b *testing.B) {
+		testutil.RequireTool(b, "swtpm", "swtpm_setup", "swtpm_localca")
+		s := testutil.StartSwtpm(b, testutil.WithEKCert())
+		compare(b, s.URI, 0x01c00016, WithFlushStale(true))
 	})
-	t.Run("simulator", func(t *testing.T) {
-		compare(t, func(t *testing.T) *Device { return openUnchecked(t, "sim", WithSimulator(simulator.Open)) }, 0x01c0000a)
+	b.Run("simulator", func(b *testing.B) {
+		compare(b, "sim", 0x01c0000a, WithSimulator(simulator.Open))
 	})
 }
 
