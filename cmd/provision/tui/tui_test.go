@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
-	"flag"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -23,12 +22,6 @@ import (
 	"provision/station"
 	"provision/tpm"
 )
-
-// updating reports -update (the flag teatest defines): rewrite the golden files.
-func updating() bool {
-	f := flag.Lookup("update")
-	return f != nil && f.Value.String() == "true"
-}
 
 // realBackend is the station with the in-process TPM simulator: the TUI tests run the real pipeline.
 type realBackend struct {
@@ -216,22 +209,7 @@ func normalize(s string) string {
 
 func checkGolden(t *testing.T, name, got string) {
 	t.Helper()
-	p := filepath.Join("testdata", name+".golden")
-	got = normalize(got)
-	if updating() {
-		os.MkdirAll("testdata", 0o755)
-		if err := os.WriteFile(p, []byte(got), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to create it)", err)
-	}
-	if got != string(want) {
-		t.Fatalf("%s differs from the golden file:\n--- got\n%s\n--- want\n%s", name, got, want)
-	}
+	testutil.Golden(t, filepath.Join("testdata", name+".golden"), []byte(normalize(got)))
 }
 
 // flow drives the program like a barcode scanner and returns the final screen.
