@@ -1,8 +1,8 @@
 // Package testutil owns the helpers the tests of every package share, so that none keeps its own copy: tool checks
 // (RequireTool), TPMs for tests (swtpm processes with and without EK certificates, tpm2-abrmd in front of one, silent
 // and stalling TPMs), a mosquitto broker, throw-away PostgreSQL clusters and databases (StartPostgres, PostgresDB),
-// throw-away CAs and server identities, an OpenSSH server on loopback (StartSSHD), free loopback ports, golden files (Golden) and golden disk
-// images. Only tests import it (internal/deptest checks that): the shipped binary does not link the testing package.
+// throw-away CAs and server identities, an OpenSSH server on loopback (StartSSHD), free loopback ports, golden files
+// (Golden) and golden disk images. Only tests import it (internal/deptest checks that): the shipped binary does not link the testing package.
 package testutil
 
 import (
