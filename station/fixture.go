@@ -73,8 +73,8 @@ func CheckFixtureName(name string) error {
 // parser to refuse.
 func ExpandUnitCommand(s, serial, fixture string) (string, error) {
 	for _, p := range []struct{ name, value, what string }{
-		{"{serial}", serial, "serial"},
-		{"{fixture}", fixture, "fixture"},
+		{tpm.PlaceholderSerial, serial, "serial"},
+		{tpm.PlaceholderFixture, fixture, "fixture"},
 	} {
 		if !strings.Contains(s, p.name) {
 			continue
@@ -209,10 +209,11 @@ func (s *Station) CheckFixture(tpmURI, fixture string) error {
 	if fixture != "" {
 		return nil
 	}
-	for _, c := range []struct{ what, cmd string }{{"the TPM URI", tpmURI}, {"unit_serial's command", s.Config.UnitSerial.Command}} {
-		if strings.Contains(c.cmd, "{fixture}") && (c.what != "unit_serial's command" || s.Config.UnitSerial.EffectiveMode() != UnitSerialOff) {
-			return fmt.Errorf("%s uses {fixture}: name the fixture (--fixture NAME): %w", c.what, ErrFixture)
-		}
+	switch {
+	case strings.Contains(tpmURI, tpm.PlaceholderFixture):
+		return fmt.Errorf("the TPM URI uses {fixture}: name the fixture (--fixture NAME): %w", ErrFixture)
+	case strings.Contains(s.Config.UnitSerial.Command, tpm.PlaceholderFixture) && s.Config.UnitSerial.EffectiveMode() != UnitSerialOff:
+		return fmt.Errorf("unit_serial's command uses {fixture}: name the fixture (--fixture NAME): %w", ErrFixture)
 	}
 	return nil
 }

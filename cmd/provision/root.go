@@ -306,7 +306,7 @@ func (s *session) openUnit(ctx context.Context, tpmURI, def string, hf *handshak
 		return err
 	}
 	s.tpmTemplate = uri
-	perUnit := s.serial == "" && strings.Contains(uri, "{serial}") // a batch's TPM command names each unit
+	perUnit := s.serial == "" && strings.Contains(uri, tpm.PlaceholderSerial) // a batch's TPM command names each unit
 	if !perUnit {
 		if uri, err = station.UnitTPMURI(uri, s.serial, s.fixture); err != nil {
 			return usagef("%s: TPM %v", s.cmd, err)

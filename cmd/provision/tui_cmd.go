@@ -107,7 +107,7 @@ func (b *tuiBackend) ProbeTPM(ctx context.Context) error {
 	if b.opening.Load() > 0 {
 		return fmt.Errorf("tpm %s: %w: no answer yet to an earlier command", b.tpmURI, tpm.ErrUnreachable)
 	}
-	if strings.Contains(b.tpmURI, "{serial}") {
+	if strings.Contains(b.tpmURI, tpm.PlaceholderSerial) {
 		return tui.ErrPerUnit
 	}
 	uri, err := station.UnitTPMURI(b.tpmURI, "", b.fixture)
