@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"provision/tpm"
 )
@@ -143,9 +145,10 @@ func runUnitSerial(ctx context.Context, command, serial, fixture string) (string
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // ssh's own children end with it
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = time.Second
-	var stdout, stderr limitedBuffer
-	stdout.max, stderr.max = 4096, 4096
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	var stdout limitedBuffer
+	stdout.max = 4096
+	stderr := tpm.NewOutputTail(4096)
+	cmd.Stdout, cmd.Stderr = &stdout, stderr
 	err = cmd.Run()
 	if ctx.Err() != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
@@ -154,10 +157,7 @@ func runUnitSerial(ctx context.Context, command, serial, fixture string) (string
 		return "", fmt.Errorf("%q: %w", line, context.Cause(ctx))
 	}
 	if err != nil {
-		if msg := lastLine(stderr.Bytes()); msg != "" {
-			return "", fmt.Errorf("%q: %v: %s", line, err, msg)
-		}
-		return "", fmt.Errorf("%q: %v", line, err)
+		return "", fmt.Errorf("%q: %v%s", line, err, stderr.Note())
 	}
 	got := strings.Trim(stdout.String(), " \t\r\n\x00")
 	if got == "" {
@@ -166,13 +166,10 @@ func runUnitSerial(ctx context.Context, command, serial, fixture string) (string
 	if strings.ContainsAny(got, "\n\x00") || len(got) > 128 {
 		return "", fmt.Errorf("%q printed %d bytes over several lines, not one serial", line, len(got))
 	}
+	if strings.IndexFunc(got, func(r rune) bool { return unicode.IsControl(r) || r == utf8.RuneError }) >= 0 {
+		return "", fmt.Errorf("%q printed %q: control characters, not a serial", line, got)
+	}
 	return got, nil
-}
-
-// lastLine is the last non-empty line of b, trimmed (a failed command's stderr says why there).
-func lastLine(b []byte) string {
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.TrimSpace(lines[len(lines)-1])
 }
 
 // limitedBuffer keeps the first max bytes written to it and drops the rest (a command's output is never unbounded).

@@ -27,6 +27,7 @@ func TestUnitSerial(t *testing.T) {
 		{"fails warn", "false", "warn", "SN-US-6", nil, "unit's own serial not read (unit_serial: warn)"},
 		{"stderr", "sh -c 'echo nope >&2; exit 255'", "required", "SN-US-8", nil, "exit status 255: nope"},
 		{"empty", "true", "required", "SN-US-9", nil, "printed nothing"},
+		{"escape", `printf '\033[2JSN-US-10'`, "required", "SN-US-10", nil, `printed "\x1b[2JSN-US-10": control characters, not a serial`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newStation(t)
@@ -37,7 +38,7 @@ func TestUnitSerial(t *testing.T) {
 					detail = e.Detail
 				}
 			})
-			failing := strings.HasPrefix(tc.name, "fails") && tc.mode == "required" || tc.name == "missing" || tc.name == "stderr" || tc.name == "empty"
+			failing := strings.HasPrefix(tc.name, "fails") && tc.mode == "required" || tc.name == "missing" || tc.name == "stderr" || tc.name == "empty" || tc.name == "escape"
 			switch {
 			case tc.wantErr != nil || failing:
 				if err == nil || !strings.Contains(err.Error(), tc.wantText) {

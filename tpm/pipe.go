@@ -34,7 +34,7 @@ const (
 type pipe struct {
 	cmd    *exec.Cmd
 	ends   pipeEnds
-	stderr *tail
+	stderr *OutputTail
 	errR   *os.File      // stderr's read end
 	exited chan struct{} // closed when the process was reaped and its stderr read
 	status error         // cmd.Wait's result; set before exited is closed
@@ -73,7 +73,7 @@ func startPipe(args []string) (sender, error) {
 		outW.Close()
 		return nil, err
 	}
-	p := &pipe{ends: pipeEnds{w: inW, r: outR}, stderr: &tail{max: pipeStderrMax}, errR: errR, exited: make(chan struct{})}
+	p := &pipe{ends: pipeEnds{w: inW, r: outR}, stderr: NewOutputTail(pipeStderrMax), errR: errR, exited: make(chan struct{})}
 	p.cmd = exec.Command(args[0], args[1:]...)
 	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = inR, outW, errW // *os.File: handed to the child as they are, no copying
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -126,7 +126,7 @@ func (p *pipe) send(ctx context.Context, deadline time.Time, cmd []byte) ([]byte
 		tag, size := binary.BigEndian.Uint16(hdr[0:2]), binary.BigEndian.Uint32(hdr[2:6])
 		if tag != uint16(0x8001) && tag != uint16(0x8002) && tag != 0x00c4 || size < 10 || size > maxResponse {
 			return fmt.Errorf("not a TPM response (it begins %x): does the command write TPM responses, and nothing else, on stdout, as tpm2_send does?%s",
-				hdr, p.stderrNote())
+				hdr, p.stderr.Note())
 		}
 		rsp = make([]byte, size)
 		copy(rsp, hdr[:])
@@ -154,26 +154,13 @@ func (p *pipe) lost(op string, err error) error {
 		if p.status != nil {
 			st = p.status.Error() // "exit status 255", "signal: killed"
 		}
-		return fmt.Errorf("process exited (%s)%s", st, p.stderrNote())
+		return fmt.Errorf("process exited (%s)%s", st, p.stderr.Note())
 	case <-time.After(pipeExitReport):
 	}
 	if errors.Is(err, io.EOF) {
-		return fmt.Errorf("%s: the process closed its stdout%s", op, p.stderrNote())
+		return fmt.Errorf("%s: the process closed its stdout%s", op, p.stderr.Note())
 	}
-	return fmt.Errorf("%s: %v%s", op, err, p.stderrNote())
-}
-
-// stderrNote is ": " and the meaningful lines of what the process wrote on stderr (its first and last non-blank lines
-// of the kept tail), or "".
-func (p *pipe) stderrNote() string {
-	lines := p.stderr.lines()
-	switch len(lines) {
-	case 0:
-		return ""
-	case 1:
-		return ": " + strings.TrimSuffix(lines[0], ".") // ssh's "Connection to HOST closed by remote host."
-	}
-	return ": " + lines[0] + " … " + strings.TrimSuffix(lines[len(lines)-1], ".")
+	return fmt.Errorf("%s: %v%s", op, err, p.stderr.Note())
 }
 
 // close ends the process: stdin closed (tpm2_send, and ssh with it, end by themselves), then SIGTERM to its group,
@@ -213,14 +200,20 @@ func (p *pipe) wait(d time.Duration) bool {
 }
 
 // tail keeps the last max bytes written to it.
-type tail struct {
+// OutputTail keeps the last bytes a command wrote (its stderr) for the error that reports how it ended: bounded,
+// safe to write from a copying goroutine while it is read. The pipe of a cmd: TPM and the station's unit_serial command
+// use it.
+type OutputTail struct {
 	mu    sync.Mutex
 	max   int
 	buf   []byte
 	trunc bool // bytes were dropped from the front
 }
 
-func (t *tail) Write(b []byte) (int, error) {
+// NewOutputTail keeps the last max bytes written.
+func NewOutputTail(max int) *OutputTail { return &OutputTail{max: max} }
+
+func (t *OutputTail) Write(b []byte) (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.buf = append(t.buf, b...)
@@ -233,7 +226,7 @@ func (t *tail) Write(b []byte) (int, error) {
 
 // lines are the non-blank lines kept, trimmed, control characters (a remote end's terminal escapes) shown as '?', each
 // cut to pipeLineMax bytes; a first line cut by the 4 KiB limit is left out.
-func (t *tail) lines() []string {
+func (t *OutputTail) lines() []string {
 	t.mu.Lock()
 	s := string(t.buf)
 	trunc := t.trunc
@@ -262,4 +255,17 @@ func (t *tail) lines() []string {
 		out = append(out, l)
 	}
 	return out
+}
+
+// Note is ": " and the meaningful lines of what was kept (the first and last non-blank lines, control characters shown
+// as '?'), or "" when nothing was written: for the end of an error message.
+func (t *OutputTail) Note() string {
+	lines := t.lines()
+	switch len(lines) {
+	case 0:
+		return ""
+	case 1:
+		return ": " + strings.TrimSuffix(lines[0], ".") // ssh's "Connection to HOST closed by remote host."
+	}
+	return ": " + lines[0] + " … " + strings.TrimSuffix(lines[len(lines)-1], ".")
 }

@@ -176,7 +176,7 @@ func TestPipeFails(t *testing.T) {
 
 // The error keeps the last 4 KiB of stderr and no more, shown safely.
 func TestPipeStderrTail(t *testing.T) {
-	tl := &tail{max: 64}
+	tl := NewOutputTail(64)
 	fmt.Fprintf(tl, "%s\n", strings.Repeat("x", 100))
 	fmt.Fprintf(tl, "first kept\r\n\x1b[2Jsecond\tline\n")
 	if got, want := tl.lines(), []string{"first kept", "?[2Jsecond line"}; fmt.Sprint(got) != fmt.Sprint(want) {
@@ -185,7 +185,7 @@ func TestPipeStderrTail(t *testing.T) {
 	if len(tl.buf) > 64 {
 		t.Errorf("kept %d bytes", len(tl.buf))
 	}
-	tl = &tail{max: pipeStderrMax}
+	tl = NewOutputTail(pipeStderrMax)
 	fmt.Fprintf(tl, "%s\n", strings.Repeat("é", 300))
 	if l := tl.lines(); len(l) != 1 || len(l[0]) > pipeLineMax+len("…") || !strings.HasSuffix(l[0], "…") {
 		t.Errorf("long line: %q", l)
